@@ -1,0 +1,209 @@
+//! The backend interface the one model code path runs on.
+//!
+//! Buffers are flat arrays of logical f32 values; how they are stored (f32 on the CPU, bf16 on
+//! the GPU) is the backend's business. Shapes are passed explicitly, as in llm.c, so every op
+//! reads like its kernel. Ops are infallible: a GPU backend keeps the first launch error and
+//! reports it from `download`/`sync`, the way CUDA's own sticky errors work.
+//!
+//! Gradient outputs of `*_bwd` ops marked "(+=)" accumulate, so that micro-batches and the
+//! several consumers of one activation (q, k and v all read the normed input) add up without
+//! extra buffers; outputs marked "(=)" are overwritten.
+
+pub mod cpu;
+
+use anyhow::Result;
+
+/// Shapes of one attention call.
+///
+/// q: [batch, tq, heads, head_dim]; k, v: [batch, cap, kv_heads, head_dim] of which the first
+/// `tk` rows are valid; out: like q; lse: [batch, tq, heads]. Query i sits at absolute position
+/// `tk - tq + i` and attends to keys 0..=that position (causal, with a KV-cache offset).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct AttnShape {
+    pub batch: usize,
+    pub tq: usize,
+    pub tk: usize,
+    pub cap: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+}
+
+/// Per-row results of the softmax at a temperature.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct RowStats {
+    pub logsumexp: f32,
+    pub entropy: f32,
+    /// Log-prob of the row's target token; 0 where the row has no target.
+    pub logprob: f32,
+}
+
+/// Marks a row that has no target token in `softmax_stats`.
+pub const NO_TARGET: u32 = u32::MAX;
+
+pub trait Backend {
+    type Buf;
+
+    fn name(&self) -> String;
+
+    /// A zero-filled buffer of `n` values.
+    fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    fn len(&self, buf: &Self::Buf) -> usize;
+    fn zero(&self, buf: &mut Self::Buf);
+    fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// y += x
+    fn add(&self, y: &mut Self::Buf, x: &Self::Buf);
+    /// y += alpha * x (used by SGD and the finite-difference checks)
+    fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf);
+
+    /// out[t] = table[ids[t]] for rows of `dim` values. Also gathers rows of any matrix.
+    fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize);
+    /// dtable[ids[t]] += dout[t] (+=)
+    fn embedding_bwd(&self, dtable: &mut Self::Buf, dout: &Self::Buf, ids: &[u32], dim: usize);
+
+    /// out[m, n] = a[m, k] · w[n, k]ᵀ (+ bias[n]): the layout of a PyTorch Linear.
+    #[allow(clippy::too_many_arguments)]
+    fn matmul(
+        &self,
+        out: &mut Self::Buf,
+        a: &Self::Buf,
+        w: &Self::Buf,
+        bias: Option<&Self::Buf>,
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+    /// da += dout · w, dw += doutᵀ · a, dbias += Σ_rows dout (all +=).
+    #[allow(clippy::too_many_arguments)]
+    fn matmul_bwd(
+        &self,
+        da: Option<&mut Self::Buf>,
+        dw: Option<&mut Self::Buf>,
+        dbias: Option<&mut Self::Buf>,
+        dout: &Self::Buf,
+        a: &Self::Buf,
+        w: &Self::Buf,
+        m: usize,
+        k: usize,
+        n: usize,
+    );
+
+    /// out = x / rms(x) * w per row; rstd[row] = 1 / sqrt(mean(x²) + eps) is kept for backward.
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm(
+        &self,
+        out: &mut Self::Buf,
+        rstd: &mut Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    );
+    /// dx (+=), dw (+=).
+    #[allow(clippy::too_many_arguments)]
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut Self::Buf,
+        dw: &mut Self::Buf,
+        dout: &Self::Buf,
+        x: &Self::Buf,
+        w: &Self::Buf,
+        rstd: &Self::Buf,
+        rows: usize,
+        dim: usize,
+    );
+
+    /// Rotates x: [batch, seq, heads, head_dim] in place, half-split (rotate_half) layout, at
+    /// positions pos0..pos0+seq. `inverse` rotates back, which is also the backward pass since
+    /// a rotation's transpose is its inverse.
+    #[allow(clippy::too_many_arguments)]
+    fn rope(
+        &self,
+        x: &mut Self::Buf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+        inverse: bool,
+    );
+
+    /// Causal grouped-query attention, softmax scale 1/sqrt(head_dim).
+    #[allow(clippy::too_many_arguments)]
+    fn attention(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: AttnShape,
+    );
+    /// dq, dk, dv (=), shaped like q, k, v.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_bwd(
+        &self,
+        dq: &mut Self::Buf,
+        dk: &mut Self::Buf,
+        dv: &mut Self::Buf,
+        dout: &Self::Buf,
+        out: &Self::Buf,
+        lse: &Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: AttnShape,
+    );
+    /// Writes new: [batch, tq, row] into cache: [batch, cap, row] at positions pos0..pos0+tq.
+    #[allow(clippy::too_many_arguments)]
+    fn kv_write(
+        &self,
+        cache: &mut Self::Buf,
+        new: &Self::Buf,
+        batch: usize,
+        cap: usize,
+        pos0: usize,
+        tq: usize,
+        row: usize,
+    );
+
+    /// out = silu(gate) * up
+    fn swiglu(&self, out: &mut Self::Buf, gate: &Self::Buf, up: &Self::Buf);
+    /// dgate, dup (=)
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Self::Buf,
+        dup: &mut Self::Buf,
+        dout: &Self::Buf,
+        gate: &Self::Buf,
+        up: &Self::Buf,
+    );
+
+    /// Logsumexp, entropy and target log-prob of softmax(logits / temperature) per row of
+    /// logits: [rows, vocab]. `targets[r]` may be NO_TARGET.
+    fn softmax_stats(
+        &self,
+        logits: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<RowStats>>;
+    /// dlogits (=) of Σ_r a[r]·entropy[r] + b[r]·logprob[r].
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_stats_bwd(
+        &self,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+        a: &[f32],
+        b: &[f32],
+    );
+}

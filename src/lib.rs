@@ -1,0 +1,15 @@
+//! empo-engine: label-free reasoning RL (EMPO, one-shot entropy minimization) for Qwen2 models,
+//! with one model code path over a CPU reference backend and a CUDA backend.
+
+pub mod backend;
+pub mod config;
+pub mod device;
+pub mod generate;
+pub mod hub;
+pub mod io;
+pub mod model;
+pub mod sampling;
+pub mod tokenizer;
+pub mod weights;
+
+pub const VERSION: &str = env!("CARGO_PKG_VERSION");

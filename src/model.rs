@@ -1,0 +1,452 @@
+//! The Qwen2 decoder, written once over the `Backend` interface: training forward (keeping
+//! activations), full backward (gradients for every parameter), and KV-cache inference.
+
+use crate::backend::{AttnShape, Backend};
+use crate::config::ModelConfig;
+use crate::weights::WeightFiles;
+use anyhow::{bail, Result};
+use std::path::Path;
+
+pub struct LayerParams<T> {
+    pub input_norm: T,
+    pub wq: T,
+    pub bq: T,
+    pub wk: T,
+    pub bk: T,
+    pub wv: T,
+    pub bv: T,
+    pub wo: T,
+    pub post_norm: T,
+    pub w_gate: T,
+    pub w_up: T,
+    pub w_down: T,
+}
+
+/// Parameters (or gradients, or optimizer moments: anything shaped like the model).
+pub struct Params<T> {
+    pub embed: T,
+    pub layers: Vec<LayerParams<T>>,
+    pub final_norm: T,
+    /// None when the lm_head is tied to the embedding.
+    pub lm_head: Option<T>,
+}
+
+/// Every tensor of the model with its Hugging Face name and shape, in a fixed order.
+pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
+    let (h, i, v) = (cfg.hidden_size, cfg.intermediate_size, cfg.vocab_size);
+    let (qd, kvd) = (cfg.q_dim(), cfg.kv_dim());
+    let mut specs = vec![("model.embed_tokens.weight".to_string(), vec![v, h])];
+    for l in 0..cfg.num_layers {
+        let p = format!("model.layers.{l}");
+        specs.extend([
+            (format!("{p}.input_layernorm.weight"), vec![h]),
+            (format!("{p}.self_attn.q_proj.weight"), vec![qd, h]),
+            (format!("{p}.self_attn.q_proj.bias"), vec![qd]),
+            (format!("{p}.self_attn.k_proj.weight"), vec![kvd, h]),
+            (format!("{p}.self_attn.k_proj.bias"), vec![kvd]),
+            (format!("{p}.self_attn.v_proj.weight"), vec![kvd, h]),
+            (format!("{p}.self_attn.v_proj.bias"), vec![kvd]),
+            (format!("{p}.self_attn.o_proj.weight"), vec![h, qd]),
+            (format!("{p}.post_attention_layernorm.weight"), vec![h]),
+            (format!("{p}.mlp.gate_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.up_proj.weight"), vec![i, h]),
+            (format!("{p}.mlp.down_proj.weight"), vec![h, i]),
+        ]);
+    }
+    specs.push(("model.norm.weight".to_string(), vec![h]));
+    if !cfg.tie_word_embeddings {
+        specs.push(("lm_head.weight".to_string(), vec![v, h]));
+    }
+    specs
+}
+
+impl<T> Params<T> {
+    /// Builds from tensors in `tensor_specs` order.
+    pub fn from_list(cfg: &ModelConfig, list: Vec<T>) -> Params<T> {
+        let mut it = list.into_iter();
+        let mut next = || it.next().expect("tensor list shorter than tensor_specs");
+        let embed = next();
+        let layers = (0..cfg.num_layers)
+            .map(|_| LayerParams {
+                input_norm: next(),
+                wq: next(),
+                bq: next(),
+                wk: next(),
+                bk: next(),
+                wv: next(),
+                bv: next(),
+                wo: next(),
+                post_norm: next(),
+                w_gate: next(),
+                w_up: next(),
+                w_down: next(),
+            })
+            .collect();
+        let final_norm = next();
+        let lm_head = if cfg.tie_word_embeddings { None } else { Some(next()) };
+        Params { embed, layers, final_norm, lm_head }
+    }
+
+    /// References in `tensor_specs` order.
+    pub fn list(&self) -> Vec<&T> {
+        let mut v = vec![&self.embed];
+        for l in &self.layers {
+            v.extend([
+                &l.input_norm, &l.wq, &l.bq, &l.wk, &l.bk, &l.wv, &l.bv, &l.wo, &l.post_norm, &l.w_gate,
+                &l.w_up, &l.w_down,
+            ]);
+        }
+        v.push(&self.final_norm);
+        v.extend(self.lm_head.as_ref());
+        v
+    }
+
+    pub fn list_mut(&mut self) -> Vec<&mut T> {
+        let mut v = vec![&mut self.embed];
+        for l in &mut self.layers {
+            v.extend([
+                &mut l.input_norm,
+                &mut l.wq,
+                &mut l.bq,
+                &mut l.wk,
+                &mut l.bk,
+                &mut l.wv,
+                &mut l.bv,
+                &mut l.wo,
+                &mut l.post_norm,
+                &mut l.w_gate,
+                &mut l.w_up,
+                &mut l.w_down,
+            ]);
+        }
+        v.push(&mut self.final_norm);
+        v.extend(self.lm_head.as_mut());
+        v
+    }
+}
+
+/// Buffers of one layer's forward pass, kept for its backward.
+pub struct LayerActs<T> {
+    x_in: T,
+    xn: T,
+    rstd1: T,
+    q: T,
+    k: T,
+    v: T,
+    att: T,
+    lse: T,
+    x_mid: T,
+    xn2: T,
+    rstd2: T,
+    gate: T,
+    up: T,
+    h: T,
+}
+
+/// Gradient scratch, allocated on the first backward of a given size.
+struct Scratch<T> {
+    dx: T,
+    dxn: T,
+    datt: T,
+    dq: T,
+    dk: T,
+    dv: T,
+    dh: T,
+    dgate: T,
+    dup: T,
+}
+
+/// Activations of one forward call over `batch × seq` tokens.
+pub struct Activations<T> {
+    pub batch: usize,
+    pub seq: usize,
+    ids: Vec<u32>,
+    x: T,
+    layers: Vec<LayerActs<T>>,
+    x_final: T,
+    xf: T,
+    rstdf: T,
+    /// [batch·seq, vocab] after `forward_train`; [batch, vocab] after `forward_cached`.
+    pub logits: T,
+    scratch: Option<Scratch<T>>,
+}
+
+pub struct KvCache<T> {
+    pub batch: usize,
+    pub cap: usize,
+    /// Positions already filled (the same for every sequence of the batch).
+    pub len: usize,
+    k: Vec<T>,
+    v: Vec<T>,
+}
+
+pub struct Qwen2<B: Backend> {
+    pub cfg: ModelConfig,
+    pub params: Params<B::Buf>,
+}
+
+impl<B: Backend> Qwen2<B> {
+    /// Loads every tensor from the checkpoint, checking names and shapes.
+    pub fn load(be: &B, cfg: ModelConfig, weights: &WeightFiles) -> Result<Self> {
+        let mut list = Vec::new();
+        for (name, shape) in tensor_specs(&cfg) {
+            let host = weights.load_f32(&name, &shape)?;
+            list.push(be.upload(&host)?);
+        }
+        Ok(Qwen2 { params: Params::from_list(&cfg, list), cfg })
+    }
+
+    pub fn load_dir(be: &B, dir: &Path) -> Result<Self> {
+        let cfg = ModelConfig::from_file(&dir.join("config.json"))?;
+        let weights = WeightFiles::open_dir(dir)?;
+        Self::load(be, cfg, &weights)
+    }
+
+    /// A model with the given host tensors (tests and benchmarks).
+    pub fn from_host(be: &B, cfg: ModelConfig, tensors: &[Vec<f32>]) -> Result<Self> {
+        let list = tensors.iter().map(|t| be.upload(t)).collect::<Result<Vec<_>>>()?;
+        Ok(Qwen2 { params: Params::from_list(&cfg, list), cfg })
+    }
+
+    /// Zeroed buffers shaped like the parameters, for gradients.
+    pub fn zeros_like_params(&self, be: &B) -> Result<Params<B::Buf>> {
+        let list = tensor_specs(&self.cfg)
+            .iter()
+            .map(|(_, s)| be.alloc(s.iter().product()))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Params::from_list(&self.cfg, list))
+    }
+
+    fn lm_head(&self) -> &B::Buf {
+        self.params.lm_head.as_ref().unwrap_or(&self.params.embed)
+    }
+
+    fn check_ids(&self, ids: &[u32]) -> Result<()> {
+        if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
+            bail!("token id {bad} is out of range for vocab_size {}", self.cfg.vocab_size);
+        }
+        Ok(())
+    }
+
+    pub fn alloc_activations(&self, be: &B, batch: usize, seq: usize, train: bool) -> Result<Activations<B::Buf>> {
+        let c = &self.cfg;
+        let n = batch * seq;
+        let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let n_layers = if train { c.num_layers } else { 1 };
+        let layers = (0..n_layers)
+            .map(|_| {
+                Ok(LayerActs {
+                    x_in: be.alloc(n * h)?,
+                    xn: be.alloc(n * h)?,
+                    rstd1: be.alloc(n)?,
+                    q: be.alloc(n * qd)?,
+                    k: be.alloc(n * kvd)?,
+                    v: be.alloc(n * kvd)?,
+                    att: be.alloc(n * qd)?,
+                    lse: be.alloc(n * c.num_heads)?,
+                    x_mid: be.alloc(n * h)?,
+                    xn2: be.alloc(n * h)?,
+                    rstd2: be.alloc(n)?,
+                    gate: be.alloc(n * i)?,
+                    up: be.alloc(n * i)?,
+                    h: be.alloc(n * i)?,
+                })
+            })
+            .collect::<Result<Vec<_>>>()?;
+        let logit_rows = if train { n } else { batch };
+        Ok(Activations {
+            batch,
+            seq,
+            ids: Vec::new(),
+            x: be.alloc(n * h)?,
+            layers,
+            x_final: be.alloc(n * h)?,
+            xf: be.alloc(n * h)?,
+            rstdf: be.alloc(n)?,
+            logits: be.alloc(logit_rows * c.vocab_size)?,
+            scratch: None,
+        })
+    }
+
+    pub fn alloc_cache(&self, be: &B, batch: usize, cap: usize) -> Result<KvCache<B::Buf>> {
+        let n = batch * cap * self.cfg.kv_dim();
+        let mut k = Vec::new();
+        let mut v = Vec::new();
+        for _ in 0..self.cfg.num_layers {
+            k.push(be.alloc(n)?);
+            v.push(be.alloc(n)?);
+        }
+        Ok(KvCache { batch, cap, len: 0, k, v })
+    }
+
+    /// The layer stack over acts.x. With a cache, new k/v are appended and attention reads the
+    /// cache; without one, attention reads this call's k/v (training, positions from 0).
+    fn run_layers(&self, be: &B, acts: &mut Activations<B::Buf>, mut cache: Option<&mut KvCache<B::Buf>>) {
+        let c = &self.cfg;
+        let (batch, seq) = (acts.batch, acts.seq);
+        let n = batch * seq;
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        let pos0 = cache.as_ref().map_or(0, |kc| kc.len);
+        for (l, p) in self.params.layers.iter().enumerate() {
+            let last = acts.layers.len() - 1;
+            let la = &mut acts.layers[l.min(last)];
+            be.copy(&mut la.x_in, &acts.x);
+            be.rmsnorm(&mut la.xn, &mut la.rstd1, &acts.x, &p.input_norm, n, h, c.rms_norm_eps);
+            be.matmul(&mut la.q, &la.xn, &p.wq, Some(&p.bq), n, h, qd);
+            be.matmul(&mut la.k, &la.xn, &p.wk, Some(&p.bk), n, h, kvd);
+            be.matmul(&mut la.v, &la.xn, &p.wv, Some(&p.bv), n, h, kvd);
+            be.rope(&mut la.q, batch, seq, c.num_heads, c.head_dim, pos0, c.rope_theta, false);
+            be.rope(&mut la.k, batch, seq, c.num_kv_heads, c.head_dim, pos0, c.rope_theta, false);
+            let mut shape = AttnShape {
+                batch,
+                tq: seq,
+                tk: seq,
+                cap: seq,
+                heads: c.num_heads,
+                kv_heads: c.num_kv_heads,
+                head_dim: c.head_dim,
+            };
+            match cache.as_deref_mut() {
+                Some(kc) => {
+                    be.kv_write(&mut kc.k[l], &la.k, batch, kc.cap, pos0, seq, kvd);
+                    be.kv_write(&mut kc.v[l], &la.v, batch, kc.cap, pos0, seq, kvd);
+                    shape.tk = pos0 + seq;
+                    shape.cap = kc.cap;
+                    be.attention(&mut la.att, &mut la.lse, &la.q, &kc.k[l], &kc.v[l], shape);
+                }
+                None => be.attention(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, shape),
+            }
+            // x_mid = x + att·Woᵀ; the o_proj output lands in xn2 as scratch before the add.
+            be.matmul(&mut la.xn2, &la.att, &p.wo, None, n, qd, h);
+            be.copy(&mut la.x_mid, &acts.x);
+            be.add(&mut la.x_mid, &la.xn2);
+            be.rmsnorm(&mut la.xn2, &mut la.rstd2, &la.x_mid, &p.post_norm, n, h, c.rms_norm_eps);
+            be.matmul(&mut la.gate, &la.xn2, &p.w_gate, None, n, h, inter);
+            be.matmul(&mut la.up, &la.xn2, &p.w_up, None, n, h, inter);
+            be.swiglu(&mut la.h, &la.gate, &la.up);
+            be.matmul(&mut acts.x, &la.h, &p.w_down, None, n, inter, h);
+            be.add(&mut acts.x, &la.x_mid);
+        }
+        if let Some(kc) = cache {
+            kc.len += seq;
+        }
+        be.copy(&mut acts.x_final, &acts.x);
+        be.rmsnorm(&mut acts.xf, &mut acts.rstdf, &acts.x_final, &self.params.final_norm, n, h, c.rms_norm_eps);
+    }
+
+    /// Forward over `ids` = [batch, seq] from position 0, keeping everything backward needs.
+    /// Logits for every position end up in `acts.logits`.
+    pub fn forward_train(&self, be: &B, ids: &[u32], acts: &mut Activations<B::Buf>) -> Result<()> {
+        let n = acts.batch * acts.seq;
+        if ids.len() != n || acts.layers.len() != self.cfg.num_layers {
+            bail!("forward_train: {} ids for activations of {}×{} tokens", ids.len(), acts.batch, acts.seq);
+        }
+        self.check_ids(ids)?;
+        acts.ids = ids.to_vec();
+        be.embedding(&mut acts.x, &self.params.embed, ids, self.cfg.hidden_size);
+        self.run_layers(be, acts, None);
+        be.matmul(&mut acts.logits, &acts.xf, self.lm_head(), None, n, self.cfg.hidden_size, self.cfg.vocab_size);
+        Ok(())
+    }
+
+    /// Incremental forward: appends `ids` = [batch, seq] to the cache and leaves the logits of
+    /// each sequence's last new position in `acts.logits` = [batch, vocab].
+    pub fn forward_cached(
+        &self,
+        be: &B,
+        ids: &[u32],
+        acts: &mut Activations<B::Buf>,
+        cache: &mut KvCache<B::Buf>,
+    ) -> Result<()> {
+        let (batch, seq) = (acts.batch, acts.seq);
+        if ids.len() != batch * seq || cache.batch != batch {
+            bail!("forward_cached: {} ids for a batch of {batch}×{seq} (cache batch {})", ids.len(), cache.batch);
+        }
+        if cache.len + seq > cache.cap {
+            bail!("KV cache full: {} + {seq} positions exceed its capacity {}", cache.len, cache.cap);
+        }
+        self.check_ids(ids)?;
+        be.embedding(&mut acts.x, &self.params.embed, ids, self.cfg.hidden_size);
+        self.run_layers(be, acts, Some(cache));
+        // Only the last position of each sequence needs logits: gather those rows first.
+        let last_rows: Vec<u32> = (0..batch).map(|b| (b * seq + seq - 1) as u32).collect();
+        let h = self.cfg.hidden_size;
+        be.embedding(&mut acts.x_final, &acts.xf, &last_rows, h);
+        be.matmul(&mut acts.logits, &acts.x_final, self.lm_head(), None, batch, h, self.cfg.vocab_size);
+        Ok(())
+    }
+
+    /// Backward from dlogits [batch·seq, vocab] through the activations of the last
+    /// `forward_train`, accumulating (+=) into `grads`.
+    pub fn backward(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        dlogits: &B::Buf,
+        grads: &mut Params<B::Buf>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (batch, seq) = (acts.batch, acts.seq);
+        let n = batch * seq;
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        if acts.layers.len() != c.num_layers || acts.ids.len() != n {
+            bail!("backward needs the activations of a forward_train call");
+        }
+        if acts.scratch.is_none() {
+            acts.scratch = Some(Scratch {
+                dx: be.alloc(n * h)?,
+                dxn: be.alloc(n * h)?,
+                datt: be.alloc(n * qd)?,
+                dq: be.alloc(n * qd)?,
+                dk: be.alloc(n * kvd)?,
+                dv: be.alloc(n * kvd)?,
+                dh: be.alloc(n * inter)?,
+                dgate: be.alloc(n * inter)?,
+                dup: be.alloc(n * inter)?,
+            });
+        }
+        let s = acts.scratch.as_mut().expect("scratch allocated above");
+
+        // logits = xf · lm_headᵀ
+        be.zero(&mut s.dxn);
+        let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
+        be.matmul_bwd(Some(&mut s.dxn), Some(dlm), None, dlogits, &acts.xf, self.lm_head(), n, h, c.vocab_size);
+        be.zero(&mut s.dx);
+        be.rmsnorm_bwd(&mut s.dx, &mut grads.final_norm, &s.dxn, &acts.x_final, &self.params.final_norm, &acts.rstdf, n, h);
+
+        let shape = AttnShape {
+            batch,
+            tq: seq,
+            tk: seq,
+            cap: seq,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        };
+        for l in (0..c.num_layers).rev() {
+            let (p, g, la) = (&self.params.layers[l], &mut grads.layers[l], &acts.layers[l]);
+            // x_out = x_mid + down(swiglu(gate(xn2), up(xn2))): dx flows to x_mid unchanged.
+            be.zero(&mut s.dh);
+            be.matmul_bwd(Some(&mut s.dh), Some(&mut g.w_down), None, &s.dx, &la.h, &p.w_down, n, inter, h);
+            be.swiglu_bwd(&mut s.dgate, &mut s.dup, &s.dh, &la.gate, &la.up);
+            be.zero(&mut s.dxn);
+            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.w_gate), None, &s.dgate, &la.xn2, &p.w_gate, n, h, inter);
+            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.w_up), None, &s.dup, &la.xn2, &p.w_up, n, h, inter);
+            be.rmsnorm_bwd(&mut s.dx, &mut g.post_norm, &s.dxn, &la.x_mid, &p.post_norm, &la.rstd2, n, h);
+
+            // x_mid = x_in + att · Woᵀ
+            be.zero(&mut s.datt);
+            be.matmul_bwd(Some(&mut s.datt), Some(&mut g.wo), None, &s.dx, &la.att, &p.wo, n, qd, h);
+            be.attention_bwd(&mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.att, &la.lse, &la.q, &la.k, &la.v, shape);
+            be.rope(&mut s.dq, batch, seq, c.num_heads, c.head_dim, 0, c.rope_theta, true);
+            be.rope(&mut s.dk, batch, seq, c.num_kv_heads, c.head_dim, 0, c.rope_theta, true);
+            be.zero(&mut s.dxn);
+            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.wq), Some(&mut g.bq), &s.dq, &la.xn, &p.wq, n, h, qd);
+            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.wk), Some(&mut g.bk), &s.dk, &la.xn, &p.wk, n, h, kvd);
+            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.wv), Some(&mut g.bv), &s.dv, &la.xn, &p.wv, n, h, kvd);
+            be.rmsnorm_bwd(&mut s.dx, &mut g.input_norm, &s.dxn, &la.x_in, &p.input_norm, &la.rstd1, n, h);
+        }
+        be.embedding_bwd(&mut grads.embed, &s.dx, &acts.ids, h);
+        Ok(())
+    }
+}
