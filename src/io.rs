@@ -9,6 +9,13 @@ use std::path::Path;
 
 /// Writes `bytes` to a temporary name beside `path`, fsyncs it, then renames it into place.
 pub fn write_atomic(path: &Path, bytes: &[u8]) -> Result<()> {
+    // A device or pipe (say /dev/stdout) is written in place: renaming over it would replace
+    // the device node with a regular file.
+    if let Ok(meta) = std::fs::metadata(path) {
+        if !meta.is_file() {
+            return std::fs::write(path, bytes).with_context(|| format!("cannot write {}", path.display()));
+        }
+    }
     let dir = path.parent().filter(|p| !p.as_os_str().is_empty()).unwrap_or(Path::new("."));
     std::fs::create_dir_all(dir).with_context(|| format!("cannot create directory {}", dir.display()))?;
     let name = path.file_name().map(|n| n.to_string_lossy().into_owned()).unwrap_or_default();

@@ -92,15 +92,13 @@ pub fn fixture_loss_coefs(stats: &[empo_engine::backend::RowStats], targets: &[u
     let rows = stats.len();
     let n_tgt = targets.iter().filter(|&&t| t != NO_TARGET).count() as f32;
     let mut loss = 0.0f64;
-    let mut a = vec![coef / rows as f32; rows];
+    let a = vec![coef / rows as f32; rows];
     let mut b = vec![0.0f32; rows];
     for r in 0..rows {
         loss += (coef * stats[r].entropy / rows as f32) as f64;
         if targets[r] != NO_TARGET {
             loss -= (stats[r].logprob / n_tgt) as f64;
             b[r] = -1.0 / n_tgt;
-        } else {
-            a[r] = coef / rows as f32;
         }
     }
     (loss as f32, a, b)
