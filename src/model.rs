@@ -60,6 +60,24 @@ pub fn tensor_specs(cfg: &ModelConfig) -> Vec<(String, Vec<usize>)> {
     specs
 }
 
+/// Random tensors in `tensor_specs` order: normal-ish weights of the given scale, norm weights
+/// one. Deterministic in `seed` (tests and benchmarks; real runs load checkpoints).
+pub fn random_tensors(cfg: &ModelConfig, seed: u64, scale: f32) -> Vec<Vec<f32>> {
+    tensor_specs(cfg)
+        .iter()
+        .enumerate()
+        .map(|(ti, (name, shape))| {
+            let n: usize = shape.iter().product();
+            if name.ends_with("norm.weight") {
+                return vec![1.0; n];
+            }
+            (0..n)
+                .map(|i| (crate::sampling::uniform(seed, ti as u64, i as u64) * 2.0 - 1.0) * scale * 1.732)
+                .collect()
+        })
+        .collect()
+}
+
 impl<T> Params<T> {
     /// Builds from tensors in `tensor_specs` order.
     pub fn from_list(cfg: &ModelConfig, list: Vec<T>) -> Params<T> {
