@@ -44,7 +44,10 @@ fn gencode_flags() -> Vec<String> {
             .map(|c| c.trim().trim_start_matches("sm_").to_string())
             .flat_map(|c| {
                 let base = c.trim_end_matches('a').to_string();
-                vec![format!("-gencode=arch=compute_{c},code=sm_{c}"), format!("-gencode=arch=compute_{base},code=compute_{base}")]
+                vec![
+                    format!("-gencode=arch=compute_{c},code=sm_{c}"),
+                    format!("-gencode=arch=compute_{base},code=compute_{base}"),
+                ]
             })
             .collect(),
         _ => vec![
@@ -65,7 +68,12 @@ fn main() {
     }
 
     let mut sources: Vec<PathBuf> = std::fs::read_dir(root.join("cuda"))
-        .map(|rd| rd.flatten().map(|e| e.path()).filter(|p| p.extension().is_some_and(|x| x == "cu")).collect())
+        .map(|rd| {
+            rd.flatten()
+                .map(|e| e.path())
+                .filter(|p| p.extension().is_some_and(|x| x == "cu"))
+                .collect()
+        })
         .unwrap_or_default();
     sources.sort();
     for s in &sources {
@@ -78,9 +86,15 @@ fn main() {
     } else if let Some(nvcc) = find_nvcc(&root) {
         // One translation unit that includes every op file: one fatbin, one module to load.
         let unity = out.join("all_kernels.cu");
-        let body: String = sources.iter().map(|s| format!("#include \"{}\"\n", s.display())).collect();
+        let body: String = sources
+            .iter()
+            .map(|s| format!("#include \"{}\"\n", s.display()))
+            .collect();
         std::fs::write(&unity, body).unwrap();
-        let names: Vec<String> = sources.iter().map(|s| s.file_stem().unwrap().to_string_lossy().into_owned()).collect();
+        let names: Vec<String> = sources
+            .iter()
+            .map(|s| s.file_stem().unwrap().to_string_lossy().into_owned())
+            .collect();
         let status = Command::new(&nvcc)
             .arg("-fatbin")
             .args(["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"])
@@ -94,11 +108,17 @@ fn main() {
         match status {
             Ok(s) if s.success() => {
                 compiled = true;
-                println!("cargo:rustc-env=EMPO_CUDA_TARGETS={}", gencode_flags().join(" "));
+                println!(
+                    "cargo:rustc-env=EMPO_CUDA_TARGETS={}",
+                    gencode_flags().join(" ")
+                );
                 println!("cargo:rustc-env=EMPO_CUDA_FILES={}", names.join(","));
             }
             // A kernel that does not compile fails the build: CI must catch it.
-            Ok(s) => panic!("nvcc ({}) failed with {s} compiling cuda/*.cu", nvcc.display()),
+            Ok(s) => panic!(
+                "nvcc ({}) failed with {s} compiling cuda/*.cu",
+                nvcc.display()
+            ),
             Err(e) => panic!("cannot run nvcc at {}: {e}", nvcc.display()),
         }
     } else {
@@ -107,5 +127,8 @@ fn main() {
     if !compiled {
         std::fs::write(&fatbin, b"").unwrap();
     }
-    println!("cargo:rustc-env=EMPO_CUDA_KERNELS={}", if compiled { "1" } else { "0" });
+    println!(
+        "cargo:rustc-env=EMPO_CUDA_KERNELS={}",
+        if compiled { "1" } else { "0" }
+    );
 }

@@ -31,12 +31,17 @@ fn train_step(c: &mut Criterion) {
     let cfg = bench_config();
     let (batch, seq) = (4, 128);
     let model = Qwen2::from_host(&be, cfg.clone(), &random_tensors(&cfg, 0, 0.02)).unwrap();
-    let ids: Vec<u32> = (0..batch * seq).map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32).collect();
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| ((i * 7919 + 13) % cfg.vocab_size) as u32)
+        .collect();
     let targets = next_token_targets(&ids, batch, seq);
     let rows = batch * seq;
     let n_tgt = (batch * (seq - 1)) as f32;
     let a = vec![0.0; rows];
-    let b: Vec<f32> = targets.iter().map(|&t| if t == u32::MAX { 0.0 } else { -1.0 / n_tgt }).collect();
+    let b: Vec<f32> = targets
+        .iter()
+        .map(|&t| if t == u32::MAX { 0.0 } else { -1.0 / n_tgt })
+        .collect();
     let mut acts = model.alloc_activations(&be, batch, seq, true).unwrap();
     let mut grads = model.zeros_like_params(&be).unwrap();
     let mut dlogits = be.alloc(rows * cfg.vocab_size).unwrap();
@@ -47,11 +52,22 @@ fn train_step(c: &mut Criterion) {
     g.bench_function("train_step_fwd_bwd_h256_l4_v4096_b4x128", |bench| {
         bench.iter(|| {
             model.forward_train(&be, &ids, &mut acts).unwrap();
-            be.softmax_stats_bwd(&mut dlogits, &acts.logits, rows, cfg.vocab_size, &targets, 1.0, &a, &b);
+            be.softmax_stats_bwd(
+                &mut dlogits,
+                &acts.logits,
+                rows,
+                cfg.vocab_size,
+                &targets,
+                1.0,
+                &a,
+                &b,
+            );
             for gr in grads.list_mut() {
                 be.zero(gr);
             }
-            model.backward(&be, &mut acts, &dlogits, &mut grads).unwrap();
+            model
+                .backward(&be, &mut acts, &dlogits, &mut grads)
+                .unwrap();
         })
     });
     g.bench_function("forward_h256_l4_v4096_b4x128", |bench| {

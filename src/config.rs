@@ -103,12 +103,18 @@ impl ModelConfig {
             );
         }
         if head_dim % 2 != 0 {
-            bail!("{}: head_dim {head_dim} must be even for RoPE", file.display());
+            bail!(
+                "{}: head_dim {head_dim} must be even for RoPE",
+                file.display()
+            );
         }
         // Released Qwen2.5 checkpoints put rope_theta at the top level; newer transformers
         // write a rope_parameters object instead.
         let rope_theta = if let Some(rp) = v.get("rope_parameters").filter(|x| x.is_object()) {
-            let ty = rp.get("rope_type").and_then(Value::as_str).unwrap_or("default");
+            let ty = rp
+                .get("rope_type")
+                .and_then(Value::as_str)
+                .unwrap_or("default");
             if ty != "default" {
                 bail!(
                     "{}: rope_parameters.rope_type {ty:?} is not supported (only \"default\")",
@@ -128,7 +134,10 @@ impl ModelConfig {
                 .and_then(Value::as_str)
                 .unwrap_or("default");
             if ty != "default" {
-                bail!("{}: rope_scaling type {ty:?} is not supported", file.display());
+                bail!(
+                    "{}: rope_scaling type {ty:?} is not supported",
+                    file.display()
+                );
             }
         }
         let dtype_str = v
@@ -150,7 +159,10 @@ impl ModelConfig {
             num_kv_heads,
             head_dim,
             vocab_size: req_usize(&v, "vocab_size", file)?,
-            rms_norm_eps: v.get("rms_norm_eps").and_then(Value::as_f64).unwrap_or(1e-6) as f32,
+            rms_norm_eps: v
+                .get("rms_norm_eps")
+                .and_then(Value::as_f64)
+                .unwrap_or(1e-6) as f32,
             rope_theta: rope_theta as f32,
             tie_word_embeddings: v
                 .get("tie_word_embeddings")
@@ -223,6 +235,9 @@ mod tests {
         a["model_type"] = "llama".into();
         let e = ModelConfig::from_json_str(&a.to_string(), Path::new("x/config.json")).unwrap_err();
         let msg = format!("{e:#}");
-        assert!(msg.contains("x/config.json") && msg.contains("llama"), "{msg}");
+        assert!(
+            msg.contains("x/config.json") && msg.contains("llama"),
+            "{msg}"
+        );
     }
 }

@@ -9,7 +9,13 @@ use anyhow::{bail, Result};
 /// position of each sequence has no target.
 pub fn next_token_targets(ids: &[u32], batch: usize, seq: usize) -> Vec<u32> {
     (0..batch * seq)
-        .map(|r| if r % seq + 1 < seq { ids[r + 1] } else { NO_TARGET })
+        .map(|r| {
+            if r % seq + 1 < seq {
+                ids[r + 1]
+            } else {
+                NO_TARGET
+            }
+        })
         .collect()
 }
 
@@ -22,7 +28,12 @@ pub struct Scores {
     pub entropy: Vec<f32>,
 }
 
-pub fn score<B: Backend>(be: &B, model: &Qwen2<B>, ids: &[u32], temperature: f32) -> Result<Scores> {
+pub fn score<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    ids: &[u32],
+    temperature: f32,
+) -> Result<Scores> {
     if ids.is_empty() {
         bail!("nothing to score: the token sequence is empty");
     }
@@ -33,7 +44,13 @@ pub fn score<B: Backend>(be: &B, model: &Qwen2<B>, ids: &[u32], temperature: f32
     let mut acts = model.alloc_activations(be, 1, seq, true)?;
     model.forward_train(be, ids, &mut acts)?;
     let targets = next_token_targets(ids, 1, seq);
-    let stats = be.softmax_stats(&acts.logits, seq, model.cfg.vocab_size, &targets, temperature)?;
+    let stats = be.softmax_stats(
+        &acts.logits,
+        seq,
+        model.cfg.vocab_size,
+        &targets,
+        temperature,
+    )?;
     Ok(Scores {
         logits: be.download(&acts.logits)?,
         logprobs: stats[..seq - 1].iter().map(|s| s.logprob).collect(),
@@ -72,7 +89,12 @@ pub fn generate<B: Backend>(
     let v = model.cfg.vocab_size;
     let cap = prompt.len() + opt.max_new_tokens;
     let mut cache = model.alloc_cache(be, n, cap)?;
-    let mut out: Vec<Completion> = (0..n).map(|_| Completion { ids: vec![], stopped: false }).collect();
+    let mut out: Vec<Completion> = (0..n)
+        .map(|_| Completion {
+            ids: vec![],
+            stopped: false,
+        })
+        .collect();
     if opt.max_new_tokens == 0 {
         return Ok(out);
     }
@@ -81,7 +103,11 @@ pub fn generate<B: Backend>(
     model.forward_cached(be, &batch_prompt, &mut acts, &mut cache)?;
     let mut step_acts = model.alloc_activations(be, n, 1, false)?;
     for step in 0..opt.max_new_tokens {
-        let logits = if step == 0 { be.download(&acts.logits)? } else { be.download(&step_acts.logits)? };
+        let logits = if step == 0 {
+            be.download(&acts.logits)?
+        } else {
+            be.download(&step_acts.logits)?
+        };
         let mut next = vec![0u32; n];
         for (i, c) in out.iter_mut().enumerate() {
             if c.stopped {

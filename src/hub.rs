@@ -49,7 +49,10 @@ pub fn resolve_in(spec: &str, roots: &[PathBuf]) -> Result<PathBuf> {
                 if let Some(snap) = newest_snapshot(&root.join(&name)) {
                     return Ok(snap);
                 }
-                looked.push(format!("{} (no usable snapshot)", root.join(&name).display()));
+                looked.push(format!(
+                    "{} (no usable snapshot)",
+                    root.join(&name).display()
+                ));
             }
         }
     }
@@ -68,7 +71,10 @@ fn newest_snapshot(model_dir: &Path) -> Option<PathBuf> {
         }
     }
     let mut best: Option<(std::time::SystemTime, PathBuf)> = None;
-    for e in std::fs::read_dir(model_dir.join("snapshots")).ok()?.flatten() {
+    for e in std::fs::read_dir(model_dir.join("snapshots"))
+        .ok()?
+        .flatten()
+    {
         let p = e.path();
         if !p.join("config.json").exists() {
             continue;
@@ -98,7 +104,10 @@ mod tests {
         assert_eq!(resolve_in("qwen2.5-math-7b", &roots).unwrap(), snap);
         assert_eq!(resolve_in("Qwen/Qwen2.5-Math-7B", &roots).unwrap(), snap);
         let err = format!("{:#}", resolve_in("nope-1b", &roots).unwrap_err());
-        assert!(err.contains(&tmp.display().to_string()) && err.contains("missing"), "{err}");
+        assert!(
+            err.contains(&tmp.display().to_string()) && err.contains("missing"),
+            "{err}"
+        );
         std::fs::remove_dir_all(&tmp).unwrap();
     }
 }

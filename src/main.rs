@@ -12,7 +12,11 @@ use std::path::{Path, PathBuf};
 use std::process::ExitCode;
 
 #[derive(Parser)]
-#[command(name = "empo-engine", version, about = "Label-free reasoning RL (EMPO, one-shot EM) for Qwen2 models")]
+#[command(
+    name = "empo-engine",
+    version,
+    about = "Label-free reasoning RL (EMPO, one-shot EM) for Qwen2 models"
+)]
 struct Cli {
     #[command(subcommand)]
     cmd: Cmd,
@@ -95,7 +99,10 @@ fn parse_ids(s: &str) -> Result<Vec<u32>> {
     s.split(',')
         .map(|t| t.trim())
         .filter(|t| !t.is_empty())
-        .map(|t| t.parse::<u32>().with_context(|| format!("--tokens: {t:?} is not a token id")))
+        .map(|t| {
+            t.parse::<u32>()
+                .with_context(|| format!("--tokens: {t:?} is not a token id"))
+        })
         .collect()
 }
 
@@ -129,7 +136,11 @@ fn run_score<B: Backend>(be: &B, dir: &Path, a: &ScoreArgs) -> Result<()> {
         None,
     )?;
     let mean_nll = -s.logprobs.iter().sum::<f32>() / (t.max(2) - 1) as f32;
-    eprintln!("scored {t} tokens: mean next-token NLL {mean_nll:.4} at T={}; wrote {}", a.temperature, a.out.display());
+    eprintln!(
+        "scored {t} tokens: mean next-token NLL {mean_nll:.4} at T={}; wrote {}",
+        a.temperature,
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -138,7 +149,10 @@ fn run_generate<B: Backend>(be: &B, dir: &Path, a: &GenerateArgs) -> Result<()> 
     let tok = Tokenizer::from_dir(dir)?;
     let prompt = match (&a.prompt, &a.tokens) {
         (Some(p), _) if a.chat => {
-            let msgs = [ChatMessage { role: "user".into(), content: p.clone() }];
+            let msgs = [ChatMessage {
+                role: "user".into(),
+                content: p.clone(),
+            }];
             tok.encode(&tok.apply_chat_template(&msgs, true)?)?
         }
         (Some(p), _) => tok.encode(p)?,
@@ -153,7 +167,11 @@ fn run_generate<B: Backend>(be: &B, dir: &Path, a: &GenerateArgs) -> Result<()> 
     }
     let opt = GenerateOptions {
         max_new_tokens: a.max_new_tokens,
-        sampling: SamplingParams { temperature: a.temperature, top_k: a.top_k, top_p: a.top_p },
+        sampling: SamplingParams {
+            temperature: a.temperature,
+            top_k: a.top_k,
+            top_p: a.top_p,
+        },
         n: a.n,
         seed: a.seed,
         stop_ids: tok.eos_ids.clone(),
@@ -166,7 +184,10 @@ fn run_generate<B: Backend>(be: &B, dir: &Path, a: &GenerateArgs) -> Result<()> 
     for (i, c) in outs.iter().enumerate() {
         let text = tok.decode(&c.ids, true)?;
         if a.json {
-            println!("{}", serde_json::json!({"index": i, "text": text, "ids": c.ids, "stopped": c.stopped}));
+            println!(
+                "{}",
+                serde_json::json!({"index": i, "text": text, "ids": c.ids, "stopped": c.stopped})
+            );
         } else {
             if outs.len() > 1 {
                 println!("--- completion {i} ---");
@@ -174,7 +195,10 @@ fn run_generate<B: Backend>(be: &B, dir: &Path, a: &GenerateArgs) -> Result<()> 
             println!("{text}");
         }
     }
-    eprintln!("generated {total} tokens in {secs:.2}s ({:.1} tokens/s)", total as f64 / secs.max(1e-9));
+    eprintln!(
+        "generated {total} tokens in {secs:.2}s ({:.1} tokens/s)",
+        total as f64 / secs.max(1e-9)
+    );
     Ok(())
 }
 
@@ -188,7 +212,11 @@ fn info() {
     println!(
         "devices: cpu ({} threads){}",
         rayon::current_num_threads(),
-        if device::nvidia_driver_present() { ", NVIDIA driver present" } else { "" }
+        if device::nvidia_driver_present() {
+            ", NVIDIA driver present"
+        } else {
+            ""
+        }
     );
 }
 

@@ -72,7 +72,11 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64, scale: f32) -> Vec<Vec<f32>>
                 return vec![1.0; n];
             }
             (0..n)
-                .map(|i| (crate::sampling::uniform(seed, ti as u64, i as u64) * 2.0 - 1.0) * scale * 1.732)
+                .map(|i| {
+                    (crate::sampling::uniform(seed, ti as u64, i as u64) * 2.0 - 1.0)
+                        * scale
+                        * 1.732
+                })
                 .collect()
         })
         .collect()
@@ -101,8 +105,17 @@ impl<T> Params<T> {
             })
             .collect();
         let final_norm = next();
-        let lm_head = if cfg.tie_word_embeddings { None } else { Some(next()) };
-        Params { embed, layers, final_norm, lm_head }
+        let lm_head = if cfg.tie_word_embeddings {
+            None
+        } else {
+            Some(next())
+        };
+        Params {
+            embed,
+            layers,
+            final_norm,
+            lm_head,
+        }
     }
 
     /// References in `tensor_specs` order.
@@ -110,8 +123,18 @@ impl<T> Params<T> {
         let mut v = vec![&self.embed];
         for l in &self.layers {
             v.extend([
-                &l.input_norm, &l.wq, &l.bq, &l.wk, &l.bk, &l.wv, &l.bv, &l.wo, &l.post_norm, &l.w_gate,
-                &l.w_up, &l.w_down,
+                &l.input_norm,
+                &l.wq,
+                &l.bq,
+                &l.wk,
+                &l.bk,
+                &l.wv,
+                &l.bv,
+                &l.wo,
+                &l.post_norm,
+                &l.w_gate,
+                &l.w_up,
+                &l.w_down,
             ]);
         }
         v.push(&self.final_norm);
@@ -211,7 +234,10 @@ impl<B: Backend> Qwen2<B> {
             let host = weights.load_f32(&name, &shape)?;
             list.push(be.upload(&host)?);
         }
-        Ok(Qwen2 { params: Params::from_list(&cfg, list), cfg })
+        Ok(Qwen2 {
+            params: Params::from_list(&cfg, list),
+            cfg,
+        })
     }
 
     pub fn load_dir(be: &B, dir: &Path) -> Result<Self> {
@@ -222,8 +248,14 @@ impl<B: Backend> Qwen2<B> {
 
     /// A model with the given host tensors (tests and benchmarks).
     pub fn from_host(be: &B, cfg: ModelConfig, tensors: &[Vec<f32>]) -> Result<Self> {
-        let list = tensors.iter().map(|t| be.upload(t)).collect::<Result<Vec<_>>>()?;
-        Ok(Qwen2 { params: Params::from_list(&cfg, list), cfg })
+        let list = tensors
+            .iter()
+            .map(|t| be.upload(t))
+            .collect::<Result<Vec<_>>>()?;
+        Ok(Qwen2 {
+            params: Params::from_list(&cfg, list),
+            cfg,
+        })
     }
 
     /// Zeroed buffers shaped like the parameters, for gradients.
@@ -241,12 +273,21 @@ impl<B: Backend> Qwen2<B> {
 
     fn check_ids(&self, ids: &[u32]) -> Result<()> {
         if let Some(&bad) = ids.iter().find(|&&t| t as usize >= self.cfg.vocab_size) {
-            bail!("token id {bad} is out of range for vocab_size {}", self.cfg.vocab_size);
+            bail!(
+                "token id {bad} is out of range for vocab_size {}",
+                self.cfg.vocab_size
+            );
         }
         Ok(())
     }
 
-    pub fn alloc_activations(&self, be: &B, batch: usize, seq: usize, train: bool) -> Result<Activations<B::Buf>> {
+    pub fn alloc_activations(
+        &self,
+        be: &B,
+        batch: usize,
+        seq: usize,
+        train: bool,
+    ) -> Result<Activations<B::Buf>> {
         let c = &self.cfg;
         let n = batch * seq;
         let (h, qd, kvd, i) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -294,12 +335,23 @@ impl<B: Backend> Qwen2<B> {
             k.push(be.alloc(n)?);
             v.push(be.alloc(n)?);
         }
-        Ok(KvCache { batch, cap, len: 0, k, v })
+        Ok(KvCache {
+            batch,
+            cap,
+            len: 0,
+            k,
+            v,
+        })
     }
 
     /// The layer stack over acts.x. With a cache, new k/v are appended and attention reads the
     /// cache; without one, attention reads this call's k/v (training, positions from 0).
-    fn run_layers(&self, be: &B, acts: &mut Activations<B::Buf>, mut cache: Option<&mut KvCache<B::Buf>>) {
+    fn run_layers(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        mut cache: Option<&mut KvCache<B::Buf>>,
+    ) {
         let c = &self.cfg;
         let (batch, seq) = (acts.batch, acts.seq);
         let n = batch * seq;
@@ -309,12 +361,38 @@ impl<B: Backend> Qwen2<B> {
             let last = acts.layers.len() - 1;
             let la = &mut acts.layers[l.min(last)];
             be.copy(&mut la.x_in, &acts.x);
-            be.rmsnorm(&mut la.xn, &mut la.rstd1, &acts.x, &p.input_norm, n, h, c.rms_norm_eps);
+            be.rmsnorm(
+                &mut la.xn,
+                &mut la.rstd1,
+                &acts.x,
+                &p.input_norm,
+                n,
+                h,
+                c.rms_norm_eps,
+            );
             be.matmul(&mut la.q, &la.xn, &p.wq, Some(&p.bq), n, h, qd);
             be.matmul(&mut la.k, &la.xn, &p.wk, Some(&p.bk), n, h, kvd);
             be.matmul(&mut la.v, &la.xn, &p.wv, Some(&p.bv), n, h, kvd);
-            be.rope(&mut la.q, batch, seq, c.num_heads, c.head_dim, pos0, c.rope_theta, false);
-            be.rope(&mut la.k, batch, seq, c.num_kv_heads, c.head_dim, pos0, c.rope_theta, false);
+            be.rope(
+                &mut la.q,
+                batch,
+                seq,
+                c.num_heads,
+                c.head_dim,
+                pos0,
+                c.rope_theta,
+                false,
+            );
+            be.rope(
+                &mut la.k,
+                batch,
+                seq,
+                c.num_kv_heads,
+                c.head_dim,
+                pos0,
+                c.rope_theta,
+                false,
+            );
             let mut shape = AttnShape {
                 batch,
                 tq: seq,
@@ -338,7 +416,15 @@ impl<B: Backend> Qwen2<B> {
             be.matmul(&mut la.xn2, &la.att, &p.wo, None, n, qd, h);
             be.copy(&mut la.x_mid, &acts.x);
             be.add(&mut la.x_mid, &la.xn2);
-            be.rmsnorm(&mut la.xn2, &mut la.rstd2, &la.x_mid, &p.post_norm, n, h, c.rms_norm_eps);
+            be.rmsnorm(
+                &mut la.xn2,
+                &mut la.rstd2,
+                &la.x_mid,
+                &p.post_norm,
+                n,
+                h,
+                c.rms_norm_eps,
+            );
             be.matmul(&mut la.gate, &la.xn2, &p.w_gate, None, n, h, inter);
             be.matmul(&mut la.up, &la.xn2, &p.w_up, None, n, h, inter);
             be.swiglu(&mut la.h, &la.gate, &la.up);
@@ -349,7 +435,15 @@ impl<B: Backend> Qwen2<B> {
             kc.len += seq;
         }
         be.copy(&mut acts.x_final, &acts.x);
-        be.rmsnorm(&mut acts.xf, &mut acts.rstdf, &acts.x_final, &self.params.final_norm, n, h, c.rms_norm_eps);
+        be.rmsnorm(
+            &mut acts.xf,
+            &mut acts.rstdf,
+            &acts.x_final,
+            &self.params.final_norm,
+            n,
+            h,
+            c.rms_norm_eps,
+        );
     }
 
     /// Forward over `ids` = [batch, seq] from position 0, keeping everything backward needs.
@@ -357,13 +451,26 @@ impl<B: Backend> Qwen2<B> {
     pub fn forward_train(&self, be: &B, ids: &[u32], acts: &mut Activations<B::Buf>) -> Result<()> {
         let n = acts.batch * acts.seq;
         if ids.len() != n || acts.layers.len() != self.cfg.num_layers {
-            bail!("forward_train: {} ids for activations of {}×{} tokens", ids.len(), acts.batch, acts.seq);
+            bail!(
+                "forward_train: {} ids for activations of {}×{} tokens",
+                ids.len(),
+                acts.batch,
+                acts.seq
+            );
         }
         self.check_ids(ids)?;
         acts.ids = ids.to_vec();
         be.embedding(&mut acts.x, &self.params.embed, ids, self.cfg.hidden_size);
         self.run_layers(be, acts, None);
-        be.matmul(&mut acts.logits, &acts.xf, self.lm_head(), None, n, self.cfg.hidden_size, self.cfg.vocab_size);
+        be.matmul(
+            &mut acts.logits,
+            &acts.xf,
+            self.lm_head(),
+            None,
+            n,
+            self.cfg.hidden_size,
+            self.cfg.vocab_size,
+        );
         Ok(())
     }
 
@@ -378,10 +485,18 @@ impl<B: Backend> Qwen2<B> {
     ) -> Result<()> {
         let (batch, seq) = (acts.batch, acts.seq);
         if ids.len() != batch * seq || cache.batch != batch {
-            bail!("forward_cached: {} ids for a batch of {batch}×{seq} (cache batch {})", ids.len(), cache.batch);
+            bail!(
+                "forward_cached: {} ids for a batch of {batch}×{seq} (cache batch {})",
+                ids.len(),
+                cache.batch
+            );
         }
         if cache.len + seq > cache.cap {
-            bail!("KV cache full: {} + {seq} positions exceed its capacity {}", cache.len, cache.cap);
+            bail!(
+                "KV cache full: {} + {seq} positions exceed its capacity {}",
+                cache.len,
+                cache.cap
+            );
         }
         self.check_ids(ids)?;
         be.embedding(&mut acts.x, &self.params.embed, ids, self.cfg.hidden_size);
@@ -390,7 +505,15 @@ impl<B: Backend> Qwen2<B> {
         let last_rows: Vec<u32> = (0..batch).map(|b| (b * seq + seq - 1) as u32).collect();
         let h = self.cfg.hidden_size;
         be.embedding(&mut acts.x_final, &acts.xf, &last_rows, h);
-        be.matmul(&mut acts.logits, &acts.x_final, self.lm_head(), None, batch, h, self.cfg.vocab_size);
+        be.matmul(
+            &mut acts.logits,
+            &acts.x_final,
+            self.lm_head(),
+            None,
+            batch,
+            h,
+            self.cfg.vocab_size,
+        );
         Ok(())
     }
 
@@ -428,9 +551,28 @@ impl<B: Backend> Qwen2<B> {
         // logits = xf · lm_headᵀ
         be.zero(&mut s.dxn);
         let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-        be.matmul_bwd(Some(&mut s.dxn), Some(dlm), None, dlogits, &acts.xf, self.lm_head(), n, h, c.vocab_size);
+        be.matmul_bwd(
+            Some(&mut s.dxn),
+            Some(dlm),
+            None,
+            dlogits,
+            &acts.xf,
+            self.lm_head(),
+            n,
+            h,
+            c.vocab_size,
+        );
         be.zero(&mut s.dx);
-        be.rmsnorm_bwd(&mut s.dx, &mut grads.final_norm, &s.dxn, &acts.x_final, &self.params.final_norm, &acts.rstdf, n, h);
+        be.rmsnorm_bwd(
+            &mut s.dx,
+            &mut grads.final_norm,
+            &s.dxn,
+            &acts.x_final,
+            &self.params.final_norm,
+            &acts.rstdf,
+            n,
+            h,
+        );
 
         let shape = AttnShape {
             batch,
@@ -442,27 +584,140 @@ impl<B: Backend> Qwen2<B> {
             head_dim: c.head_dim,
         };
         for l in (0..c.num_layers).rev() {
-            let (p, g, la) = (&self.params.layers[l], &mut grads.layers[l], &acts.layers[l]);
+            let (p, g, la) = (
+                &self.params.layers[l],
+                &mut grads.layers[l],
+                &acts.layers[l],
+            );
             // x_out = x_mid + down(swiglu(gate(xn2), up(xn2))): dx flows to x_mid unchanged.
             be.zero(&mut s.dh);
-            be.matmul_bwd(Some(&mut s.dh), Some(&mut g.w_down), None, &s.dx, &la.h, &p.w_down, n, inter, h);
+            be.matmul_bwd(
+                Some(&mut s.dh),
+                Some(&mut g.w_down),
+                None,
+                &s.dx,
+                &la.h,
+                &p.w_down,
+                n,
+                inter,
+                h,
+            );
             be.swiglu_bwd(&mut s.dgate, &mut s.dup, &s.dh, &la.gate, &la.up);
             be.zero(&mut s.dxn);
-            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.w_gate), None, &s.dgate, &la.xn2, &p.w_gate, n, h, inter);
-            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.w_up), None, &s.dup, &la.xn2, &p.w_up, n, h, inter);
-            be.rmsnorm_bwd(&mut s.dx, &mut g.post_norm, &s.dxn, &la.x_mid, &p.post_norm, &la.rstd2, n, h);
+            be.matmul_bwd(
+                Some(&mut s.dxn),
+                Some(&mut g.w_gate),
+                None,
+                &s.dgate,
+                &la.xn2,
+                &p.w_gate,
+                n,
+                h,
+                inter,
+            );
+            be.matmul_bwd(
+                Some(&mut s.dxn),
+                Some(&mut g.w_up),
+                None,
+                &s.dup,
+                &la.xn2,
+                &p.w_up,
+                n,
+                h,
+                inter,
+            );
+            be.rmsnorm_bwd(
+                &mut s.dx,
+                &mut g.post_norm,
+                &s.dxn,
+                &la.x_mid,
+                &p.post_norm,
+                &la.rstd2,
+                n,
+                h,
+            );
 
             // x_mid = x_in + att · Woᵀ
             be.zero(&mut s.datt);
-            be.matmul_bwd(Some(&mut s.datt), Some(&mut g.wo), None, &s.dx, &la.att, &p.wo, n, qd, h);
-            be.attention_bwd(&mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.att, &la.lse, &la.q, &la.k, &la.v, shape);
-            be.rope(&mut s.dq, batch, seq, c.num_heads, c.head_dim, 0, c.rope_theta, true);
-            be.rope(&mut s.dk, batch, seq, c.num_kv_heads, c.head_dim, 0, c.rope_theta, true);
+            be.matmul_bwd(
+                Some(&mut s.datt),
+                Some(&mut g.wo),
+                None,
+                &s.dx,
+                &la.att,
+                &p.wo,
+                n,
+                qd,
+                h,
+            );
+            be.attention_bwd(
+                &mut s.dq, &mut s.dk, &mut s.dv, &s.datt, &la.att, &la.lse, &la.q, &la.k, &la.v,
+                shape,
+            );
+            be.rope(
+                &mut s.dq,
+                batch,
+                seq,
+                c.num_heads,
+                c.head_dim,
+                0,
+                c.rope_theta,
+                true,
+            );
+            be.rope(
+                &mut s.dk,
+                batch,
+                seq,
+                c.num_kv_heads,
+                c.head_dim,
+                0,
+                c.rope_theta,
+                true,
+            );
             be.zero(&mut s.dxn);
-            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.wq), Some(&mut g.bq), &s.dq, &la.xn, &p.wq, n, h, qd);
-            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.wk), Some(&mut g.bk), &s.dk, &la.xn, &p.wk, n, h, kvd);
-            be.matmul_bwd(Some(&mut s.dxn), Some(&mut g.wv), Some(&mut g.bv), &s.dv, &la.xn, &p.wv, n, h, kvd);
-            be.rmsnorm_bwd(&mut s.dx, &mut g.input_norm, &s.dxn, &la.x_in, &p.input_norm, &la.rstd1, n, h);
+            be.matmul_bwd(
+                Some(&mut s.dxn),
+                Some(&mut g.wq),
+                Some(&mut g.bq),
+                &s.dq,
+                &la.xn,
+                &p.wq,
+                n,
+                h,
+                qd,
+            );
+            be.matmul_bwd(
+                Some(&mut s.dxn),
+                Some(&mut g.wk),
+                Some(&mut g.bk),
+                &s.dk,
+                &la.xn,
+                &p.wk,
+                n,
+                h,
+                kvd,
+            );
+            be.matmul_bwd(
+                Some(&mut s.dxn),
+                Some(&mut g.wv),
+                Some(&mut g.bv),
+                &s.dv,
+                &la.xn,
+                &p.wv,
+                n,
+                h,
+                kvd,
+            );
+            be.rmsnorm_bwd(
+                &mut s.dx,
+                &mut g.input_norm,
+                &s.dxn,
+                &la.x_in,
+                &p.input_norm,
+                &la.rstd1,
+                n,
+                h,
+            );
         }
         be.embedding_bwd(&mut grads.embed, &s.dx, &acts.ids, h);
         Ok(())

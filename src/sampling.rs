@@ -26,7 +26,12 @@ pub fn philox4x32(counter: [u32; 4], key: [u32; 2]) -> [u32; 4] {
 /// A uniform draw in [0, 1) for (seed, sequence, step).
 pub fn uniform(seed: u64, sequence: u64, step: u64) -> f32 {
     let out = philox4x32(
-        [step as u32, (step >> 32) as u32, sequence as u32, (sequence >> 32) as u32],
+        [
+            step as u32,
+            (step >> 32) as u32,
+            sequence as u32,
+            (sequence >> 32) as u32,
+        ],
         [seed as u32, (seed >> 32) as u32],
     );
     (out[0] >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
@@ -44,7 +49,11 @@ pub struct SamplingParams {
 
 impl SamplingParams {
     pub fn greedy() -> Self {
-        SamplingParams { temperature: 0.0, top_k: 0, top_p: 1.0 }
+        SamplingParams {
+            temperature: 0.0,
+            top_k: 0,
+            top_p: 1.0,
+        }
     }
 }
 
@@ -123,13 +132,19 @@ mod tests {
     #[test]
     fn philox_known_answer() {
         // Known-answer vectors of Philox4x32-10 from the Random123 distribution's kat_vectors.
-        assert_eq!(philox4x32([0, 0, 0, 0], [0, 0]), [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]);
+        assert_eq!(
+            philox4x32([0, 0, 0, 0], [0, 0]),
+            [0x6627e8d5, 0xe169c58d, 0xbc57ac4c, 0x9b00dbd8]
+        );
         assert_eq!(
             philox4x32([u32::MAX; 4], [u32::MAX; 2]),
             [0x408f276d, 0x41c83b0e, 0xa20bc7c6, 0x6d5451fd]
         );
         assert_eq!(
-            philox4x32([0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344], [0xa4093822, 0x299f31d0]),
+            philox4x32(
+                [0x243f6a88, 0x85a308d3, 0x13198a2e, 0x03707344],
+                [0xa4093822, 0x299f31d0]
+            ),
             [0xd16cfe09, 0x94fdcceb, 0x5001e420, 0x24126ea1]
         );
     }
@@ -138,11 +153,19 @@ mod tests {
     fn truncation_keeps_smallest_nucleus() {
         // probs ∝ [4, 3, 2, 1] / 10
         let logits: Vec<f32> = [4.0f32, 3.0, 2.0, 1.0].iter().map(|x| x.ln()).collect();
-        let p = SamplingParams { temperature: 1.0, top_k: 0, top_p: 0.6 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 0,
+            top_p: 0.6,
+        };
         let d = truncated_distribution(&logits, &p);
         assert_eq!(d.iter().map(|x| x.0).collect::<Vec<_>>(), vec![0, 1]);
         assert!((d[0].1 - 4.0 / 7.0).abs() < 1e-6);
-        let p = SamplingParams { temperature: 1.0, top_k: 3, top_p: 1.0 };
+        let p = SamplingParams {
+            temperature: 1.0,
+            top_k: 3,
+            top_p: 1.0,
+        };
         let d = truncated_distribution(&logits, &p);
         assert_eq!(d.len(), 3);
         assert!((d[2].1 - 2.0 / 9.0).abs() < 1e-6);
@@ -151,7 +174,11 @@ mod tests {
     #[test]
     fn sampling_frequencies_match_softmax() {
         let logits = [0.5f32, -1.0, 2.0, 0.0, 1.0];
-        let p = SamplingParams { temperature: 0.8, top_k: 0, top_p: 1.0 };
+        let p = SamplingParams {
+            temperature: 0.8,
+            top_k: 0,
+            top_p: 1.0,
+        };
         let dist = truncated_distribution(&logits, &p);
         let n = 200_000u64;
         let mut counts = [0u64; 5];

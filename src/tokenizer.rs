@@ -34,7 +34,10 @@ impl Tokenizer {
     pub fn from_dir(dir: &Path) -> Result<Tokenizer> {
         let tok_path = dir.join("tokenizer.json");
         if !tok_path.exists() {
-            anyhow::bail!("{}: file not found (expected a tokenizers JSON file)", tok_path.display());
+            anyhow::bail!(
+                "{}: file not found (expected a tokenizers JSON file)",
+                tok_path.display()
+            );
         }
         let inner = tokenizers::Tokenizer::from_file(&tok_path)
             .map_err(|e| anyhow!("{}: cannot load tokenizer: {e}", tok_path.display()))?;

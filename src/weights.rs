@@ -148,7 +148,10 @@ fn shard_paths(index: &Path) -> Result<Vec<PathBuf>> {
     let mut uniq = BTreeMap::new();
     for (tensor, file) in map {
         let file = file.as_str().with_context(|| {
-            format!("{}: weight_map entry for `{tensor}` is not a file name", index.display())
+            format!(
+                "{}: weight_map entry for `{tensor}` is not a file name",
+                index.display()
+            )
         })?;
         uniq.insert(file.to_string(), ());
     }

@@ -38,7 +38,10 @@ fn copy_dir(src: &Path, dst: &Path) {
 fn assert_clean_error(o: &Output, needles: &[&str]) {
     let err = stderr(o);
     assert!(!o.status.success(), "expected failure, stderr: {err}");
-    assert!(!err.contains("panicked"), "panic instead of an error: {err}");
+    assert!(
+        !err.contains("panicked"),
+        "panic instead of an error: {err}"
+    );
     assert!(err.contains("error:"), "{err}");
     for n in needles {
         assert!(err.contains(n), "error should mention {n:?}: {err}");
@@ -46,7 +49,10 @@ fn assert_clean_error(o: &Output, needles: &[&str]) {
 }
 
 fn join_ids(ids: &[u32]) -> String {
-    ids.iter().map(|x| x.to_string()).collect::<Vec<_>>().join(",")
+    ids.iter()
+        .map(|x| x.to_string())
+        .collect::<Vec<_>>()
+        .join(",")
 }
 
 #[test]
@@ -57,15 +63,27 @@ fn score_writes_transformers_logits_logprobs_entropy() {
     let out = tmpdir("score").join("s.safetensors");
     let dir = fixtures().join("tiny-qwen2-b");
     let o = run(&[
-        "score", "--weights", dir.to_str().unwrap(), "--tokens", &join_ids(&ids[..seq]),
-        "--temperature", &r.meta["temperature"], "--out", out.to_str().unwrap(), "--device", "cpu",
+        "score",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        &join_ids(&ids[..seq]),
+        "--temperature",
+        &r.meta["temperature"],
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
     let bytes = std::fs::read(&out).unwrap();
     let st = safetensors::SafeTensors::deserialize(&bytes).unwrap();
     let get = |n: &str| {
         let t = st.tensor(n).unwrap();
-        (t.shape().to_vec(), empo_engine::weights::decode_f32(t.data(), t.dtype()).unwrap())
+        (
+            t.shape().to_vec(),
+            empo_engine::weights::decode_f32(t.data(), t.dtype()).unwrap(),
+        )
     };
     let v = r.f32("logits").len() / (2 * seq);
     let (ls, logits) = get("logits");
@@ -87,20 +105,55 @@ fn generate_greedy_json_matches_transformers_and_sampling_is_seeded() {
     let dir = fixtures().join("tiny-qwen2-a");
     let d = dir.to_str().unwrap();
     let o = run(&[
-        "generate", "--weights", d, "--tokens", &join_ids(&prompt), "--temperature", "0",
-        "--max-new-tokens", &want.len().to_string(), "--ignore-eos", "--json",
+        "generate",
+        "--weights",
+        d,
+        "--tokens",
+        &join_ids(&prompt),
+        "--temperature",
+        "0",
+        "--max-new-tokens",
+        &want.len().to_string(),
+        "--ignore-eos",
+        "--json",
     ]);
     assert!(o.status.success(), "{}", stderr(&o));
-    let line: serde_json::Value = serde_json::from_slice(o.stdout.split(|&c| c == b'\n').next().unwrap()).unwrap();
-    let got: Vec<u32> = line["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+    let line: serde_json::Value =
+        serde_json::from_slice(o.stdout.split(|&c| c == b'\n').next().unwrap()).unwrap();
+    let got: Vec<u32> = line["ids"]
+        .as_array()
+        .unwrap()
+        .iter()
+        .map(|x| x.as_u64().unwrap() as u32)
+        .collect();
     assert_eq!(got, want);
     assert!(line["text"].is_string());
-    assert!(stderr(&o).contains("device: cpu"), "auto says which device it picked");
+    assert!(
+        stderr(&o).contains("device: cpu"),
+        "auto says which device it picked"
+    );
 
     let sample = |seed: &str| {
         let o = run(&[
-            "generate", "--weights", d, "--prompt", "What is 2+3?", "--chat", "--n", "3", "--seed", seed,
-            "--temperature", "1.0", "--top-p", "0.9", "--top-k", "50", "--max-new-tokens", "12", "--json",
+            "generate",
+            "--weights",
+            d,
+            "--prompt",
+            "What is 2+3?",
+            "--chat",
+            "--n",
+            "3",
+            "--seed",
+            seed,
+            "--temperature",
+            "1.0",
+            "--top-p",
+            "0.9",
+            "--top-k",
+            "50",
+            "--max-new-tokens",
+            "12",
+            "--json",
         ]);
         assert!(o.status.success(), "{}", stderr(&o));
         String::from_utf8(o.stdout).unwrap()
@@ -114,23 +167,58 @@ fn generate_greedy_json_matches_transformers_and_sampling_is_seeded() {
 #[test]
 fn cuda_without_gpu_is_a_clear_error() {
     let dir = fixtures().join("tiny-qwen2-a");
-    let o = run(&["score", "--weights", dir.to_str().unwrap(), "--tokens", "1,2", "--out", "unused.safetensors", "--device", "cuda"]);
+    let o = run(&[
+        "score",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--out",
+        "unused.safetensors",
+        "--device",
+        "cuda",
+    ]);
     assert_clean_error(&o, &["--device cuda"]);
 }
 
 #[test]
 fn missing_model_lists_where_it_looked() {
     let o = bin()
-        .args(["score", "--weights", "no-such-model-7b", "--tokens", "1", "--out", "unused.safetensors"])
+        .args([
+            "score",
+            "--weights",
+            "no-such-model-7b",
+            "--tokens",
+            "1",
+            "--out",
+            "unused.safetensors",
+        ])
         .env("HF_HUB_CACHE", "/nonexistent/hub-cache")
         .output()
         .unwrap();
-    assert_clean_error(&o, &["no-such-model-7b", "/nonexistent/hub-cache", "never downloads"]);
+    assert_clean_error(
+        &o,
+        &[
+            "no-such-model-7b",
+            "/nonexistent/hub-cache",
+            "never downloads",
+        ],
+    );
 }
 
 fn score_dir(dir: &Path) -> Output {
     let out = dir.join("scores.safetensors");
-    run(&["score", "--weights", dir.to_str().unwrap(), "--tokens", "1,2,3", "--out", out.to_str().unwrap(), "--device", "cpu"])
+    run(&[
+        "score",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2,3",
+        "--out",
+        out.to_str().unwrap(),
+        "--device",
+        "cpu",
+    ])
 }
 
 #[test]
@@ -154,18 +242,29 @@ fn corrupt_checkpoints_name_the_file_or_tensor() {
 
     let d = base.join("missing-tensor");
     copy_dir(&src, &d);
-    let st = safetensors::SafeTensors::deserialize(&std::fs::read(src.join("model.safetensors")).unwrap())
-        .unwrap()
-        .tensors()
-        .into_iter()
-        .filter(|(n, _)| n != "model.norm.weight")
-        .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
-        .collect::<Vec<_>>();
+    let st = safetensors::SafeTensors::deserialize(
+        &std::fs::read(src.join("model.safetensors")).unwrap(),
+    )
+    .unwrap()
+    .tensors()
+    .into_iter()
+    .filter(|(n, _)| n != "model.norm.weight")
+    .map(|(n, v)| (n, v.data().to_vec(), v.shape().to_vec(), v.dtype()))
+    .collect::<Vec<_>>();
     let views: Vec<_> = st
         .iter()
-        .map(|(n, data, shape, dt)| (n.clone(), safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap()))
+        .map(|(n, data, shape, dt)| {
+            (
+                n.clone(),
+                safetensors::tensor::TensorView::new(*dt, shape.clone(), data).unwrap(),
+            )
+        })
         .collect();
-    std::fs::write(d.join("model.safetensors"), safetensors::serialize(views, None).unwrap()).unwrap();
+    std::fs::write(
+        d.join("model.safetensors"),
+        safetensors::serialize(views, None).unwrap(),
+    )
+    .unwrap();
     assert_clean_error(&score_dir(&d), &["model.norm.weight", "missing"]);
 
     let d = base.join("shape");
@@ -191,14 +290,34 @@ fn corrupt_checkpoints_name_the_file_or_tensor() {
     let d = base.join("no-tokenizer");
     copy_dir(&src, &d);
     std::fs::remove_file(d.join("tokenizer.json")).unwrap();
-    let o = run(&["score", "--weights", d.to_str().unwrap(), "--text", "hi", "--out", "unused.safetensors"]);
+    let o = run(&[
+        "score",
+        "--weights",
+        d.to_str().unwrap(),
+        "--text",
+        "hi",
+        "--out",
+        "unused.safetensors",
+    ]);
     assert_clean_error(&o, &["tokenizer.json"]);
 
     let d = base.join("intact");
     copy_dir(&src, &d);
     let o = score_dir(&d);
-    assert!(o.status.success(), "the intact fixture still scores: {}", stderr(&o));
-    let o = run(&["score", "--weights", src.to_str().unwrap(), "--tokens", "1,99999", "--out", "unused.safetensors"]);
+    assert!(
+        o.status.success(),
+        "the intact fixture still scores: {}",
+        stderr(&o)
+    );
+    let o = run(&[
+        "score",
+        "--weights",
+        src.to_str().unwrap(),
+        "--tokens",
+        "1,99999",
+        "--out",
+        "unused.safetensors",
+    ]);
     assert_clean_error(&o, &["99999", "vocab_size"]);
     std::fs::remove_dir_all(&base).unwrap();
 }
@@ -206,8 +325,22 @@ fn corrupt_checkpoints_name_the_file_or_tensor() {
 #[test]
 fn score_to_a_device_writes_through_it() {
     let dir = fixtures().join("tiny-qwen2-a");
-    let o = run(&["score", "--weights", dir.to_str().unwrap(), "--tokens", "1,2", "--out", "/dev/null"]);
+    let o = run(&[
+        "score",
+        "--weights",
+        dir.to_str().unwrap(),
+        "--tokens",
+        "1,2",
+        "--out",
+        "/dev/null",
+    ]);
     assert!(o.status.success(), "{}", stderr(&o));
     use std::os::unix::fs::FileTypeExt;
-    assert!(std::fs::metadata("/dev/null").unwrap().file_type().is_char_device(), "/dev/null must stay a device");
+    assert!(
+        std::fs::metadata("/dev/null")
+            .unwrap()
+            .file_type()
+            .is_char_device(),
+        "/dev/null must stay a device"
+    );
 }

@@ -9,7 +9,10 @@ use empo_engine::backend::AttnShape;
 struct Lcg(u64);
 impl Lcg {
     fn next(&mut self) -> f32 {
-        self.0 = self.0.wrapping_mul(6364136223846793005).wrapping_add(1442695040888963407);
+        self.0 = self
+            .0
+            .wrapping_mul(6364136223846793005)
+            .wrapping_add(1442695040888963407);
         ((self.0 >> 40) as f32 / (1u64 << 24) as f32) * 2.0 - 1.0
     }
     fn vec(&mut self, n: usize, scale: f32) -> Vec<f32> {
@@ -35,23 +38,45 @@ fn fd_check(name: &str, x: &[f32], analytic: &[f32], loss: impl Fn(&[f32]) -> f6
         numeric[i] = ((lp - lm) / (2.0 * eps as f64)) as f32;
     }
     let scale = numeric.iter().fold(0.0f32, |m, v| m.max(v.abs())).max(1e-6);
-    let err = numeric.iter().zip(analytic).fold(0.0f32, |m, (a, b)| m.max((a - b).abs())) / scale;
+    let err = numeric
+        .iter()
+        .zip(analytic)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()))
+        / scale;
     println!("{name:<28} finite-difference rel err {err:.2e}");
-    assert!(err < 5e-3, "{name}: analytic gradient differs from finite differences by {err:e}");
+    assert!(
+        err < 5e-3,
+        "{name}: analytic gradient differs from finite differences by {err:e}"
+    );
 }
 
 #[test]
 fn matmul_backward() {
     let (m, k, n) = (5, 7, 6);
     let mut g = Lcg(1);
-    let (a, w, bias, r) = (g.vec(m * k, 1.0), g.vec(n * k, 1.0), g.vec(n, 1.0), g.vec(m * n, 1.0));
+    let (a, w, bias, r) = (
+        g.vec(m * k, 1.0),
+        g.vec(n * k, 1.0),
+        g.vec(n, 1.0),
+        g.vec(m * n, 1.0),
+    );
     let f = |a: &[f32], w: &[f32], b: &[f32]| {
         let mut out = vec![0.0; m * n];
         cpu::matmul(&mut out, a, w, Some(b), m, k, n);
         weighted_sum(&out, &r)
     };
     let (mut da, mut dw, mut db) = (vec![0.0; m * k], vec![0.0; n * k], vec![0.0; n]);
-    cpu::matmul_bwd(Some(&mut da), Some(&mut dw), Some(&mut db), &r, &a, &w, m, k, n);
+    cpu::matmul_bwd(
+        Some(&mut da),
+        Some(&mut dw),
+        Some(&mut db),
+        &r,
+        &a,
+        &w,
+        m,
+        k,
+        n,
+    );
     fd_check("matmul da", &a, &da, |x| f(x, &w, &bias));
     fd_check("matmul dw", &w, &dw, |x| f(&a, x, &bias));
     fd_check("matmul dbias", &bias, &db, |x| f(&a, &w, x));
@@ -61,7 +86,11 @@ fn matmul_backward() {
 fn rmsnorm_backward() {
     let (rows, dim) = (4, 9);
     let mut g = Lcg(2);
-    let (x, w, r) = (g.vec(rows * dim, 1.0), g.vec(dim, 1.0), g.vec(rows * dim, 1.0));
+    let (x, w, r) = (
+        g.vec(rows * dim, 1.0),
+        g.vec(dim, 1.0),
+        g.vec(rows * dim, 1.0),
+    );
     let f = |x: &[f32], w: &[f32]| {
         let (mut out, mut rstd) = (vec![0.0; rows * dim], vec![0.0; rows]);
         cpu::rmsnorm(&mut out, &mut rstd, x, w, rows, dim, 1e-5);
@@ -94,7 +123,12 @@ fn check_attention(s: AttnShape, seed: u64) {
     let mut g = Lcg(seed);
     let qn = s.batch * s.tq * s.heads * s.head_dim;
     let kn = s.batch * s.cap * s.kv_heads * s.head_dim;
-    let (q, k, v, r) = (g.vec(qn, 1.0), g.vec(kn, 1.0), g.vec(kn, 1.0), g.vec(qn, 1.0));
+    let (q, k, v, r) = (
+        g.vec(qn, 1.0),
+        g.vec(kn, 1.0),
+        g.vec(kn, 1.0),
+        g.vec(qn, 1.0),
+    );
     let run = |q: &[f32], k: &[f32], v: &[f32]| {
         let (mut out, mut lse) = (vec![0.0; qn], vec![0.0; s.batch * s.tq * s.heads]);
         cpu::attention(&mut out, &mut lse, q, k, v, s);
@@ -104,29 +138,64 @@ fn check_attention(s: AttnShape, seed: u64) {
     let (mut dq, mut dk, mut dv) = (vec![0.0; qn], vec![0.0; kn], vec![0.0; kn]);
     cpu::attention_bwd(&mut dq, &mut dk, &mut dv, &r, &out, &lse, &q, &k, &v, s);
     let tag = format!("attention tq{} tk{}", s.tq, s.tk);
-    fd_check(&format!("{tag} dq"), &q, &dq, |x| weighted_sum(&run(x, &k, &v).0, &r));
-    fd_check(&format!("{tag} dk"), &k, &dk, |x| weighted_sum(&run(&q, x, &v).0, &r));
-    fd_check(&format!("{tag} dv"), &v, &dv, |x| weighted_sum(&run(&q, &k, x).0, &r));
+    fd_check(&format!("{tag} dq"), &q, &dq, |x| {
+        weighted_sum(&run(x, &k, &v).0, &r)
+    });
+    fd_check(&format!("{tag} dk"), &k, &dk, |x| {
+        weighted_sum(&run(&q, x, &v).0, &r)
+    });
+    fd_check(&format!("{tag} dv"), &v, &dv, |x| {
+        weighted_sum(&run(&q, &k, x).0, &r)
+    });
 }
 
 #[test]
 fn attention_backward_gqa_and_cache_offset() {
-    let base = AttnShape { batch: 2, tq: 5, tk: 5, cap: 5, heads: 4, kv_heads: 2, head_dim: 4 };
+    let base = AttnShape {
+        batch: 2,
+        tq: 5,
+        tk: 5,
+        cap: 5,
+        heads: 4,
+        kv_heads: 2,
+        head_dim: 4,
+    };
     check_attention(base, 4);
     // Queries at the end of a longer, partly filled cache (prefill after earlier tokens).
-    check_attention(AttnShape { tq: 3, tk: 6, cap: 8, heads: 6, ..base }, 5);
+    check_attention(
+        AttnShape {
+            tq: 3,
+            tk: 6,
+            cap: 8,
+            heads: 6,
+            ..base
+        },
+        5,
+    );
 }
 
 #[test]
 fn attention_matches_naive_softmax() {
     // One head, two keys: the output is the softmax-weighted mix, computed by hand.
-    let s = AttnShape { batch: 1, tq: 2, tk: 2, cap: 2, heads: 1, kv_heads: 1, head_dim: 2 };
+    let s = AttnShape {
+        batch: 1,
+        tq: 2,
+        tk: 2,
+        cap: 2,
+        heads: 1,
+        kv_heads: 1,
+        head_dim: 2,
+    };
     let q = [1.0, 0.0, 0.5, 2.0];
     let k = [1.0, 1.0, -1.0, 0.5];
     let v = [1.0, 2.0, 3.0, -4.0];
     let (mut out, mut lse) = (vec![0.0; 4], vec![0.0; 2]);
     cpu::attention(&mut out, &mut lse, &q, &k, &v, s);
-    assert_eq!(&out[..2], &[1.0, 2.0], "the first query sees only the first key");
+    assert_eq!(
+        &out[..2],
+        &[1.0, 2.0],
+        "the first query sees only the first key"
+    );
     let scale = 1.0 / 2f32.sqrt();
     let (s0, s1) = ((0.5 + 2.0) * scale, (-0.5 + 1.0) * scale);
     let p0 = s0.exp() / (s0.exp() + s1.exp());

@@ -43,13 +43,22 @@ fn greedy_generation_is_identical_to_transformers() {
 #[test]
 fn tokenizer_and_chat_template_match_transformers() {
     let path = fixtures().join("tokenizer_reference.json");
-    let r: serde_json::Value = serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
+    let r: serde_json::Value =
+        serde_json::from_str(&std::fs::read_to_string(path).unwrap()).unwrap();
     let tok = Tokenizer::from_dir(&fixtures().join(r["tokenizer_dir"].as_str().unwrap())).unwrap();
     for t in r["texts"].as_array().unwrap() {
         let text = t["text"].as_str().unwrap();
-        let want: Vec<u32> = t["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = t["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tok.encode(text).unwrap(), want, "ids of {text:?}");
-        assert_eq!(tok.decode(&want, false).unwrap(), t["decoded"].as_str().unwrap());
+        assert_eq!(
+            tok.decode(&want, false).unwrap(),
+            t["decoded"].as_str().unwrap()
+        );
     }
     for c in r["chat"].as_array().unwrap() {
         let msgs: Vec<ChatMessage> = c["messages"]
@@ -61,11 +70,21 @@ fn tokenizer_and_chat_template_match_transformers() {
                 content: m["content"].as_str().unwrap().into(),
             })
             .collect();
-        let rendered = tok.apply_chat_template(&msgs, c["add_generation_prompt"].as_bool().unwrap()).unwrap();
+        let rendered = tok
+            .apply_chat_template(&msgs, c["add_generation_prompt"].as_bool().unwrap())
+            .unwrap();
         assert_eq!(rendered, c["chat_rendered"].as_str().unwrap());
-        let want: Vec<u32> = c["ids"].as_array().unwrap().iter().map(|x| x.as_u64().unwrap() as u32).collect();
+        let want: Vec<u32> = c["ids"]
+            .as_array()
+            .unwrap()
+            .iter()
+            .map(|x| x.as_u64().unwrap() as u32)
+            .collect();
         assert_eq!(tok.encode(&rendered).unwrap(), want);
     }
     let im_end = r["special_tokens"]["<|im_end|>"].as_u64().unwrap() as u32;
-    assert!(tok.eos_ids.contains(&im_end), "generation_config eos ids are read");
+    assert!(
+        tok.eos_ids.contains(&im_end),
+        "generation_config eos ids are read"
+    );
 }

@@ -61,7 +61,15 @@ fn gemm_strided(
 }
 
 /// out[m, n] = a[m, k] · w[n, k]ᵀ + bias
-pub fn matmul(out: &mut [f32], a: &[f32], w: &[f32], bias: Option<&[f32]>, m: usize, k: usize, n: usize) {
+pub fn matmul(
+    out: &mut [f32],
+    a: &[f32],
+    w: &[f32],
+    bias: Option<&[f32]>,
+    m: usize,
+    k: usize,
+    n: usize,
+) {
     gemm_strided(m, n, k, out, (n, 1), false, a, (k, 1), w, (1, k));
     if let Some(b) = bias {
         out.par_chunks_mut(n).for_each(|row| {
@@ -119,7 +127,15 @@ pub fn embedding_bwd(dtable: &mut [f32], dout: &[f32], ids: &[u32], dim: usize) 
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn rmsnorm(out: &mut [f32], rstd: &mut [f32], x: &[f32], w: &[f32], rows: usize, dim: usize, eps: f32) {
+pub fn rmsnorm(
+    out: &mut [f32],
+    rstd: &mut [f32],
+    x: &[f32],
+    w: &[f32],
+    rows: usize,
+    dim: usize,
+    eps: f32,
+) {
     out[..rows * dim]
         .par_chunks_mut(dim)
         .zip(rstd[..rows].par_iter_mut())
@@ -161,7 +177,12 @@ pub fn rmsnorm_bwd(
                 dxr[i] += r * (dor[i] * w[i] - xhat * mean);
             }
         });
-    for ((dor, xr), &r) in dout.chunks_exact(dim).zip(x.chunks_exact(dim)).zip(rstd).take(rows) {
+    for ((dor, xr), &r) in dout
+        .chunks_exact(dim)
+        .zip(x.chunks_exact(dim))
+        .zip(rstd)
+        .take(rows)
+    {
         for i in 0..dim {
             dw[i] += dor[i] * xr[i] * r;
         }
@@ -214,7 +235,15 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 pub fn attention(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
-    let AttnShape { tq, tk, cap, heads, kv_heads, head_dim: d, .. } = s;
+    let AttnShape {
+        tq,
+        tk,
+        cap,
+        heads,
+        kv_heads,
+        head_dim: d,
+        ..
+    } = s;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let qrow = heads * d;
@@ -270,7 +299,15 @@ pub fn attention_bwd(
     v: &[f32],
     s: AttnShape,
 ) {
-    let AttnShape { batch, tq, tk, cap, heads, kv_heads, head_dim: d } = s;
+    let AttnShape {
+        batch,
+        tq,
+        tk,
+        cap,
+        heads,
+        kv_heads,
+        head_dim: d,
+    } = s;
     let group = heads / kv_heads;
     let scale = 1.0 / (d as f32).sqrt();
     let qrow = heads * d;
@@ -318,7 +355,8 @@ pub fn attention_bwd(
             for g in 0..group {
                 let h = kvh * group + g;
                 let dst = (b * tq + i) * qrow + h * d;
-                dq[dst..dst + d].copy_from_slice(&dq_l[(i * group + g) * d..(i * group + g + 1) * d]);
+                dq[dst..dst + d]
+                    .copy_from_slice(&dq_l[(i * group + g) * d..(i * group + g + 1) * d]);
             }
         }
         for j in 0..tk {
@@ -330,7 +368,15 @@ pub fn attention_bwd(
 }
 
 #[allow(clippy::too_many_arguments)]
-pub fn kv_write(cache: &mut [f32], new: &[f32], batch: usize, cap: usize, pos0: usize, tq: usize, row: usize) {
+pub fn kv_write(
+    cache: &mut [f32],
+    new: &[f32],
+    batch: usize,
+    cap: usize,
+    pos0: usize,
+    tq: usize,
+    row: usize,
+) {
     for b in 0..batch {
         let src = &new[b * tq * row..(b + 1) * tq * row];
         let dst = (b * cap + pos0) * row;
@@ -389,7 +435,13 @@ pub fn row_stats(row: &[f32], target: u32, temperature: f32) -> (RowStats, f32) 
     )
 }
 
-pub fn softmax_stats(logits: &[f32], rows: usize, vocab: usize, targets: &[u32], temperature: f32) -> Vec<RowStats> {
+pub fn softmax_stats(
+    logits: &[f32],
+    rows: usize,
+    vocab: usize,
+    targets: &[u32],
+    temperature: f32,
+) -> Vec<RowStats> {
     logits[..rows * vocab]
         .par_chunks(vocab)
         .zip(targets.par_iter())
@@ -433,7 +485,10 @@ impl Backend for CpuBackend {
     type Buf = Vec<f32>;
 
     fn name(&self) -> String {
-        format!("cpu (f32 reference, {} threads)", rayon::current_num_threads())
+        format!(
+            "cpu (f32 reference, {} threads)",
+            rayon::current_num_threads()
+        )
     }
     fn alloc(&self, n: usize) -> Result<Vec<f32>> {
         Ok(vec![0.0; n])
@@ -454,10 +509,14 @@ impl Backend for CpuBackend {
         dst.copy_from_slice(src);
     }
     fn add(&self, y: &mut Vec<f32>, x: &Vec<f32>) {
-        y.par_iter_mut().zip(x.par_iter()).for_each(|(a, b)| *a += b);
+        y.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(a, b)| *a += b);
     }
     fn axpy(&self, y: &mut Vec<f32>, alpha: f32, x: &Vec<f32>) {
-        y.par_iter_mut().zip(x.par_iter()).for_each(|(a, b)| *a += alpha * b);
+        y.par_iter_mut()
+            .zip(x.par_iter())
+            .for_each(|(a, b)| *a += alpha * b);
     }
     fn embedding(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &[u32], dim: usize) {
         embedding(out, table, ids, dim)
@@ -465,7 +524,16 @@ impl Backend for CpuBackend {
     fn embedding_bwd(&self, dtable: &mut Vec<f32>, dout: &Vec<f32>, ids: &[u32], dim: usize) {
         embedding_bwd(dtable, dout, ids, dim)
     }
-    fn matmul(&self, out: &mut Vec<f32>, a: &Vec<f32>, w: &Vec<f32>, bias: Option<&Vec<f32>>, m: usize, k: usize, n: usize) {
+    fn matmul(
+        &self,
+        out: &mut Vec<f32>,
+        a: &Vec<f32>,
+        w: &Vec<f32>,
+        bias: Option<&Vec<f32>>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
         matmul(out, a, w, bias.map(|b| b.as_slice()), m, k, n)
     }
     fn matmul_bwd(
@@ -492,7 +560,16 @@ impl Backend for CpuBackend {
             n,
         )
     }
-    fn rmsnorm(&self, out: &mut Vec<f32>, rstd: &mut Vec<f32>, x: &Vec<f32>, w: &Vec<f32>, rows: usize, dim: usize, eps: f32) {
+    fn rmsnorm(
+        &self,
+        out: &mut Vec<f32>,
+        rstd: &mut Vec<f32>,
+        x: &Vec<f32>,
+        w: &Vec<f32>,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) {
         rmsnorm(out, rstd, x, w, rows, dim, eps)
     }
     fn rmsnorm_bwd(
@@ -508,10 +585,28 @@ impl Backend for CpuBackend {
     ) {
         rmsnorm_bwd(dx, dw, dout, x, w, rstd, rows, dim)
     }
-    fn rope(&self, x: &mut Vec<f32>, batch: usize, seq: usize, heads: usize, head_dim: usize, pos0: usize, theta: f32, inverse: bool) {
+    fn rope(
+        &self,
+        x: &mut Vec<f32>,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+        inverse: bool,
+    ) {
         rope(x, batch, seq, heads, head_dim, pos0, theta, inverse)
     }
-    fn attention(&self, out: &mut Vec<f32>, lse: &mut Vec<f32>, q: &Vec<f32>, k: &Vec<f32>, v: &Vec<f32>, s: AttnShape) {
+    fn attention(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: AttnShape,
+    ) {
         attention(out, lse, q, k, v, s)
     }
     fn attention_bwd(
@@ -529,16 +624,39 @@ impl Backend for CpuBackend {
     ) {
         attention_bwd(dq, dk, dv, dout, out, lse, q, k, v, s)
     }
-    fn kv_write(&self, cache: &mut Vec<f32>, new: &Vec<f32>, batch: usize, cap: usize, pos0: usize, tq: usize, row: usize) {
+    fn kv_write(
+        &self,
+        cache: &mut Vec<f32>,
+        new: &Vec<f32>,
+        batch: usize,
+        cap: usize,
+        pos0: usize,
+        tq: usize,
+        row: usize,
+    ) {
         kv_write(cache, new, batch, cap, pos0, tq, row)
     }
     fn swiglu(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
         swiglu(out, gate, up)
     }
-    fn swiglu_bwd(&self, dgate: &mut Vec<f32>, dup: &mut Vec<f32>, dout: &Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut Vec<f32>,
+        dup: &mut Vec<f32>,
+        dout: &Vec<f32>,
+        gate: &Vec<f32>,
+        up: &Vec<f32>,
+    ) {
         swiglu_bwd(dgate, dup, dout, gate, up)
     }
-    fn softmax_stats(&self, logits: &Vec<f32>, rows: usize, vocab: usize, targets: &[u32], temperature: f32) -> Result<Vec<RowStats>> {
+    fn softmax_stats(
+        &self,
+        logits: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<RowStats>> {
         Ok(softmax_stats(logits, rows, vocab, targets, temperature))
     }
     fn softmax_stats_bwd(

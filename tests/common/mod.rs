@@ -39,13 +39,19 @@ impl Reference {
             let t = match view.dtype() {
                 Dtype::I64 => RefTensor::I64(
                     shape,
-                    view.data().chunks_exact(8).map(|c| i64::from_le_bytes(c.try_into().unwrap())).collect(),
+                    view.data()
+                        .chunks_exact(8)
+                        .map(|c| i64::from_le_bytes(c.try_into().unwrap()))
+                        .collect(),
                 ),
                 dt => RefTensor::F32(shape, decode_f32(view.data(), dt).unwrap()),
             };
             tensors.insert(name, t);
         }
-        Reference { tensors, meta: meta.metadata().clone().unwrap_or_default() }
+        Reference {
+            tensors,
+            meta: meta.metadata().clone().unwrap_or_default(),
+        }
     }
 
     pub fn f32(&self, name: &str) -> &[f32] {
@@ -71,7 +77,10 @@ impl Reference {
 pub fn rel_err(got: &[f32], want: &[f32]) -> f32 {
     assert_eq!(got.len(), want.len(), "length mismatch");
     let scale = want.iter().fold(0.0f32, |m, x| m.max(x.abs())).max(1e-30);
-    let diff = got.iter().zip(want).fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
+    let diff = got
+        .iter()
+        .zip(want)
+        .fold(0.0f32, |m, (a, b)| m.max((a - b).abs()));
     if got.iter().any(|x| !x.is_finite()) {
         return f32::INFINITY;
     }
@@ -84,11 +93,19 @@ pub struct Tolerances {
     pub decode: f32,
 }
 
-pub const F32_TOL: Tolerances = Tolerances { logits: 1e-4, grads: 1e-4, decode: 1e-5 };
+pub const F32_TOL: Tolerances = Tolerances {
+    logits: 1e-4,
+    grads: 1e-4,
+    decode: 1e-5,
+};
 
 /// The loss the fixtures differentiate: −mean(logprob) + c·mean(entropy), both at temperature
 /// T. Returns (loss, per-row entropy coefficient a, per-row logprob coefficient b).
-pub fn fixture_loss_coefs(stats: &[empo_engine::backend::RowStats], targets: &[u32], coef: f32) -> (f32, Vec<f32>, Vec<f32>) {
+pub fn fixture_loss_coefs(
+    stats: &[empo_engine::backend::RowStats],
+    targets: &[u32],
+    coef: f32,
+) -> (f32, Vec<f32>, Vec<f32>) {
     let rows = stats.len();
     let n_tgt = targets.iter().filter(|&&t| t != NO_TARGET).count() as f32;
     let mut loss = 0.0f64;
@@ -105,7 +122,11 @@ pub fn fixture_loss_coefs(stats: &[empo_engine::backend::RowStats], targets: &[u
 }
 
 /// Every check of one fixture model on one backend. Returns rows of (check, max rel err, tol).
-pub fn check_model<B: Backend>(be: &B, model_name: &str, tol: &Tolerances) -> Vec<(String, f32, f32)> {
+pub fn check_model<B: Backend>(
+    be: &B,
+    model_name: &str,
+    tol: &Tolerances,
+) -> Vec<(String, f32, f32)> {
     let dir = fixtures().join(model_name);
     let r = Reference::load(model_name);
     let model = Qwen2::load_dir(be, &dir).unwrap();
@@ -120,44 +141,83 @@ pub fn check_model<B: Backend>(be: &B, model_name: &str, tol: &Tolerances) -> Ve
     let mut acts = model.alloc_activations(be, batch, seq, true).unwrap();
     model.forward_train(be, &ids, &mut acts).unwrap();
     let logits = be.download(&acts.logits).unwrap();
-    rows.push(("logits".into(), rel_err(&logits, r.f32("logits")), tol.logits));
+    rows.push((
+        "logits".into(),
+        rel_err(&logits, r.f32("logits")),
+        tol.logits,
+    ));
 
     // Log-probs and entropies at the temperature.
     let targets = next_token_targets(&ids, batch, seq);
-    let stats = be.softmax_stats(&acts.logits, batch * seq, v, &targets, temp).unwrap();
-    let lp: Vec<f32> = (0..batch * seq).filter(|&i| i % seq + 1 < seq).map(|i| stats[i].logprob).collect();
+    let stats = be
+        .softmax_stats(&acts.logits, batch * seq, v, &targets, temp)
+        .unwrap();
+    let lp: Vec<f32> = (0..batch * seq)
+        .filter(|&i| i % seq + 1 < seq)
+        .map(|i| stats[i].logprob)
+        .collect();
     let ent: Vec<f32> = stats.iter().map(|s| s.entropy).collect();
-    rows.push(("logprobs".into(), rel_err(&lp, r.f32("logprobs")), tol.logits));
-    rows.push(("entropy".into(), rel_err(&ent, r.f32("entropy")), tol.logits));
+    rows.push((
+        "logprobs".into(),
+        rel_err(&lp, r.f32("logprobs")),
+        tol.logits,
+    ));
+    rows.push((
+        "entropy".into(),
+        rel_err(&ent, r.f32("entropy")),
+        tol.logits,
+    ));
 
     // Loss and the gradient of every parameter.
     let (loss, a, b) = fixture_loss_coefs(&stats, &targets, coef);
     rows.push(("loss".into(), rel_err(&[loss], r.f32("loss")), tol.logits));
     let mut dlogits = be.alloc(batch * seq * v).unwrap();
-    be.softmax_stats_bwd(&mut dlogits, &acts.logits, batch * seq, v, &targets, temp, &a, &b);
+    be.softmax_stats_bwd(
+        &mut dlogits,
+        &acts.logits,
+        batch * seq,
+        v,
+        &targets,
+        temp,
+        &a,
+        &b,
+    );
     let mut grads = model.zeros_like_params(be).unwrap();
     model.backward(be, &mut acts, &dlogits, &mut grads).unwrap();
     for ((name, _), g) in tensor_specs(&model.cfg).iter().zip(grads.list()) {
         let got = be.download(g).unwrap();
-        rows.push((format!("grad {name}"), rel_err(&got, r.f32(&format!("grad.{name}"))), tol.grads));
+        rows.push((
+            format!("grad {name}"),
+            rel_err(&got, r.f32(&format!("grad.{name}"))),
+            tol.grads,
+        ));
     }
 
     // KV-cache decode equals the full forward: prefill 5 tokens, then one at a time.
     let prefill = 5;
     let mut cache = model.alloc_cache(be, batch, seq).unwrap();
     let mut pre = model.alloc_activations(be, batch, prefill, false).unwrap();
-    let pre_ids: Vec<u32> = (0..batch).flat_map(|bi| ids[bi * seq..bi * seq + prefill].to_vec()).collect();
-    model.forward_cached(be, &pre_ids, &mut pre, &mut cache).unwrap();
+    let pre_ids: Vec<u32> = (0..batch)
+        .flat_map(|bi| ids[bi * seq..bi * seq + prefill].to_vec())
+        .collect();
+    model
+        .forward_cached(be, &pre_ids, &mut pre, &mut cache)
+        .unwrap();
     let mut worst = 0.0f32;
     let full_row = |bi: usize, t: usize| &logits[(bi * seq + t) * v..(bi * seq + t + 1) * v];
     let got = be.download(&pre.logits).unwrap();
     for bi in 0..batch {
-        worst = worst.max(rel_err(&got[bi * v..(bi + 1) * v], full_row(bi, prefill - 1)));
+        worst = worst.max(rel_err(
+            &got[bi * v..(bi + 1) * v],
+            full_row(bi, prefill - 1),
+        ));
     }
     let mut step = model.alloc_activations(be, batch, 1, false).unwrap();
     for t in prefill..seq {
         let step_ids: Vec<u32> = (0..batch).map(|bi| ids[bi * seq + t]).collect();
-        model.forward_cached(be, &step_ids, &mut step, &mut cache).unwrap();
+        model
+            .forward_cached(be, &step_ids, &mut step, &mut cache)
+            .unwrap();
         let got = be.download(&step.logits).unwrap();
         for bi in 0..batch {
             worst = worst.max(rel_err(&got[bi * v..(bi + 1) * v], full_row(bi, t)));
@@ -171,9 +231,14 @@ pub fn assert_rows(model: &str, rows: &[(String, f32, f32)]) {
     let mut bad = Vec::new();
     for (name, err, tol) in rows {
         println!("{model:>14} {name:<58} rel err {err:.2e} (tol {tol:.0e})");
-        if !(err <= tol) {
+        if err.is_nan() || err > tol {
             bad.push(format!("{name}: {err:e} > {tol:e}"));
         }
     }
-    assert!(bad.is_empty(), "{model}: {} checks failed:\n{}", bad.len(), bad.join("\n"));
+    assert!(
+        bad.is_empty(),
+        "{model}: {} checks failed:\n{}",
+        bad.len(),
+        bad.join("\n")
+    );
 }
