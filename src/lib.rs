@@ -2,14 +2,20 @@
 //! with one model code path over a CPU reference backend and a CUDA backend.
 
 pub mod backend;
+pub mod checkpoint;
 pub mod config;
+pub mod data;
 pub mod device;
 pub mod generate;
+pub mod grader;
 pub mod hub;
 pub mod io;
 pub mod model;
+pub mod optim;
+pub mod rl;
 pub mod sampling;
 pub mod tokenizer;
+pub mod train;
 pub mod weights;
 
 pub const VERSION: &str = env!("CARGO_PKG_VERSION");

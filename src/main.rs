@@ -5,8 +5,11 @@ use empo_engine::backend::Backend;
 use empo_engine::device::{self, Device, DeviceArg};
 use empo_engine::generate::{generate, score, GenerateOptions};
 use empo_engine::model::Qwen2;
+use empo_engine::optim::{OptimConfig, OptimizerKind};
+use empo_engine::rl::{LossAgg, PolicyLoss};
 use empo_engine::sampling::SamplingParams;
 use empo_engine::tokenizer::{ChatMessage, Tokenizer};
+use empo_engine::train::{self, Algo, PromptTemplate, Source, TrainConfig, Trainer};
 use empo_engine::{hub, io};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -28,8 +31,101 @@ enum Cmd {
     Score(ScoreArgs),
     /// Generate completions for a prompt with the KV cache.
     Generate(GenerateArgs),
+    /// Train without labels: EMPO (default), one-shot EM, or the GRPO/TTRL baselines.
+    Train(Box<TrainArgs>),
     /// Print the version, the compiled kernels and the devices found.
     Info,
+}
+
+#[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+enum Preset {
+    /// EMPO paper (arXiv 2504.05812, TRL recipe): G 7, lr 3e-7, max 2048 new tokens.
+    EmpoPaper,
+    /// EMPO repository's verl recipe (README): G 16, temperature 1.0, lr 5e-7, max 3072 new tokens, GSPO.
+    EmpoVerl,
+    /// One-shot EM paper: temperature 0.5, lr 2e-5, 10 steps, batch 64, max 512 new tokens.
+    OneShotEm,
+}
+
+#[derive(Args)]
+struct TrainArgs {
+    #[arg(long)]
+    weights: Option<String>,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// Prompt file (JSONL or Parquet); gold answers in it are only logged, never trained on.
+    #[arg(long)]
+    data: Option<PathBuf>,
+    /// Replay pre-generated completions instead of sampling (JSONL).
+    #[arg(long)]
+    rollouts: Option<PathBuf>,
+    #[arg(long, value_enum)]
+    algo: Option<Algo>,
+    #[arg(long, value_enum)]
+    preset: Option<Preset>,
+    /// Questions (or rollout records) per step; default: all of a rollout file, 8 prompts otherwise.
+    #[arg(long)]
+    prompts_per_step: Option<usize>,
+    #[arg(long, value_enum)]
+    prompt_template: Option<PromptTemplate>,
+    /// Appended to the question with --prompt-template chat-suffix.
+    #[arg(long)]
+    suffix: Option<String>,
+    /// Completions per question (G); for --algo em, completions per step.
+    #[arg(long, alias = "n")]
+    group_size: Option<usize>,
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[arg(long)]
+    top_p: Option<f32>,
+    #[arg(long)]
+    top_k: Option<usize>,
+    #[arg(long)]
+    max_new_tokens: Option<usize>,
+    /// Drop questions whose semantic entropy is below this.
+    #[arg(long)]
+    entropy_min: Option<f32>,
+    /// Drop questions whose semantic entropy is above this (default 0.75·ln G).
+    #[arg(long)]
+    entropy_max: Option<f32>,
+    #[arg(long)]
+    max_refill_rounds: Option<usize>,
+    #[arg(long, value_enum)]
+    policy_loss: Option<PolicyLoss>,
+    #[arg(long, value_enum)]
+    loss_agg: Option<LossAgg>,
+    #[arg(long)]
+    clip_low: Option<f32>,
+    #[arg(long)]
+    clip_high: Option<f32>,
+    #[arg(long)]
+    dual_clip: Option<f32>,
+    #[arg(long)]
+    mini_batches: Option<usize>,
+    #[arg(long)]
+    ppo_epochs: Option<usize>,
+    #[arg(long, value_enum)]
+    optimizer: Option<OptimizerKind>,
+    #[arg(long)]
+    lr: Option<f32>,
+    #[arg(long)]
+    weight_decay: Option<f32>,
+    /// Global gradient-norm clip; 0 disables it.
+    #[arg(long)]
+    grad_clip: Option<f32>,
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Save OUT/step-N every this many steps (0: only OUT/final).
+    #[arg(long)]
+    save_every: Option<usize>,
+    /// Run directory (default runs/<UTC timestamp>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+    /// Continue the run in this directory from its newest checkpoint.
+    #[arg(long)]
+    resume: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -202,6 +298,149 @@ fn run_generate<B: Backend>(be: &B, dir: &Path, a: &GenerateArgs) -> Result<()> 
     Ok(())
 }
 
+/// UTC time as YYYYmmdd-HHMMSS, for default run directories.
+fn utc_stamp() -> String {
+    let secs = std::time::SystemTime::now()
+        .duration_since(std::time::UNIX_EPOCH)
+        .map_or(0, |d| d.as_secs());
+    let (days, rem) = (secs / 86400, secs % 86400);
+    // Civil-from-days (proleptic Gregorian), after H. Hinnant's date algorithms.
+    let z = days as i64 + 719_468;
+    let era = z.div_euclid(146_097);
+    let doe = z - era * 146_097;
+    let yoe = (doe - doe / 1460 + doe / 36524 - doe / 146_096) / 365;
+    let doy = doe - (365 * yoe + yoe / 4 - yoe / 100);
+    let mp = (5 * doy + 2) / 153;
+    let d = doy - (153 * mp + 2) / 5 + 1;
+    let m = if mp < 10 { mp + 3 } else { mp - 9 };
+    let y = yoe + era * 400 + (m <= 2) as i64;
+    format!(
+        "{y:04}{m:02}{d:02}-{:02}{:02}{:02}",
+        rem / 3600,
+        rem % 3600 / 60,
+        rem % 60
+    )
+}
+
+/// Explicit flags win over the preset, which wins over the algorithm's defaults.
+fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> {
+    let algo = a.algo.unwrap_or(match a.preset {
+        Some(Preset::OneShotEm) => Algo::Em,
+        _ => Algo::Empo,
+    });
+    let em = algo == Algo::Em;
+    let (mut g, mut temp, mut lr, mut max_new, mut steps) = if em {
+        (64, 0.5, 2e-5, 512, 10)
+    } else {
+        (8, 1.0, 1e-6, 1024, 100)
+    };
+    let mut policy = PolicyLoss::Grpo;
+    match a.preset {
+        Some(Preset::EmpoPaper) => (g, lr, max_new) = (7, 3e-7, 2048),
+        Some(Preset::EmpoVerl) => {
+            (g, temp, lr, max_new, policy) = (16, 1.0, 5e-7, 3072, PolicyLoss::Gspo)
+        }
+        Some(Preset::OneShotEm) => (g, temp, lr, steps, max_new) = (64, 0.5, 2e-5, 10, 512),
+        None => {}
+    }
+    let policy_loss = a.policy_loss.unwrap_or(policy);
+    // GSPO's sequence ratios live much closer to 1, so its trust region is far narrower.
+    let (clip_lo, clip_hi, agg) = match policy_loss {
+        PolicyLoss::Grpo => (0.2, 0.2, LossAgg::TokenMean),
+        PolicyLoss::Gspo => (3e-4, 4e-4, LossAgg::SeqMeanTokenMean),
+    };
+    let group_size = a.group_size.unwrap_or(g);
+    if group_size == 0 {
+        bail!("--group-size must be at least 1");
+    }
+    if a.data.is_none() && a.rollouts.is_none() {
+        bail!(
+            "give --data PROMPTS.jsonl|.parquet to sample from, or --rollouts FILE.jsonl to replay"
+        );
+    }
+    let lr = a.lr.unwrap_or(lr);
+    if !(lr.is_finite() && lr >= 0.0) {
+        bail!("--lr must be a non-negative number, got {lr}");
+    }
+    Ok(TrainConfig {
+        engine_version: empo_engine::VERSION.to_string(),
+        algo,
+        weights,
+        data: a.data.clone(),
+        rollouts: a.rollouts.clone(),
+        prompts_per_step: a.prompts_per_step.or(if a.rollouts.is_some() || em {
+            None
+        } else {
+            Some(8)
+        }),
+        prompt_template: a.prompt_template.unwrap_or(PromptTemplate::ChatSuffix),
+        suffix: a
+            .suffix
+            .clone()
+            .unwrap_or_else(|| train::DEFAULT_SUFFIX.to_string()),
+        group_size,
+        temperature: a.temperature.unwrap_or(temp),
+        top_p: a.top_p.unwrap_or(1.0),
+        top_k: a.top_k.unwrap_or(0),
+        max_new_tokens: a.max_new_tokens.unwrap_or(max_new),
+        entropy_min: a.entropy_min.unwrap_or(0.0),
+        entropy_max: a
+            .entropy_max
+            .unwrap_or(0.75 * (group_size.max(2) as f32).ln()),
+        max_refill_rounds: a.max_refill_rounds.unwrap_or(2),
+        policy_loss,
+        loss_agg: a.loss_agg.unwrap_or(agg),
+        clip_low: a.clip_low.unwrap_or(clip_lo),
+        clip_high: a.clip_high.unwrap_or(clip_hi),
+        dual_clip: a.dual_clip,
+        mini_batches: a.mini_batches.unwrap_or(1),
+        ppo_epochs: a.ppo_epochs.unwrap_or(1),
+        optim: OptimConfig {
+            kind: a.optimizer.unwrap_or(OptimizerKind::Adamw),
+            lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: a.weight_decay.unwrap_or(0.01),
+            grad_clip: a.grad_clip.unwrap_or(1.0),
+        },
+        steps: a.steps.unwrap_or(steps),
+        seed: a.seed.unwrap_or(0),
+        save_every: a.save_every.unwrap_or(0),
+        out: a
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(utc_stamp())),
+    })
+}
+
+fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<()> {
+    let model = Qwen2::load_dir(be, &cfg.weights)?;
+    let tok = Tokenizer::from_dir(&cfg.weights)?;
+    let source = match (&cfg.rollouts, &cfg.data) {
+        (Some(r), _) => Source::Rollouts(train::load_rollouts(r)?),
+        (None, Some(d)) => Source::Prompts(empo_engine::data::load_examples(d)?),
+        (None, None) => bail!("no --data or --rollouts"),
+    };
+    let opt = empo_engine::optim::Optimizer::new(be, &model, cfg.optim)?;
+    let mut t = Trainer {
+        be,
+        cfg,
+        model,
+        tok,
+        opt,
+        source,
+        state: Default::default(),
+    };
+    if let Some(ck) = resume_from {
+        t.restore(&ck)?;
+        eprintln!("resuming from {} at step {}", ck.display(), t.state.step);
+    }
+    let final_dir = t.run()?;
+    eprintln!("wrote {}", final_dir.display());
+    Ok(())
+}
+
 fn info() {
     println!("empo-engine {}", empo_engine::VERSION);
     if device::kernels_compiled() {
@@ -232,6 +471,28 @@ fn run(cli: Cli) -> Result<()> {
             let l = open(&a.model)?;
             match l.device {
                 Device::Cpu => run_generate(&CpuBackend, &l.dir, &a),
+            }
+        }
+        Cmd::Train(a) => {
+            let (cfg, resume_from) = match &a.resume {
+                Some(run_dir) => {
+                    let path = run_dir.join("config.json");
+                    let text = std::fs::read_to_string(&path)
+                        .with_context(|| format!("--resume: cannot read {}", path.display()))?;
+                    let mut cfg: TrainConfig = serde_json::from_str(&text)
+                        .with_context(|| format!("{}: not a run config", path.display()))?;
+                    if let Some(s) = a.steps {
+                        cfg.steps = s;
+                    }
+                    (cfg, Some(train::latest_checkpoint(run_dir)?))
+                }
+                None => {
+                    let spec = a.weights.as_deref().context("--weights is required")?;
+                    (resolve_train_config(&a, hub::resolve_weights(spec)?)?, None)
+                }
+            };
+            match device::select(a.device)? {
+                Device::Cpu => run_train(&CpuBackend, cfg, resume_from),
             }
         }
         Cmd::Info => {

@@ -2,7 +2,7 @@
 //! It is the oracle every CUDA kernel is checked against, so clarity beats cleverness here.
 //! Each op is a free function over slices, so checks can call it without a backend object.
 
-use super::{AttnShape, Backend, RowStats, NO_TARGET};
+use super::{AdamWStep, AttnShape, Backend, RowStats, NO_TARGET};
 use anyhow::Result;
 use rayon::prelude::*;
 
@@ -481,6 +481,24 @@ pub fn softmax_stats_bwd(
         });
 }
 
+pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
+    let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+    let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+    let step_size = (h.lr as f64 / bc1) as f32;
+    let bc2_sqrt = bc2.sqrt() as f32;
+    let decay = 1.0 - h.lr * h.weight_decay;
+    p.par_iter_mut()
+        .zip(g.par_iter())
+        .zip(m.par_iter_mut().zip(v.par_iter_mut()))
+        .for_each(|((p, &g), (m, v))| {
+            let g = g * h.grad_scale;
+            *p *= decay;
+            *m = h.beta1 * *m + (1.0 - h.beta1) * g;
+            *v = h.beta2 * *v + (1.0 - h.beta2) * g * g;
+            *p -= step_size * *m / (v.sqrt() / bc2_sqrt + h.eps);
+        });
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
 
@@ -517,6 +535,19 @@ impl Backend for CpuBackend {
         y.par_iter_mut()
             .zip(x.par_iter())
             .for_each(|(a, b)| *a += alpha * b);
+    }
+    fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
+        Ok(x.par_iter().map(|&v| v as f64 * v as f64).sum())
+    }
+    fn adamw(
+        &self,
+        p: &mut Vec<f32>,
+        g: &Vec<f32>,
+        m: &mut Vec<f32>,
+        v: &mut Vec<f32>,
+        h: &AdamWStep,
+    ) {
+        adamw(p, g, m, v, h)
     }
     fn embedding(&self, out: &mut Vec<f32>, table: &Vec<f32>, ids: &[u32], dim: usize) {
         embedding(out, table, ids, dim)

@@ -38,6 +38,20 @@ pub struct RowStats {
     pub logprob: f32,
 }
 
+/// One AdamW update's scalars (PyTorch's AdamW: decoupled decay, bias correction).
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct AdamWStep {
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// 1-based step number, for bias correction.
+    pub step: u64,
+    /// Multiplies the gradient first: global-norm clipping folded into the update pass.
+    pub grad_scale: f32,
+}
+
 /// Marks a row that has no target token in `softmax_stats`.
 pub const NO_TARGET: u32 = u32::MAX;
 
@@ -57,6 +71,17 @@ pub trait Backend {
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// y += alpha * x (used by SGD and the finite-difference checks)
     fn axpy(&self, y: &mut Self::Buf, alpha: f32, x: &Self::Buf);
+    /// Σ x², accumulated in f64 (gradient norms).
+    fn sum_squares(&self, x: &Self::Buf) -> Result<f64>;
+    /// AdamW on one tensor: p, m, v updated in place from gradient g.
+    fn adamw(
+        &self,
+        p: &mut Self::Buf,
+        g: &Self::Buf,
+        m: &mut Self::Buf,
+        v: &mut Self::Buf,
+        h: &AdamWStep,
+    );
 
     /// out[t] = table[ids[t]] for rows of `dim` values. Also gathers rows of any matrix.
     fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize);

@@ -1,0 +1,121 @@
+//! Optimizers over the model's parameters: AdamW (PyTorch semantics) and plain SGD, with global
+//! gradient-norm clipping folded into the update.
+
+use crate::backend::{AdamWStep, Backend};
+use crate::model::{Params, Qwen2};
+use anyhow::{bail, Result};
+
+#[derive(
+    Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, serde::Serialize, serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum OptimizerKind {
+    Adamw,
+    Sgd,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, serde::Serialize, serde::Deserialize)]
+pub struct OptimConfig {
+    pub kind: OptimizerKind,
+    pub lr: f32,
+    pub beta1: f32,
+    pub beta2: f32,
+    pub eps: f32,
+    pub weight_decay: f32,
+    /// Global L2 norm the gradient is clipped to; 0 disables clipping.
+    pub grad_clip: f32,
+}
+
+pub struct Optimizer<B: Backend> {
+    pub cfg: OptimConfig,
+    /// Updates taken so far.
+    pub step: u64,
+    /// AdamW's first and second moments (None for SGD).
+    pub moments: Option<(Params<B::Buf>, Params<B::Buf>)>,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct StepInfo {
+    /// Global gradient norm before clipping.
+    pub grad_norm: f64,
+    pub lr: f32,
+}
+
+impl<B: Backend> Optimizer<B> {
+    pub fn new(be: &B, model: &Qwen2<B>, cfg: OptimConfig) -> Result<Self> {
+        let moments = match cfg.kind {
+            OptimizerKind::Adamw => {
+                Some((model.zeros_like_params(be)?, model.zeros_like_params(be)?))
+            }
+            OptimizerKind::Sgd => None,
+        };
+        Ok(Optimizer {
+            cfg,
+            step: 0,
+            moments,
+        })
+    }
+
+    pub fn grad_norm(be: &B, grads: &Params<B::Buf>) -> Result<f64> {
+        let mut sum = 0.0;
+        for g in grads.list() {
+            sum += be.sum_squares(g)?;
+        }
+        Ok(sum.sqrt())
+    }
+
+    /// One update of `params` from `grads`. A non-finite gradient stops training with an
+    /// error rather than writing NaN into the weights.
+    pub fn step(
+        &mut self,
+        be: &B,
+        params: &mut Params<B::Buf>,
+        grads: &Params<B::Buf>,
+    ) -> Result<StepInfo> {
+        let norm = Self::grad_norm(be, grads)?;
+        if !norm.is_finite() {
+            bail!(
+                "the gradient is not finite (norm {norm}) at optimizer step {}: NaN or inf in training; lower the learning rate or check the data",
+                self.step + 1
+            );
+        }
+        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip as f64 {
+            (self.cfg.grad_clip as f64 / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        self.step += 1;
+        let c = self.cfg;
+        match &mut self.moments {
+            None => {
+                for (p, g) in params.list_mut().into_iter().zip(grads.list()) {
+                    be.axpy(p, -c.lr * scale, g);
+                }
+            }
+            Some((m, v)) => {
+                let h = AdamWStep {
+                    lr: c.lr,
+                    beta1: c.beta1,
+                    beta2: c.beta2,
+                    eps: c.eps,
+                    weight_decay: c.weight_decay,
+                    step: self.step,
+                    grad_scale: scale,
+                };
+                for (((p, g), m), v) in params
+                    .list_mut()
+                    .into_iter()
+                    .zip(grads.list())
+                    .zip(m.list_mut())
+                    .zip(v.list_mut())
+                {
+                    be.adamw(p, g, m, v, &h);
+                }
+            }
+        }
+        Ok(StepInfo {
+            grad_norm: norm,
+            lr: c.lr,
+        })
+    }
+}

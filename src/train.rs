@@ -1,0 +1,852 @@
+//! The training drivers: EMPO (default), one-shot EM, and the GRPO/TTRL baselines. They share
+//! rollout collection, scoring of groups, the per-sequence forward/backward and checkpoints, and
+//! never know which backend runs them.
+
+use crate::backend::{Backend, NO_TARGET};
+use crate::checkpoint;
+use crate::data::{Example, Prompt};
+use crate::grader::{self, GoldAnswer};
+use crate::model::{Params, Qwen2};
+use crate::optim::{OptimConfig, Optimizer};
+use crate::rl::{self, ClipConfig, LossAgg, PolicyLoss, SeqSpan};
+use crate::sampling::SamplingParams;
+use crate::tokenizer::{ChatMessage, Tokenizer};
+use anyhow::{bail, Context, Result};
+use serde::{Deserialize, Serialize};
+use std::io::{BufRead, Write};
+use std::path::{Path, PathBuf};
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "lowercase")]
+pub enum Algo {
+    /// Semantic-entropy minimization with cluster-share rewards (no labels).
+    Empo,
+    /// One-shot entropy minimization of the model's own samples (no labels).
+    Em,
+    /// Rule reward from gold answers (+1 correct, −0.5 wrong, −1 no answer): a supervised baseline.
+    Grpo,
+    /// Majority-vote reward (test-time RL): 1 for the majority cluster, 0 otherwise.
+    Ttrl,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
+#[serde(rename_all = "kebab-case")]
+pub enum PromptTemplate {
+    /// The model's chat template, the question as the user turn plus the suffix.
+    ChatSuffix,
+    /// The chat template with the system prompt asking for a boxed answer.
+    System,
+    /// The text as it is.
+    Raw,
+}
+
+pub const DEFAULT_SUFFIX: &str =
+    " Let's think step by step and output the final answer within \\boxed{}.";
+pub const SYSTEM_PROMPT: &str =
+    "Please reason step by step, and put your final answer within \\boxed{}.";
+
+/// Every resolved setting of a run; written to OUT/config.json and read back by --resume.
+#[derive(Debug, Clone, Serialize, Deserialize)]
+pub struct TrainConfig {
+    pub engine_version: String,
+    pub algo: Algo,
+    pub weights: PathBuf,
+    pub data: Option<PathBuf>,
+    pub rollouts: Option<PathBuf>,
+    pub prompts_per_step: Option<usize>,
+    pub prompt_template: PromptTemplate,
+    pub suffix: String,
+    pub group_size: usize,
+    pub temperature: f32,
+    pub top_p: f32,
+    pub top_k: usize,
+    pub max_new_tokens: usize,
+    pub entropy_min: f32,
+    pub entropy_max: f32,
+    /// Extra sampling rounds to refill questions dropped by the entropy band.
+    pub max_refill_rounds: usize,
+    pub policy_loss: PolicyLoss,
+    pub loss_agg: LossAgg,
+    pub clip_low: f32,
+    pub clip_high: f32,
+    pub dual_clip: Option<f32>,
+    pub mini_batches: usize,
+    pub ppo_epochs: usize,
+    pub optim: OptimConfig,
+    pub steps: usize,
+    pub seed: u64,
+    pub save_every: usize,
+    pub out: PathBuf,
+}
+
+/// A question with its sampled (or replayed) completions.
+#[derive(Debug, Clone)]
+pub struct Group {
+    pub prompt_ids: Vec<u32>,
+    pub completions: Vec<Vec<u32>>,
+    /// Completion texts (decoded, or as given by a text rollout file).
+    pub texts: Vec<String>,
+    pub gold: Option<GoldAnswer>,
+}
+
+/// One sequence to train on: prompt ++ completion, and its weight in the loss.
+struct TrainSeq {
+    ids: Vec<u32>,
+    prompt_len: usize,
+    advantage: f32,
+}
+
+#[derive(Debug, Clone, Default, Serialize, Deserialize)]
+pub struct TrainerState {
+    /// Train steps finished.
+    pub step: usize,
+    /// Next record of the data or rollout file.
+    pub data_pos: usize,
+    pub optimizer_step: u64,
+}
+
+/// Where prompts or rollouts come from.
+pub enum Source {
+    Prompts(Vec<Example>),
+    Rollouts(Vec<RolloutRecord>),
+}
+
+#[derive(Debug, Clone)]
+pub enum RolloutRecord {
+    Ids {
+        prompt_ids: Vec<u32>,
+        completion_ids: Vec<Vec<u32>>,
+        gold: Option<GoldAnswer>,
+    },
+    Text {
+        prompt: String,
+        completions: Vec<String>,
+        gold: Option<GoldAnswer>,
+    },
+}
+
+fn gold_from_json(v: &serde_json::Value) -> Option<GoldAnswer> {
+    let g = v.get("gold").or_else(|| v.get("answer"))?;
+    match g {
+        serde_json::Value::String(s) => Some(GoldAnswer::Text(s.clone())),
+        serde_json::Value::Number(n) => n.as_f64().map(GoldAnswer::Number),
+        serde_json::Value::Array(a) => Some(GoldAnswer::List(
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+        )),
+        _ => None,
+    }
+}
+
+fn id_list(v: &serde_json::Value) -> Option<Vec<u32>> {
+    v.as_array()?
+        .iter()
+        .map(|x| x.as_u64().and_then(|x| u32::try_from(x).ok()))
+        .collect()
+}
+
+/// Reads a rollout file: one JSON object per line, either
+/// `{"prompt_ids": [...], "completion_ids": [[...], ...]}` or `{"prompt": "...", "completions": [...]}`.
+pub fn load_rollouts(path: &Path) -> Result<Vec<RolloutRecord>> {
+    let f = std::fs::File::open(path)
+        .with_context(|| format!("cannot open rollout file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
+        let line =
+            line.with_context(|| format!("{}:{}: cannot read line", path.display(), i + 1))?;
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let gold = gold_from_json(&v);
+        let rec = if let Some(p) = v.get("prompt_ids") {
+            let prompt_ids = id_list(p)
+                .with_context(|| format!("{}: `prompt_ids` must be a list of token ids", at()))?;
+            let comps = v
+                .get("completion_ids")
+                .and_then(|c| c.as_array())
+                .with_context(|| {
+                    format!(
+                        "{}: `completion_ids` must be a list of token-id lists",
+                        at()
+                    )
+                })?;
+            let completion_ids = comps
+                .iter()
+                .map(id_list)
+                .collect::<Option<Vec<_>>>()
+                .with_context(|| {
+                    format!(
+                        "{}: `completion_ids` must be a list of token-id lists",
+                        at()
+                    )
+                })?;
+            RolloutRecord::Ids {
+                prompt_ids,
+                completion_ids,
+                gold,
+            }
+        } else if let Some(p) = v.get("prompt").and_then(|p| p.as_str()) {
+            let completions = v
+                .get("completions")
+                .and_then(|c| c.as_array())
+                .and_then(|c| {
+                    c.iter()
+                        .map(|x| x.as_str().map(str::to_string))
+                        .collect::<Option<Vec<_>>>()
+                })
+                .with_context(|| format!("{}: `completions` must be a list of strings", at()))?;
+            RolloutRecord::Text {
+                prompt: p.to_string(),
+                completions,
+                gold,
+            }
+        } else {
+            bail!(
+                "{}: expected `prompt_ids`+`completion_ids` or `prompt`+`completions`",
+                at()
+            );
+        };
+        out.push(rec);
+    }
+    if out.is_empty() {
+        bail!("{}: no rollout records", path.display());
+    }
+    Ok(out)
+}
+
+/// Renders a question with the chosen template.
+pub fn render_prompt(
+    tok: &Tokenizer,
+    prompt: &Prompt,
+    tpl: PromptTemplate,
+    suffix: &str,
+) -> Result<String> {
+    let user_text = |text: &str| ChatMessage {
+        role: "user".into(),
+        content: format!("{text}{suffix}"),
+    };
+    Ok(match (prompt, tpl) {
+        (Prompt::Text(t), PromptTemplate::Raw) => t.clone(),
+        (Prompt::Chat(msgs), PromptTemplate::Raw) => msgs
+            .iter()
+            .map(|m| m.content.as_str())
+            .collect::<Vec<_>>()
+            .join("\n"),
+        (Prompt::Text(t), PromptTemplate::ChatSuffix) => {
+            tok.apply_chat_template(&[user_text(t)], true)?
+        }
+        // verl-style message lists already carry their instruction.
+        (Prompt::Chat(msgs), PromptTemplate::ChatSuffix) => tok.apply_chat_template(msgs, true)?,
+        (p, PromptTemplate::System) => {
+            let mut msgs = vec![ChatMessage {
+                role: "system".into(),
+                content: SYSTEM_PROMPT.into(),
+            }];
+            match p {
+                Prompt::Text(t) => msgs.push(ChatMessage {
+                    role: "user".into(),
+                    content: t.clone(),
+                }),
+                Prompt::Chat(m) => msgs.extend(m.iter().filter(|x| x.role != "system").cloned()),
+            }
+            tok.apply_chat_template(&msgs, true)?
+        }
+    })
+}
+
+/// Per-completion rewards and the group's statistics for the label-free and baseline algos.
+pub fn score_group(algo: Algo, g: &Group) -> (Vec<f32>, rl::GroupStats, Vec<Option<bool>>) {
+    let answers: Vec<Option<String>> = g.texts.iter().map(|t| grader::extract_boxed(t)).collect();
+    let (ids, sizes) = rl::cluster_answers(&answers, grader::is_equiv);
+    let stats = rl::group_stats(&ids, &sizes);
+    let correct: Vec<Option<bool>> = answers
+        .iter()
+        .map(|a| {
+            g.gold
+                .as_ref()
+                .map(|gold| a.as_ref().is_some_and(|a| grader::grade(a, gold)))
+        })
+        .collect();
+    let rewards = match algo {
+        Algo::Empo | Algo::Em => stats.rewards.clone(),
+        Algo::Ttrl => {
+            let maj = stats.majority_member.and_then(|m| ids[m]);
+            ids.iter()
+                .map(|c| if c.is_some() && *c == maj { 1.0 } else { 0.0 })
+                .collect()
+        }
+        Algo::Grpo => answers
+            .iter()
+            .zip(&correct)
+            .map(|(a, c)| match (a, c) {
+                (None, _) => -1.0,
+                (Some(_), Some(true)) => 1.0,
+                _ => -0.5,
+            })
+            .collect(),
+    };
+    (rewards, stats, correct)
+}
+
+/// Per-step numbers written to metrics.jsonl.
+#[derive(Debug, Clone, Default, Serialize)]
+pub struct StepMetrics {
+    pub step: usize,
+    pub loss: f64,
+    pub semantic_entropy: f64,
+    pub majority_share: f64,
+    pub kept_fraction: f64,
+    pub clip_fraction: f64,
+    pub approx_kl: f64,
+    pub grad_norm: f64,
+    pub lr: f32,
+    pub tokens_per_s: f64,
+    pub num_tokens: usize,
+    pub mean_reward: f64,
+    /// Fraction of completions whose answer matches the gold one (logged, never trained on).
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub label_accuracy: Option<f64>,
+    pub seconds: f64,
+}
+
+/// Forward + backward of one sequence; `coef` maps (entropies, logprobs) of the completion
+/// rows to (d/dentropy, d/dlogprob) per row. Returns the completion rows' log-probs.
+fn seq_backward<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    grads: &mut Params<B::Buf>,
+    s: &TrainSeq,
+    temperature: f32,
+    coef: impl FnOnce(&[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
+) -> Result<()> {
+    let seq = s.ids.len();
+    let v = model.cfg.vocab_size;
+    let mut acts = model.alloc_activations(be, 1, seq, true)?;
+    model.forward_train(be, &s.ids, &mut acts)?;
+    let targets: Vec<u32> = (0..seq)
+        .map(|r| {
+            if r + 1 >= s.prompt_len && r + 1 < seq {
+                s.ids[r + 1]
+            } else {
+                NO_TARGET
+            }
+        })
+        .collect();
+    let stats = be.softmax_stats(&acts.logits, seq, v, &targets, temperature)?;
+    let rows = s.prompt_len - 1..seq - 1;
+    let ent: Vec<f32> = stats[rows.clone()].iter().map(|x| x.entropy).collect();
+    let lp: Vec<f32> = stats[rows.clone()].iter().map(|x| x.logprob).collect();
+    let (da, db) = coef(&ent, &lp);
+    let mut a = vec![0.0f32; seq];
+    let mut b = vec![0.0f32; seq];
+    a[rows.clone()].copy_from_slice(&da);
+    b[rows].copy_from_slice(&db);
+    let mut dlogits = be.alloc(seq * v)?;
+    be.softmax_stats_bwd(
+        &mut dlogits,
+        &acts.logits,
+        seq,
+        v,
+        &targets,
+        temperature,
+        &a,
+        &b,
+    );
+    model.backward(be, &mut acts, &dlogits, grads)
+}
+
+/// Log-probs of the completion tokens under the current weights (the "old" policy).
+fn seq_logprobs<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    s: &TrainSeq,
+    temperature: f32,
+) -> Result<Vec<f32>> {
+    let seq = s.ids.len();
+    let mut acts = model.alloc_activations(be, 1, seq, true)?;
+    model.forward_train(be, &s.ids, &mut acts)?;
+    let targets: Vec<u32> = (0..seq)
+        .map(|r| {
+            if r + 1 >= s.prompt_len && r + 1 < seq {
+                s.ids[r + 1]
+            } else {
+                NO_TARGET
+            }
+        })
+        .collect();
+    let stats = be.softmax_stats(
+        &acts.logits,
+        seq,
+        model.cfg.vocab_size,
+        &targets,
+        temperature,
+    )?;
+    Ok(stats[s.prompt_len - 1..seq - 1]
+        .iter()
+        .map(|x| x.logprob)
+        .collect())
+}
+
+pub struct Trainer<'a, B: Backend> {
+    pub be: &'a B,
+    pub cfg: TrainConfig,
+    pub model: Qwen2<B>,
+    pub tok: Tokenizer,
+    pub opt: Optimizer<B>,
+    pub source: Source,
+    pub state: TrainerState,
+}
+
+impl<'a, B: Backend> Trainer<'a, B> {
+    pub fn sampling(&self) -> SamplingParams {
+        SamplingParams {
+            temperature: self.cfg.temperature,
+            top_k: self.cfg.top_k,
+            top_p: self.cfg.top_p,
+        }
+    }
+
+    fn source_len(&self) -> usize {
+        match &self.source {
+            Source::Prompts(p) => p.len(),
+            Source::Rollouts(r) => r.len(),
+        }
+    }
+
+    /// The group for record `pos` (wrapping around the file), sampled or replayed.
+    fn make_group(&self, pos: usize, step: usize) -> Result<Group> {
+        let n = self.source_len();
+        let idx = pos % n;
+        match &self.source {
+            Source::Rollouts(recs) => match &recs[idx] {
+                RolloutRecord::Ids {
+                    prompt_ids,
+                    completion_ids,
+                    gold,
+                } => {
+                    let texts = completion_ids
+                        .iter()
+                        .map(|c| self.tok.decode(c, true))
+                        .collect::<Result<_>>()?;
+                    Ok(Group {
+                        prompt_ids: prompt_ids.clone(),
+                        completions: completion_ids.clone(),
+                        texts,
+                        gold: gold.clone(),
+                    })
+                }
+                RolloutRecord::Text {
+                    prompt,
+                    completions,
+                    gold,
+                } => {
+                    let text = render_prompt(
+                        &self.tok,
+                        &Prompt::Text(prompt.clone()),
+                        self.cfg.prompt_template,
+                        &self.cfg.suffix,
+                    )?;
+                    let completion_ids = completions
+                        .iter()
+                        .map(|c| self.tok.encode(c))
+                        .collect::<Result<_>>()?;
+                    Ok(Group {
+                        prompt_ids: self.tok.encode(&text)?,
+                        completions: completion_ids,
+                        texts: completions.clone(),
+                        gold: gold.clone(),
+                    })
+                }
+            },
+            Source::Prompts(ex) => {
+                let e = &ex[idx];
+                let text = render_prompt(
+                    &self.tok,
+                    &e.prompt,
+                    self.cfg.prompt_template,
+                    &self.cfg.suffix,
+                )?;
+                let prompt_ids = self.tok.encode(&text)?;
+                let g = if self.cfg.algo == Algo::Em {
+                    self.cfg.group_size
+                } else {
+                    self.cfg.group_size
+                };
+                let opt = crate::generate::GenerateOptions {
+                    max_new_tokens: self.cfg.max_new_tokens,
+                    sampling: self.sampling(),
+                    n: g,
+                    // Each (step, record) gets its own stream, so a resumed run samples the same.
+                    seed: self.cfg.seed
+                        ^ ((step as u64) << 32)
+                        ^ (pos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+                    stop_ids: self.tok.eos_ids.clone(),
+                    ignore_eos: false,
+                };
+                let outs = crate::generate::generate(self.be, &self.model, &prompt_ids, &opt)?;
+                let completions: Vec<Vec<u32>> = outs
+                    .into_iter()
+                    .map(|c| c.ids)
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                let texts = completions
+                    .iter()
+                    .map(|c| self.tok.decode(c, true))
+                    .collect::<Result<_>>()?;
+                Ok(Group {
+                    prompt_ids,
+                    completions,
+                    texts,
+                    gold: e.gold.clone(),
+                })
+            }
+        }
+    }
+
+    /// One train step: collect groups, score, filter, and update. Returns its metrics.
+    pub fn train_step(&mut self) -> Result<StepMetrics> {
+        let t0 = std::time::Instant::now();
+        let step = self.state.step;
+        let per_step = self
+            .cfg
+            .prompts_per_step
+            .unwrap_or(self.source_len())
+            .max(1);
+        let mut m = StepMetrics {
+            step: step + 1,
+            ..Default::default()
+        };
+        let mut kept: Vec<(Group, Vec<f32>)> = Vec::new();
+        let (mut seen, mut se_sum, mut maj_sum, mut gen_tokens) = (0usize, 0.0f64, 0.0f64, 0usize);
+        let (mut correct, mut graded, mut reward_sum, mut n_rewards) =
+            (0usize, 0usize, 0.0f64, 0usize);
+        let t_gen = std::time::Instant::now();
+        let replay = matches!(self.source, Source::Rollouts(_));
+        let max_groups = if replay || self.cfg.algo == Algo::Em {
+            per_step
+        } else {
+            per_step * (1 + self.cfg.max_refill_rounds)
+        };
+        while kept.len() < per_step && seen < max_groups {
+            let g = self.make_group(self.state.data_pos, step)?;
+            self.state.data_pos += 1;
+            seen += 1;
+            gen_tokens += g.completions.iter().map(Vec::len).sum::<usize>();
+            if g.completions.is_empty() {
+                continue;
+            }
+            let (rewards, stats, corr) = score_group(self.cfg.algo, &g);
+            se_sum += stats.semantic_entropy as f64;
+            maj_sum += stats.majority_share as f64;
+            for c in corr.iter().flatten() {
+                graded += 1;
+                correct += *c as usize;
+            }
+            reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
+            n_rewards += rewards.len();
+            let in_band = rl::entropy_in_band(
+                stats.semantic_entropy,
+                self.cfg.entropy_min,
+                self.cfg.entropy_max,
+            );
+            if self.cfg.algo == Algo::Em || self.cfg.algo == Algo::Grpo || in_band {
+                let adv = rl::group_advantages(&rewards);
+                kept.push((g, adv));
+            }
+        }
+        let gen_secs = t_gen.elapsed().as_secs_f64();
+        m.tokens_per_s = if replay {
+            0.0
+        } else {
+            gen_tokens as f64 / gen_secs.max(1e-9)
+        };
+        m.semantic_entropy = se_sum / seen.max(1) as f64;
+        m.majority_share = maj_sum / seen.max(1) as f64;
+        m.kept_fraction = kept.len() as f64 / seen.max(1) as f64;
+        m.mean_reward = reward_sum / n_rewards.max(1) as f64;
+        m.label_accuracy = (graded > 0).then(|| correct as f64 / graded as f64);
+        m.lr = self.opt.cfg.lr;
+
+        let seqs: Vec<TrainSeq> = kept
+            .iter()
+            .flat_map(|(g, adv)| {
+                g.completions
+                    .iter()
+                    .zip(adv)
+                    .filter(|(c, _)| !c.is_empty())
+                    .map(|(c, &a)| TrainSeq {
+                        ids: g.prompt_ids.iter().chain(c).copied().collect(),
+                        prompt_len: g.prompt_ids.len(),
+                        advantage: a,
+                    })
+            })
+            .collect();
+        m.num_tokens = seqs.iter().map(|s| s.ids.len() - s.prompt_len).sum();
+        if seqs.is_empty() {
+            eprintln!(
+                "step {}: every question was outside the entropy band; no update",
+                step + 1
+            );
+        } else if self.cfg.algo == Algo::Em {
+            self.update_em(&seqs, &mut m)?;
+        } else {
+            self.update_policy(&seqs, &mut m)?;
+        }
+        self.state.step += 1;
+        self.state.optimizer_step = self.opt.step;
+        m.seconds = t0.elapsed().as_secs_f64();
+        Ok(m)
+    }
+
+    /// One-shot EM: the token-mean entropy of every completion token, one optimizer step.
+    fn update_em(&mut self, seqs: &[TrainSeq], m: &mut StepMetrics) -> Result<()> {
+        let n_tok = m.num_tokens.max(1) as f32;
+        let mut grads = self.model.zeros_like_params(self.be)?;
+        let mut loss = 0.0f64;
+        for s in seqs {
+            seq_backward(
+                self.be,
+                &self.model,
+                &mut grads,
+                s,
+                self.cfg.temperature,
+                |ent, lp| {
+                    loss += ent.iter().map(|&e| e as f64).sum::<f64>() / n_tok as f64;
+                    (vec![1.0 / n_tok; ent.len()], vec![0.0; lp.len()])
+                },
+            )?;
+        }
+        let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
+        m.loss = loss;
+        m.grad_norm = info.grad_norm;
+        Ok(())
+    }
+
+    /// Clipped policy gradient over `ppo_epochs` × `mini_batches` optimizer steps, with the
+    /// log-probs of the weights that sampled the data as the old policy.
+    fn update_policy(&mut self, seqs: &[TrainSeq], m: &mut StepMetrics) -> Result<()> {
+        let temp = self.cfg.temperature;
+        let old: Vec<Vec<f32>> = seqs
+            .iter()
+            .map(|s| seq_logprobs(self.be, &self.model, s, temp))
+            .collect::<Result<_>>()?;
+        let clip = ClipConfig {
+            kind: self.cfg.policy_loss,
+            eps_low: self.cfg.clip_low,
+            eps_high: self.cfg.clip_high,
+            dual_clip: self.cfg.dual_clip,
+            agg: self.cfg.loss_agg,
+        };
+        let n_mb = self.cfg.mini_batches.clamp(1, seqs.len());
+        let (mut loss_sum, mut clip_sum, mut kl_sum, mut norm_sum, mut updates) =
+            (0.0, 0.0, 0.0, 0.0, 0usize);
+        for _epoch in 0..self.cfg.ppo_epochs.max(1) {
+            for mb in 0..n_mb {
+                let range = mb * seqs.len() / n_mb..(mb + 1) * seqs.len() / n_mb;
+                let total_tokens: usize = seqs[range.clone()]
+                    .iter()
+                    .map(|s| s.ids.len() - s.prompt_len)
+                    .sum();
+                let total_seqs = range.len();
+                let mut grads = self.model.zeros_like_params(self.be)?;
+                let (mut mb_loss, mut mb_clip, mut mb_kl) = (0.0, 0.0, 0.0);
+                for i in range {
+                    let s = &seqs[i];
+                    let span = [SeqSpan {
+                        start: 0,
+                        len: s.ids.len() - s.prompt_len,
+                        advantage: s.advantage,
+                    }];
+                    seq_backward(self.be, &self.model, &mut grads, s, temp, |ent, lp| {
+                        let (st, dlp) =
+                            rl::policy_loss(lp, &old[i], &span, &clip, total_tokens, total_seqs);
+                        mb_loss += st.loss;
+                        mb_clip += st.clip_fraction * lp.len() as f64;
+                        mb_kl += st.approx_kl * lp.len() as f64;
+                        (vec![0.0; ent.len()], dlp)
+                    })?;
+                }
+                let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
+                loss_sum += mb_loss;
+                clip_sum += mb_clip / total_tokens.max(1) as f64;
+                kl_sum += mb_kl / total_tokens.max(1) as f64;
+                norm_sum += info.grad_norm;
+                updates += 1;
+            }
+        }
+        let u = updates.max(1) as f64;
+        m.loss = loss_sum / u;
+        m.clip_fraction = clip_sum / u;
+        m.approx_kl = kl_sum / u;
+        m.grad_norm = norm_sum / u;
+        Ok(())
+    }
+
+    /// Saves OUT/<name>/ in Hugging Face layout plus what --resume needs.
+    pub fn save(&self, name: &str) -> Result<PathBuf> {
+        let mut extra = vec![(
+            "trainer_state.json".to_string(),
+            serde_json::to_vec_pretty(&self.state)?,
+        )];
+        // Full-precision weights and moments: a bf16 checkpoint alone would round away small
+        // updates and lose the optimizer, so resuming from it would not continue the same run.
+        let master = checkpoint::params_to_safetensors(
+            self.be,
+            &self.model,
+            &self.model.params,
+            crate::config::DType::F32,
+            None,
+        )?;
+        extra.push(("master_weights.safetensors".into(), master));
+        if let Some((mo, vo)) = &self.opt.moments {
+            extra.push((
+                "optimizer_m.safetensors".into(),
+                checkpoint::params_to_safetensors(
+                    self.be,
+                    &self.model,
+                    mo,
+                    crate::config::DType::F32,
+                    None,
+                )?,
+            ));
+            extra.push((
+                "optimizer_v.safetensors".into(),
+                checkpoint::params_to_safetensors(
+                    self.be,
+                    &self.model,
+                    vo,
+                    crate::config::DType::F32,
+                    None,
+                )?,
+            ));
+        }
+        checkpoint::save_model_dir(
+            self.be,
+            &self.model,
+            &self.cfg.weights,
+            &self.cfg.out.join(name),
+            extra,
+        )
+    }
+
+    /// Restores weights, optimizer moments and the data position from a checkpoint dir.
+    pub fn restore(&mut self, dir: &Path) -> Result<()> {
+        let state_path = dir.join("trainer_state.json");
+        let text = std::fs::read_to_string(&state_path)
+            .with_context(|| format!("cannot read {}", state_path.display()))?;
+        self.state = serde_json::from_str(&text)
+            .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
+        self.opt.step = self.state.optimizer_step;
+        let load = |file: &str,
+                    target: &mut Params<B::Buf>,
+                    be: &B,
+                    model_cfg: &crate::config::ModelConfig|
+         -> Result<()> {
+            let w = crate::weights::WeightFiles::open_files(&[dir.join(file)])?;
+            for ((name, shape), buf) in crate::model::tensor_specs(model_cfg)
+                .iter()
+                .zip(target.list_mut())
+            {
+                *buf = be.upload(&w.load_f32(name, shape)?)?;
+            }
+            Ok(())
+        };
+        let cfg = self.model.cfg.clone();
+        load(
+            "master_weights.safetensors",
+            &mut self.model.params,
+            self.be,
+            &cfg,
+        )?;
+        if let Some((mo, vo)) = &mut self.opt.moments {
+            load("optimizer_m.safetensors", mo, self.be, &cfg)?;
+            load("optimizer_v.safetensors", vo, self.be, &cfg)?;
+        }
+        Ok(())
+    }
+
+    /// The whole run: steps, metrics.jsonl, checkpoints, final weights.
+    pub fn run(&mut self) -> Result<PathBuf> {
+        let out = self.cfg.out.clone();
+        std::fs::create_dir_all(&out)
+            .with_context(|| format!("cannot create run directory {}", out.display()))?;
+        crate::io::write_atomic(
+            &out.join("config.json"),
+            &serde_json::to_vec_pretty(&self.cfg)?,
+        )?;
+        let metrics_path = out.join("metrics.jsonl");
+        let mut metrics = std::fs::OpenOptions::new()
+            .create(true)
+            .append(true)
+            .open(&metrics_path)
+            .with_context(|| format!("cannot open {}", metrics_path.display()))?;
+        let t_run = std::time::Instant::now();
+        let first = self.state.step;
+        while self.state.step < self.cfg.steps {
+            let m = self.train_step()?;
+            writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
+            metrics.sync_data()?;
+            let done = self.state.step - first;
+            let eta = t_run.elapsed().as_secs_f64() / done as f64
+                * (self.cfg.steps - self.state.step) as f64;
+            eprintln!(
+                "step {}/{} | loss {:+.4} | sem-ent {:.3} | maj {:.2} | kept {:.2} | clip {:.3} | gnorm {:.3}{} | {:.1}s | eta {:.0}s",
+                m.step,
+                self.cfg.steps,
+                m.loss,
+                m.semantic_entropy,
+                m.majority_share,
+                m.kept_fraction,
+                m.clip_fraction,
+                m.grad_norm,
+                m.label_accuracy.map(|a| format!(" | label-acc {a:.2}")).unwrap_or_default(),
+                m.seconds,
+                eta
+            );
+            if self.cfg.save_every > 0
+                && self.state.step % self.cfg.save_every == 0
+                && self.state.step < self.cfg.steps
+            {
+                self.save(&format!("step-{}", self.state.step))?;
+            }
+        }
+        self.save("final")
+    }
+}
+
+/// The newest `step-N` (or `final`) checkpoint of a run directory.
+pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
+    let mut best: Option<(usize, PathBuf)> = None;
+    for e in std::fs::read_dir(run_dir)
+        .with_context(|| format!("cannot read run directory {}", run_dir.display()))?
+    {
+        let p = e?.path();
+        let name = p
+            .file_name()
+            .map(|n| n.to_string_lossy().into_owned())
+            .unwrap_or_default();
+        if !p.join("trainer_state.json").exists() {
+            continue;
+        }
+        let rank = if name == "final" {
+            usize::MAX
+        } else {
+            name.strip_prefix("step-")
+                .and_then(|n| n.parse().ok())
+                .unwrap_or(0)
+        };
+        if best.as_ref().is_none_or(|(r, _)| rank > *r) {
+            best = Some((rank, p));
+        }
+    }
+    best.map(|b| b.1).with_context(|| {
+        format!(
+            "{}: no checkpoint with trainer_state.json to resume from",
+            run_dir.display()
+        )
+    })
+}
