@@ -71,6 +71,17 @@ pub fn params_to_safetensors<B: Backend>(
     safetensors::serialize(views, metadata).context("cannot serialize checkpoint")
 }
 
+fn sync_tree(dir: &Path) -> Result<()> {
+    for e in std::fs::read_dir(dir)? {
+        let p = e?.path();
+        if p.is_dir() {
+            sync_tree(&p)?;
+        }
+        std::fs::File::open(&p)?.sync_all()?;
+    }
+    Ok(())
+}
+
 /// Writes a directory atomically: `fill` writes into a temporary sibling, whose files are
 /// synced before the rename makes it visible as `dir`.
 pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> Result<()> {
@@ -90,10 +101,7 @@ pub fn write_dir_atomic(dir: &Path, fill: impl FnOnce(&Path) -> Result<()>) -> R
     }
     std::fs::create_dir_all(&tmp).with_context(|| format!("cannot create {}", tmp.display()))?;
     fill(&tmp)?;
-    for e in std::fs::read_dir(&tmp)? {
-        let f = std::fs::File::open(e?.path())?;
-        f.sync_all()?;
-    }
+    sync_tree(&tmp)?;
     if dir.exists() {
         std::fs::remove_dir_all(dir)
             .with_context(|| format!("cannot replace {}", dir.display()))?;
@@ -134,7 +142,11 @@ pub fn save_model_dir<B: Backend>(
             )?;
         }
         for (name, bytes) in &extra {
-            std::fs::write(tmp.join(name), bytes)?;
+            let path = tmp.join(name);
+            if let Some(parent) = path.parent() {
+                std::fs::create_dir_all(parent)?;
+            }
+            std::fs::write(path, bytes)?;
         }
         Ok(())
     })?;

@@ -40,6 +40,10 @@ pub enum PromptTemplate {
     Raw,
 }
 
+/// Inside a checkpoint: step, data position and optimizer step; beside it in resume/ the f32
+/// master weights and optimizer moments.
+pub const RESUME_STATE: &str = "resume/trainer_state.json";
+
 pub const DEFAULT_SUFFIX: &str =
     " Let's think step by step and output the final answer within \\boxed{}.";
 pub const SYSTEM_PROMPT: &str =
@@ -689,7 +693,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
     /// Saves OUT/<name>/ in Hugging Face layout plus what --resume needs.
     pub fn save(&self, name: &str) -> Result<PathBuf> {
         let mut extra = vec![(
-            "trainer_state.json".to_string(),
+            RESUME_STATE.to_string(),
             serde_json::to_vec_pretty(&self.state)?,
         )];
         // Full-precision weights and moments: a bf16 checkpoint alone would round away small
@@ -701,10 +705,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
             crate::config::DType::F32,
             None,
         )?;
-        extra.push(("master_weights.safetensors".into(), master));
+        extra.push(("resume/master_weights.safetensors".into(), master));
         if let Some((mo, vo)) = &self.opt.moments {
             extra.push((
-                "optimizer_m.safetensors".into(),
+                "resume/optimizer_m.safetensors".into(),
                 checkpoint::params_to_safetensors(
                     self.be,
                     &self.model,
@@ -714,7 +718,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 )?,
             ));
             extra.push((
-                "optimizer_v.safetensors".into(),
+                "resume/optimizer_v.safetensors".into(),
                 checkpoint::params_to_safetensors(
                     self.be,
                     &self.model,
@@ -735,7 +739,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// Restores weights, optimizer moments and the data position from a checkpoint dir.
     pub fn restore(&mut self, dir: &Path) -> Result<()> {
-        let state_path = dir.join("trainer_state.json");
+        let state_path = dir.join(RESUME_STATE);
         let text = std::fs::read_to_string(&state_path)
             .with_context(|| format!("cannot read {}", state_path.display()))?;
         self.state = serde_json::from_str(&text)
@@ -757,14 +761,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
         };
         let cfg = self.model.cfg.clone();
         load(
-            "master_weights.safetensors",
+            "resume/master_weights.safetensors",
             &mut self.model.params,
             self.be,
             &cfg,
         )?;
         if let Some((mo, vo)) = &mut self.opt.moments {
-            load("optimizer_m.safetensors", mo, self.be, &cfg)?;
-            load("optimizer_v.safetensors", vo, self.be, &cfg)?;
+            load("resume/optimizer_m.safetensors", mo, self.be, &cfg)?;
+            load("resume/optimizer_v.safetensors", vo, self.be, &cfg)?;
         }
         Ok(())
     }
@@ -829,7 +833,7 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
             .file_name()
             .map(|n| n.to_string_lossy().into_owned())
             .unwrap_or_default();
-        if !p.join("trainer_state.json").exists() {
+        if !p.join(RESUME_STATE).exists() {
             continue;
         }
         let rank = if name == "final" {
@@ -845,7 +849,7 @@ pub fn latest_checkpoint(run_dir: &Path) -> Result<PathBuf> {
     }
     best.map(|b| b.1).with_context(|| {
         format!(
-            "{}: no checkpoint with trainer_state.json to resume from",
+            "{}: no checkpoint with {RESUME_STATE} to resume from",
             run_dir.display()
         )
     })

@@ -133,7 +133,7 @@ fn resume_continues_to_the_same_weights() {
         "--out",
         split.to_str().unwrap(),
     ]);
-    assert!(split.join("step-1/trainer_state.json").exists());
+    assert!(split.join("step-1/resume/trainer_state.json").exists());
     let model = fixtures().join("tiny-qwen2-a");
     let o = Command::new(env!("CARGO_BIN_EXE_empo-engine"))
         .args([

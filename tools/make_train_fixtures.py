@@ -35,7 +35,9 @@ Each expected file stores every parameter after the step (f32, HF names; the tie
 lm_head is only model.embed_tokens.weight and gets both gradients) plus string
 metadata: lr, temperature, loss (pre-step, repr of the f32 value), num_tokens,
 grad_norm (pre-step global L2 over all parameter gradients, accumulated in f64),
-loss_f64 / grad_norm_f64 (the same step recomputed in float64, as a cross-check),
+loss_f64 / grad_norm_f64 (the same step recomputed in float64 by an independent
+hand-written Qwen2 forward, as a cross-check; the script also checks its gradient
+against a central finite difference along a random direction),
 and for empo rewards / advantages / semantic_entropies / kept_records etc.
 
 Everything runs on the CPU in float32 with fixed seeds; the output is byte-identical
@@ -46,7 +48,6 @@ import json
 import math
 import os
 import random
-import re
 import struct
 import sys
 
