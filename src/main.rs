@@ -100,6 +100,9 @@ struct TrainArgs {
     clip_high: Option<f32>,
     #[arg(long)]
     dual_clip: Option<f32>,
+    /// KL penalty to the initial weights (loads a second copy of the model); 0 disables it.
+    #[arg(long)]
+    kl_coef: Option<f32>,
     #[arg(long)]
     mini_batches: Option<usize>,
     #[arg(long)]
@@ -393,6 +396,7 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
         clip_low: a.clip_low.unwrap_or(clip_lo),
         clip_high: a.clip_high.unwrap_or(clip_hi),
         dual_clip: a.dual_clip,
+        kl_coef: a.kl_coef.unwrap_or(0.0),
         mini_batches: a.mini_batches.unwrap_or(1),
         ppo_epochs: a.ppo_epochs.unwrap_or(1),
         optim: OptimConfig {
@@ -423,6 +427,12 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
         (None, None) => bail!("no --data or --rollouts"),
     };
     let opt = empo_engine::optim::Optimizer::new(be, &model, cfg.optim)?;
+    // The KL reference is the initial checkpoint, frozen.
+    let reference = if cfg.kl_coef > 0.0 {
+        Some(Qwen2::load_dir(be, &cfg.weights)?)
+    } else {
+        None
+    };
     let mut t = Trainer {
         be,
         cfg,
@@ -431,6 +441,7 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
         opt,
         source,
         state: Default::default(),
+        reference,
     };
     if let Some(ck) = resume_from {
         t.restore(&ck)?;

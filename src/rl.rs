@@ -240,6 +240,28 @@ pub fn policy_loss(
     (st, dlogp)
 }
 
+/// β·k3(π_ref ‖ π) per token, summed with weight 1/total_tokens, and its d/dlogπ:
+/// k3 = e^(ref − logπ) − (ref − logπ) − 1, the low-variance KL estimator (always ≥ 0).
+pub fn kl_penalty(
+    logp: &[f32],
+    logp_ref: &[f32],
+    beta: f32,
+    total_tokens: usize,
+) -> (f64, Vec<f32>) {
+    let w = beta as f64 / total_tokens.max(1) as f64;
+    let mut loss = 0.0;
+    let d = logp
+        .iter()
+        .zip(logp_ref)
+        .map(|(&lp, &rf)| {
+            let x = (rf - lp) as f64;
+            loss += w * (x.exp() - x - 1.0);
+            (w * (1.0 - x.exp())) as f32
+        })
+        .collect();
+    (loss, d)
+}
+
 #[cfg(test)]
 mod tests {
     use super::*;
@@ -413,6 +435,23 @@ mod tests {
             1,
         );
         assert!((st.loss - 1.5).abs() < 1e-9 && d[0] == 0.0);
+    }
+
+    #[test]
+    fn kl_penalty_is_zero_at_the_reference_and_matches_finite_differences() {
+        let (l, d) = kl_penalty(&[-1.0, -2.0], &[-1.0, -2.0], 0.1, 2);
+        assert_eq!((l, d), (0.0, vec![0.0, 0.0]));
+        let rf = [-1.0f32, -0.4];
+        let lp = [-1.3f32, -0.2];
+        let (_, d) = kl_penalty(&lp, &rf, 0.5, 2);
+        for t in 0..2 {
+            let mut p = lp;
+            p[t] += 1e-3;
+            let up = kl_penalty(&p, &rf, 0.5, 2).0;
+            p[t] -= 2e-3;
+            let dn = kl_penalty(&p, &rf, 0.5, 2).0;
+            assert!(((up - dn) / 2e-3 - d[t] as f64).abs() < 1e-4);
+        }
     }
 
     #[test]

@@ -74,6 +74,9 @@ pub struct TrainConfig {
     pub clip_low: f32,
     pub clip_high: f32,
     pub dual_clip: Option<f32>,
+    /// Weight of the KL penalty to the initial weights; 0 (default) loads no reference model.
+    #[serde(default)]
+    pub kl_coef: f32,
     pub mini_batches: usize,
     pub ppo_epochs: usize,
     pub optim: OptimConfig,
@@ -403,6 +406,8 @@ pub struct Trainer<'a, B: Backend> {
     pub opt: Optimizer<B>,
     pub source: Source,
     pub state: TrainerState,
+    /// The frozen initial weights, only when --kl-coef > 0.
+    pub reference: Option<Qwen2<B>>,
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
@@ -638,6 +643,15 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .iter()
             .map(|s| seq_logprobs(self.be, &self.model, s, temp))
             .collect::<Result<_>>()?;
+        let refs: Option<Vec<Vec<f32>>> = match &self.reference {
+            Some(r) => Some(
+                seqs.iter()
+                    .map(|s| seq_logprobs(self.be, r, s, temp))
+                    .collect::<Result<_>>()?,
+            ),
+            None => None,
+        };
+        let beta = self.cfg.kl_coef;
         let clip = ClipConfig {
             kind: self.cfg.policy_loss,
             eps_low: self.cfg.clip_low,
@@ -666,9 +680,14 @@ impl<'a, B: Backend> Trainer<'a, B> {
                         advantage: s.advantage,
                     }];
                     seq_backward(self.be, &self.model, &mut grads, s, temp, |ent, lp| {
-                        let (st, dlp) =
+                        let (st, mut dlp) =
                             rl::policy_loss(lp, &old[i], &span, &clip, total_tokens, total_seqs);
                         mb_loss += st.loss;
+                        if let Some(refs) = &refs {
+                            let (kl, dkl) = rl::kl_penalty(lp, &refs[i], beta, total_tokens);
+                            mb_loss += kl;
+                            dlp.iter_mut().zip(dkl).for_each(|(d, k)| *d += k);
+                        }
                         mb_clip += st.clip_fraction * lp.len() as f64;
                         mb_kl += st.approx_kl * lp.len() as f64;
                         (vec![0.0; ent.len()], dlp)

@@ -227,3 +227,33 @@ fn nan_in_training_is_a_clear_error() {
     assert!(err.contains("not finite"), "{err}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn ppo_epochs_and_mini_batches_move_off_policy_and_clip() {
+    let dir = tmp("ppo");
+    let out = dir.join("run");
+    let r = fixtures().join("train/empo_rollouts.jsonl");
+    train(&[
+        "--rollouts",
+        r.to_str().unwrap(),
+        "--prompt-template",
+        "raw",
+        "--kl-coef",
+        "0.1",
+        "--ppo-epochs",
+        "2",
+        "--mini-batches",
+        "2",
+        "--steps",
+        "1",
+        "--lr",
+        "1e-3",
+        "--out",
+        out.to_str().unwrap(),
+    ]);
+    let m = &metrics(&out)[0];
+    // After the first of four updates the stored old log-probs no longer match the policy.
+    assert!(m["approx_kl"].as_f64().unwrap() > 0.0, "{m}");
+    assert!(m["clip_fraction"].as_f64().unwrap() > 0.0, "{m}");
+    std::fs::remove_dir_all(&dir).unwrap();
+}
