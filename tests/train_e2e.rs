@@ -246,8 +246,6 @@ fn ppo_epochs_and_mini_batches_move_off_policy_and_clip() {
         "2",
         "--steps",
         "1",
-        "--lr",
-        "1e-3",
         "--out",
         out.to_str().unwrap(),
     ]);
