@@ -42,3 +42,7 @@ pub fn grade(pred: &str, gold: &GoldAnswer) -> bool {
         GoldAnswer::List(l) => l.iter().any(|t| is_equiv(pred, t)),
     }
 }
+
+pub fn extract_answer_eval(text: &str) -> Option<String> {
+    extract_boxed(text)
+}

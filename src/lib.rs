@@ -6,6 +6,7 @@ pub mod checkpoint;
 pub mod config;
 pub mod data;
 pub mod device;
+pub mod eval;
 pub mod generate;
 pub mod grader;
 pub mod hub;

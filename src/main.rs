@@ -10,6 +10,7 @@ use empo_engine::rl::{LossAgg, PolicyLoss};
 use empo_engine::sampling::SamplingParams;
 use empo_engine::tokenizer::{ChatMessage, Tokenizer};
 use empo_engine::train::{self, Algo, PromptTemplate, Source, TrainConfig, Trainer};
+use empo_engine::eval::{self, EvalOptions};
 use empo_engine::{hub, io};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -33,8 +34,80 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Train without labels: EMPO (default), one-shot EM, or the GRPO/TTRL baselines.
     Train(Box<TrainArgs>),
+    /// Evaluate on benchmark files: greedy pass@1, or avg@k / pass@k / maj@k with --n K.
+    Eval(EvalArgs),
+    /// Rank prompts for one-shot EM (pass@k variance with gold answers, else semantic entropy).
+    Select(SelectArgs),
+    /// Grade a prediction file against its gold answers.
+    Grade(GradeArgs),
     /// Print the version, the compiled kernels and the devices found.
     Info,
+}
+
+#[derive(Args)]
+struct SampleArgs {
+    #[arg(long, value_enum, default_value = "chat-suffix")]
+    prompt_template: PromptTemplate,
+    #[arg(long, default_value = train::DEFAULT_SUFFIX)]
+    suffix: String,
+    #[arg(long, default_value_t = 1024)]
+    max_new_tokens: usize,
+    #[arg(long, default_value_t = 1.0)]
+    top_p: f32,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// Only the first N problems of each file.
+    #[arg(long)]
+    limit: Option<usize>,
+}
+
+#[derive(Args)]
+struct EvalArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    /// Benchmark files (JSONL or Parquet), each with gold answers.
+    #[arg(long, num_args = 1.., required = true)]
+    data: Vec<PathBuf>,
+    /// Samples per problem; 1 is greedy pass@1.
+    #[arg(long, default_value_t = 1)]
+    n: usize,
+    /// Sampling temperature (default 0 with --n 1, else 0.6).
+    #[arg(long)]
+    temperature: Option<f32>,
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// Directory for the per-problem JSONL files (default runs/eval-<model>).
+    #[arg(long)]
+    out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct SelectArgs {
+    #[command(flatten)]
+    model: ModelArgs,
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, default_value_t = 16)]
+    k: usize,
+    #[arg(long, default_value_t = 0.6)]
+    temperature: f32,
+    #[command(flatten)]
+    sample: SampleArgs,
+    /// Ranking output (JSONL, best first).
+    #[arg(long, default_value = "selection.jsonl")]
+    out: PathBuf,
+}
+
+#[derive(Args)]
+struct GradeArgs {
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long)]
+    pred_field: String,
+    #[arg(long)]
+    answer_field: String,
+    #[arg(long)]
+    out: PathBuf,
 }
 
 #[derive(Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
@@ -452,6 +525,60 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
     Ok(())
 }
 
+fn eval_options(s: &SampleArgs, n: usize, temperature: f32) -> EvalOptions {
+    EvalOptions {
+        n,
+        temperature,
+        top_p: s.top_p,
+        max_new_tokens: s.max_new_tokens,
+        template: s.prompt_template,
+        suffix: s.suffix.clone(),
+        seed: s.seed,
+        limit: s.limit,
+    }
+}
+
+fn run_eval<B: Backend>(be: &B, dir: &Path, a: &EvalArgs) -> Result<()> {
+    if a.n == 0 {
+        bail!("--n must be at least 1");
+    }
+    let model = Qwen2::load_dir(be, dir)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let temp = a.temperature.unwrap_or(if a.n == 1 { 0.0 } else { 0.6 });
+    let opt = eval_options(&a.sample, a.n, temp);
+    let out_dir = a.out.clone().unwrap_or_else(|| eval::default_eval_out(dir));
+    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    let mut scores = Vec::new();
+    for f in &a.data {
+        let stem = f.file_stem().map_or("data".into(), |s| s.to_string_lossy().into_owned());
+        let mut buf = Vec::new();
+        let s = eval::eval_file(be, &model, &tok, f, &opt, &mut buf)?;
+        io::write_atomic(&out_dir.join(format!("{stem}.jsonl")), &buf)?;
+        eprintln!("{}: {} problems, {:.1}%", f.display(), s.problems, 100.0 * s.avg);
+        scores.push(s);
+    }
+    eval::print_table(&scores, a.n);
+    eprintln!("per-problem results in {}", out_dir.display());
+    Ok(())
+}
+
+fn run_select<B: Backend>(be: &B, dir: &Path, a: &SelectArgs) -> Result<()> {
+    let model = Qwen2::load_dir(be, dir)?;
+    let tok = Tokenizer::from_dir(dir)?;
+    let mut examples = empo_engine::data::load_examples(&a.data)?;
+    if let Some(l) = a.sample.limit {
+        examples.truncate(l);
+    }
+    let rows = eval::select_prompts(be, &model, &tok, &examples, a.k.max(1), &eval_options(&a.sample, a.k, a.temperature))?;
+    let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
+    io::write_atomic(&a.out, text.as_bytes())?;
+    for r in rows.iter().take(5) {
+        println!("#{} index {} score {:.4} ({})", r["rank"], r["index"], r["score"].as_f64().unwrap_or(0.0), r["criterion"].as_str().unwrap_or(""));
+    }
+    eprintln!("wrote the ranking of {} prompts to {}", rows.len(), a.out.display());
+    Ok(())
+}
+
 fn info() {
     println!("empo-engine {}", empo_engine::VERSION);
     if device::kernels_compiled() {
@@ -505,6 +632,23 @@ fn run(cli: Cli) -> Result<()> {
             match device::select(a.device)? {
                 Device::Cpu => run_train(&CpuBackend, cfg, resume_from),
             }
+        }
+        Cmd::Eval(a) => {
+            let l = open(&a.model)?;
+            match l.device {
+                Device::Cpu => run_eval(&CpuBackend, &l.dir, &a),
+            }
+        }
+        Cmd::Select(a) => {
+            let l = open(&a.model)?;
+            match l.device {
+                Device::Cpu => run_select(&CpuBackend, &l.dir, &a),
+            }
+        }
+        Cmd::Grade(a) => {
+            let (c, n) = eval::grade_file(&a.data, &a.pred_field, &a.answer_field, &a.out)?;
+            println!("accuracy: {:.2}% ({c}/{n})", 100.0 * c as f64 / n.max(1) as f64);
+            Ok(())
         }
         Cmd::Info => {
             info();
