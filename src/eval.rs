@@ -54,10 +54,18 @@ pub struct FileScore {
 
 /// One problem's graded samples.
 fn grade_samples(texts: &[String], gold: &GoldAnswer) -> (Vec<Option<String>>, Vec<bool>, bool) {
-    let answers: Vec<Option<String>> = texts.iter().map(|t| grader::extract_answer_eval(t)).collect();
-    let correct: Vec<bool> = answers.iter().map(|a| a.as_deref().is_some_and(|a| grader::grade(a, gold))).collect();
+    let answers: Vec<Option<String>> = texts
+        .iter()
+        .map(|t| grader::extract_answer_eval(t))
+        .collect();
+    let correct: Vec<bool> = answers
+        .iter()
+        .map(|a| a.as_deref().is_some_and(|a| grader::grade(a, gold)))
+        .collect();
     let (ids, sizes) = rl::cluster_answers(&answers, grader::is_equiv);
-    let maj = rl::group_stats(&ids, &sizes).majority_member.is_some_and(|m| correct[m]);
+    let maj = rl::group_stats(&ids, &sizes)
+        .majority_member
+        .is_some_and(|m| correct[m]);
     (answers, correct, maj)
 }
 
@@ -73,23 +81,37 @@ pub fn eval_file<B: Backend>(
     if let Some(l) = opt.limit {
         examples.truncate(l);
     }
-    let mut s = FileScore { file: path.display().to_string(), ..Default::default() };
+    let mut s = FileScore {
+        file: path.display().to_string(),
+        ..Default::default()
+    };
     for e in &examples {
         let Some(gold) = &e.gold else {
-            bail!("{}: row {} has no gold answer to evaluate against", path.display(), e.index + 1);
+            bail!(
+                "{}: row {} has no gold answer to evaluate against",
+                path.display(),
+                e.index + 1
+            );
         };
         let text = render_prompt(tok, &e.prompt, opt.template, &opt.suffix)?;
         let prompt = tok.encode(&text)?;
         let gen = GenerateOptions {
             max_new_tokens: opt.max_new_tokens,
-            sampling: SamplingParams { temperature: opt.temperature, top_k: 0, top_p: opt.top_p },
+            sampling: SamplingParams {
+                temperature: opt.temperature,
+                top_k: 0,
+                top_p: opt.top_p,
+            },
             n: opt.n,
             seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             stop_ids: tok.eos_ids.clone(),
             ignore_eos: false,
         };
         let outs = generate(be, model, &prompt, &gen)?;
-        let texts: Vec<String> = outs.iter().map(|c| tok.decode(&c.ids, true)).collect::<Result<_>>()?;
+        let texts: Vec<String> = outs
+            .iter()
+            .map(|c| tok.decode(&c.ids, true))
+            .collect::<Result<_>>()?;
         let (answers, correct, maj) = grade_samples(&texts, gold);
         let c = correct.iter().filter(|&&x| x).count();
         s.avg += c as f64 / opt.n as f64;
@@ -123,15 +145,37 @@ fn gold_json(g: &GoldAnswer) -> Value {
 }
 
 pub fn print_table(scores: &[FileScore], n: usize) {
-    let (a, p, m) = if n == 1 { ("pass@1", "", "") } else { ("avg@k", "pass@k", "maj@k") };
-    println!("| file | problems | {a} |{}", if n == 1 { String::new() } else { format!(" {p} | {m} |") });
-    println!("| --- | --- | --- |{}", if n == 1 { "" } else { " --- | --- |" });
+    let (a, p, m) = if n == 1 {
+        ("pass@1", "", "")
+    } else {
+        ("avg@k", "pass@k", "maj@k")
+    };
+    println!(
+        "| file | problems | {a} |{}",
+        if n == 1 {
+            String::new()
+        } else {
+            format!(" {p} | {m} |")
+        }
+    );
+    println!(
+        "| --- | --- | --- |{}",
+        if n == 1 { "" } else { " --- | --- |" }
+    );
     for s in scores {
-        let name = Path::new(&s.file).file_name().map_or(s.file.clone(), |f| f.to_string_lossy().into_owned());
+        let name = Path::new(&s.file)
+            .file_name()
+            .map_or(s.file.clone(), |f| f.to_string_lossy().into_owned());
         if n == 1 {
             println!("| {name} | {} | {:.1}% |", s.problems, 100.0 * s.avg);
         } else {
-            println!("| {name} | {} | {:.1}% | {:.1}% | {:.1}% |", s.problems, 100.0 * s.avg, 100.0 * s.pass_k, 100.0 * s.maj_k);
+            println!(
+                "| {name} | {} | {:.1}% | {:.1}% | {:.1}% |",
+                s.problems,
+                100.0 * s.avg,
+                100.0 * s.pass_k,
+                100.0 * s.maj_k
+            );
         }
     }
 }
@@ -152,14 +196,20 @@ pub fn select_prompts<B: Backend>(
         let prompt = tok.encode(&text)?;
         let gen = GenerateOptions {
             max_new_tokens: opt.max_new_tokens,
-            sampling: SamplingParams { temperature: opt.temperature, top_k: 0, top_p: opt.top_p },
+            sampling: SamplingParams {
+                temperature: opt.temperature,
+                top_k: 0,
+                top_p: opt.top_p,
+            },
             n: k,
             seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
             stop_ids: tok.eos_ids.clone(),
             ignore_eos: false,
         };
-        let texts: Vec<String> =
-            generate(be, model, &prompt, &gen)?.iter().map(|c| tok.decode(&c.ids, true)).collect::<Result<_>>()?;
+        let texts: Vec<String> = generate(be, model, &prompt, &gen)?
+            .iter()
+            .map(|c| tok.decode(&c.ids, true))
+            .collect::<Result<_>>()?;
         let (score, criterion, extra) = match &e.gold {
             Some(gold) => {
                 let (_, correct, _) = grade_samples(&texts, gold);
@@ -167,15 +217,25 @@ pub fn select_prompts<B: Backend>(
                 (p * (1.0 - p), "pass@k variance", json!({"accuracy": p}))
             }
             None => {
-                let answers: Vec<Option<String>> = texts.iter().map(|t| grader::extract_boxed(t)).collect();
+                let answers: Vec<Option<String>> =
+                    texts.iter().map(|t| grader::extract_boxed(t)).collect();
                 let (ids, sizes) = rl::cluster_answers(&answers, grader::is_equiv);
                 let g = rl::group_stats(&ids, &sizes);
-                (g.semantic_entropy as f64, "semantic entropy", json!({"majority_share": g.majority_share}))
+                (
+                    g.semantic_entropy as f64,
+                    "semantic entropy",
+                    json!({"majority_share": g.majority_share}),
+                )
             }
         };
         rows.push(json!({"index": e.index, "score": score, "criterion": criterion, "stats": extra, "prompt": text}));
     }
-    rows.sort_by(|a, b| b["score"].as_f64().unwrap_or(0.0).total_cmp(&a["score"].as_f64().unwrap_or(0.0)));
+    rows.sort_by(|a, b| {
+        b["score"]
+            .as_f64()
+            .unwrap_or(0.0)
+            .total_cmp(&a["score"].as_f64().unwrap_or(0.0))
+    });
     for (rank, r) in rows.iter_mut().enumerate() {
         r["rank"] = json!(rank + 1);
     }
@@ -184,25 +244,38 @@ pub fn select_prompts<B: Backend>(
 
 fn gold_from_value(v: &Value) -> Option<GoldAnswer> {
     match v {
-        Value::String(s) => Some(GoldAnswer::Text(grader::extract_boxed(s).unwrap_or_else(|| s.clone()))),
+        Value::String(s) => Some(GoldAnswer::Text(
+            grader::extract_boxed(s).unwrap_or_else(|| s.clone()),
+        )),
         Value::Number(n) => n.as_f64().map(GoldAnswer::Number),
-        Value::Array(a) => Some(GoldAnswer::List(a.iter().filter_map(|x| x.as_str().map(str::to_string)).collect())),
+        Value::Array(a) => Some(GoldAnswer::List(
+            a.iter()
+                .filter_map(|x| x.as_str().map(str::to_string))
+                .collect(),
+        )),
         _ => None,
     }
 }
 
 /// `grade`: adds `pred_answer` and `correct` to every row; returns (correct, total).
-pub fn grade_file(data: &Path, pred_field: &str, answer_field: &str, out: &Path) -> Result<(usize, usize)> {
+pub fn grade_file(
+    data: &Path,
+    pred_field: &str,
+    answer_field: &str,
+    out: &Path,
+) -> Result<(usize, usize)> {
     let f = std::fs::File::open(data).with_context(|| format!("cannot open {}", data.display()))?;
     let mut lines = Vec::new();
     let (mut c, mut n) = (0, 0);
     for (i, line) in std::io::BufReader::new(f).lines().enumerate() {
-        let line = line.with_context(|| format!("{}:{}: cannot read line", data.display(), i + 1))?;
+        let line =
+            line.with_context(|| format!("{}:{}: cannot read line", data.display(), i + 1))?;
         if line.trim().is_empty() {
             continue;
         }
         let at = || format!("{}:{}", data.display(), i + 1);
-        let mut row: Value = serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let mut row: Value =
+            serde_json::from_str(&line).with_context(|| format!("{}: not valid JSON", at()))?;
         let pred = row
             .get(pred_field)
             .and_then(Value::as_str)
@@ -210,7 +283,12 @@ pub fn grade_file(data: &Path, pred_field: &str, answer_field: &str, out: &Path)
         let gold = row
             .get(answer_field)
             .and_then(gold_from_value)
-            .with_context(|| format!("{}: field `{answer_field}` is missing or not a string, number or list", at()))?;
+            .with_context(|| {
+                format!(
+                    "{}: field `{answer_field}` is missing or not a string, number or list",
+                    at()
+                )
+            })?;
         let answer = grader::extract_answer_eval(pred);
         let ok = answer.as_deref().is_some_and(|a| grader::grade(a, &gold));
         row["pred_answer"] = json!(answer);
@@ -224,7 +302,9 @@ pub fn grade_file(data: &Path, pred_field: &str, answer_field: &str, out: &Path)
 }
 
 pub fn default_eval_out(weights: &Path) -> PathBuf {
-    let name = weights.file_name().map_or("model".into(), |n| n.to_string_lossy().into_owned());
+    let name = weights
+        .file_name()
+        .map_or("model".into(), |n| n.to_string_lossy().into_owned());
     PathBuf::from("runs").join(format!("eval-{name}"))
 }
 

@@ -3,6 +3,7 @@ use clap::{Args, Parser, Subcommand};
 use empo_engine::backend::cpu::CpuBackend;
 use empo_engine::backend::Backend;
 use empo_engine::device::{self, Device, DeviceArg};
+use empo_engine::eval::{self, EvalOptions};
 use empo_engine::generate::{generate, score, GenerateOptions};
 use empo_engine::model::Qwen2;
 use empo_engine::optim::{OptimConfig, OptimizerKind};
@@ -10,7 +11,6 @@ use empo_engine::rl::{LossAgg, PolicyLoss};
 use empo_engine::sampling::SamplingParams;
 use empo_engine::tokenizer::{ChatMessage, Tokenizer};
 use empo_engine::train::{self, Algo, PromptTemplate, Source, TrainConfig, Trainer};
-use empo_engine::eval::{self, EvalOptions};
 use empo_engine::{hub, io};
 use std::path::{Path, PathBuf};
 use std::process::ExitCode;
@@ -547,14 +547,22 @@ fn run_eval<B: Backend>(be: &B, dir: &Path, a: &EvalArgs) -> Result<()> {
     let temp = a.temperature.unwrap_or(if a.n == 1 { 0.0 } else { 0.6 });
     let opt = eval_options(&a.sample, a.n, temp);
     let out_dir = a.out.clone().unwrap_or_else(|| eval::default_eval_out(dir));
-    std::fs::create_dir_all(&out_dir).with_context(|| format!("cannot create {}", out_dir.display()))?;
+    std::fs::create_dir_all(&out_dir)
+        .with_context(|| format!("cannot create {}", out_dir.display()))?;
     let mut scores = Vec::new();
     for f in &a.data {
-        let stem = f.file_stem().map_or("data".into(), |s| s.to_string_lossy().into_owned());
+        let stem = f
+            .file_stem()
+            .map_or("data".into(), |s| s.to_string_lossy().into_owned());
         let mut buf = Vec::new();
         let s = eval::eval_file(be, &model, &tok, f, &opt, &mut buf)?;
         io::write_atomic(&out_dir.join(format!("{stem}.jsonl")), &buf)?;
-        eprintln!("{}: {} problems, {:.1}%", f.display(), s.problems, 100.0 * s.avg);
+        eprintln!(
+            "{}: {} problems, {:.1}%",
+            f.display(),
+            s.problems,
+            100.0 * s.avg
+        );
         scores.push(s);
     }
     eval::print_table(&scores, a.n);
@@ -569,13 +577,30 @@ fn run_select<B: Backend>(be: &B, dir: &Path, a: &SelectArgs) -> Result<()> {
     if let Some(l) = a.sample.limit {
         examples.truncate(l);
     }
-    let rows = eval::select_prompts(be, &model, &tok, &examples, a.k.max(1), &eval_options(&a.sample, a.k, a.temperature))?;
+    let rows = eval::select_prompts(
+        be,
+        &model,
+        &tok,
+        &examples,
+        a.k.max(1),
+        &eval_options(&a.sample, a.k, a.temperature),
+    )?;
     let text: String = rows.iter().map(|r| r.to_string() + "\n").collect();
     io::write_atomic(&a.out, text.as_bytes())?;
     for r in rows.iter().take(5) {
-        println!("#{} index {} score {:.4} ({})", r["rank"], r["index"], r["score"].as_f64().unwrap_or(0.0), r["criterion"].as_str().unwrap_or(""));
+        println!(
+            "#{} index {} score {:.4} ({})",
+            r["rank"],
+            r["index"],
+            r["score"].as_f64().unwrap_or(0.0),
+            r["criterion"].as_str().unwrap_or("")
+        );
     }
-    eprintln!("wrote the ranking of {} prompts to {}", rows.len(), a.out.display());
+    eprintln!(
+        "wrote the ranking of {} prompts to {}",
+        rows.len(),
+        a.out.display()
+    );
     Ok(())
 }
 
@@ -647,7 +672,10 @@ fn run(cli: Cli) -> Result<()> {
         }
         Cmd::Grade(a) => {
             let (c, n) = eval::grade_file(&a.data, &a.pred_field, &a.answer_field, &a.out)?;
-            println!("accuracy: {:.2}% ({c}/{n})", 100.0 * c as f64 / n.max(1) as f64);
+            println!(
+                "accuracy: {:.2}% ({c}/{n})",
+                100.0 * c as f64 / n.max(1) as f64
+            );
             Ok(())
         }
         Cmd::Info => {
