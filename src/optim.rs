@@ -26,12 +26,15 @@ pub struct OptimConfig {
     pub grad_clip: f32,
 }
 
+/// AdamW's first and second moments.
+pub type Moments<T> = (Params<T>, Params<T>);
+
 pub struct Optimizer<B: Backend> {
     pub cfg: OptimConfig,
     /// Updates taken so far.
     pub step: u64,
     /// AdamW's first and second moments (None for SGD).
-    pub moments: Option<(Params<B::Buf>, Params<B::Buf>)>,
+    pub moments: Option<Moments<B::Buf>>,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq)]

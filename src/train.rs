@@ -480,15 +480,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     &self.cfg.suffix,
                 )?;
                 let prompt_ids = self.tok.encode(&text)?;
-                let g = if self.cfg.algo == Algo::Em {
-                    self.cfg.group_size
-                } else {
-                    self.cfg.group_size
-                };
                 let opt = crate::generate::GenerateOptions {
                     max_new_tokens: self.cfg.max_new_tokens,
                     sampling: self.sampling(),
-                    n: g,
+                    n: self.cfg.group_size,
                     // Each (step, record) gets its own stream, so a resumed run samples the same.
                     seed: self.cfg.seed
                         ^ ((step as u64) << 32)
@@ -831,7 +826,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 eta
             );
             if self.cfg.save_every > 0
-                && self.state.step % self.cfg.save_every == 0
+                && self.state.step.is_multiple_of(self.cfg.save_every)
                 && self.state.step < self.cfg.steps
             {
                 self.save(&format!("step-{}", self.state.step))?;
