@@ -136,7 +136,7 @@ struct TrainArgs {
     algo: Option<Algo>,
     #[arg(long, value_enum)]
     preset: Option<Preset>,
-    /// Questions (or rollout records) per step; default: all of a rollout file, 8 prompts otherwise.
+    /// Questions (or rollout records) per step; default: all of a rollout file, 1 for em, 8 otherwise.
     #[arg(long)]
     prompts_per_step: Option<usize>,
     #[arg(long, value_enum)]
@@ -444,10 +444,12 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
         weights,
         data: a.data.clone(),
         rollouts: a.rollouts.clone(),
-        prompts_per_step: a.prompts_per_step.or(if a.rollouts.is_some() || em {
-            None
-        } else {
-            Some(8)
+        // A rollout file is replayed whole each step; one-shot EM samples its batch from one
+        // prompt; EMPO takes 8 questions a step.
+        prompts_per_step: a.prompts_per_step.or(match (a.rollouts.is_some(), em) {
+            (true, _) => None,
+            (false, true) => Some(1),
+            (false, false) => Some(8),
         }),
         prompt_template: a.prompt_template.unwrap_or(PromptTemplate::ChatSuffix),
         suffix: a

@@ -802,29 +802,36 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .append(true)
             .open(&metrics_path)
             .with_context(|| format!("cannot open {}", metrics_path.display()))?;
-        let t_run = std::time::Instant::now();
-        let first = self.state.step;
+        let bar = indicatif::ProgressBar::new(self.cfg.steps as u64)
+            .with_position(self.state.step as u64);
+        bar.set_style(
+            indicatif::ProgressStyle::with_template(
+                "{bar:30} step {pos}/{len} | eta {eta} | {msg}",
+            )
+            .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
+        );
         while self.state.step < self.cfg.steps {
             let m = self.train_step()?;
             writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
             metrics.sync_data()?;
-            let done = self.state.step - first;
-            let eta = t_run.elapsed().as_secs_f64() / done as f64
-                * (self.cfg.steps - self.state.step) as f64;
-            eprintln!(
-                "step {}/{} | loss {:+.4} | sem-ent {:.3} | maj {:.2} | kept {:.2} | clip {:.3} | gnorm {:.3}{} | {:.1}s | eta {:.0}s",
-                m.step,
-                self.cfg.steps,
-                m.loss,
-                m.semantic_entropy,
-                m.majority_share,
-                m.kept_fraction,
-                m.clip_fraction,
-                m.grad_norm,
-                m.label_accuracy.map(|a| format!(" | label-acc {a:.2}")).unwrap_or_default(),
-                m.seconds,
-                eta
+            let label = m
+                .label_accuracy
+                .map(|a| format!(" | label-acc {a:.2}"))
+                .unwrap_or_default();
+            let summary = format!(
+                "loss {:+.4} | sem-ent {:.3} | maj {:.2} | kept {:.2} | clip {:.3} | gnorm {:.3}{label} | {:.0} tok/s",
+                m.loss, m.semantic_entropy, m.majority_share, m.kept_fraction, m.clip_fraction, m.grad_norm, m.tokens_per_s
             );
+            bar.inc(1);
+            if bar.is_hidden() {
+                // Off a terminal (logs, CI) one plain line a step.
+                eprintln!(
+                    "step {}/{} | {summary} | {:.1}s",
+                    m.step, self.cfg.steps, m.seconds
+                );
+            } else {
+                bar.set_message(summary);
+            }
             if self.cfg.save_every > 0
                 && self.state.step.is_multiple_of(self.cfg.save_every)
                 && self.state.step < self.cfg.steps
@@ -832,6 +839,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 self.save(&format!("step-{}", self.state.step))?;
             }
         }
+        bar.finish();
         self.save("final")
     }
 }
