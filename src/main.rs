@@ -34,6 +34,8 @@ enum Cmd {
     Generate(GenerateArgs),
     /// Train without labels: EMPO (default), one-shot EM, or the GRPO/TTRL baselines.
     Train(Box<TrainArgs>),
+    /// Supervised next-token training on completions (cross-entropy, AdamW), same run layout as train.
+    Sft(SftArgs),
     /// Evaluate on benchmark files: greedy pass@1, or avg@k / pass@k / maj@k with --n K.
     Eval(EvalArgs),
     /// Rank prompts for one-shot EM (pass@k variance with gold answers, else semantic entropy).
@@ -42,6 +44,40 @@ enum Cmd {
     Grade(GradeArgs),
     /// Print the version, the compiled kernels and the devices found.
     Info,
+}
+
+#[derive(Args)]
+struct SftArgs {
+    #[arg(long)]
+    weights: String,
+    #[arg(long, value_enum, default_value = "auto")]
+    device: DeviceArg,
+    /// JSONL of {"prompt"|"problem"|"question", "completion"|"response"}.
+    #[arg(long)]
+    data: PathBuf,
+    #[arg(long, value_enum, default_value = "chat-suffix")]
+    prompt_template: PromptTemplate,
+    #[arg(long, default_value = "")]
+    suffix: String,
+    #[arg(long, default_value_t = 16)]
+    batch_size: usize,
+    /// Default: one epoch.
+    #[arg(long)]
+    steps: Option<usize>,
+    #[arg(long, default_value_t = 1e-4)]
+    lr: f32,
+    #[arg(long, default_value_t = 0.0)]
+    weight_decay: f32,
+    #[arg(long, default_value_t = 1.0)]
+    grad_clip: f32,
+    #[arg(long, value_enum, default_value = "adamw")]
+    optimizer: OptimizerKind,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    #[arg(long, default_value_t = 0)]
+    save_every: usize,
+    #[arg(long)]
+    out: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -493,10 +529,57 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
     })
 }
 
+fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
+    let batch = a.batch_size.max(1);
+    TrainConfig {
+        engine_version: empo_engine::VERSION.to_string(),
+        algo: Algo::Sft,
+        weights,
+        data: Some(a.data.clone()),
+        rollouts: None,
+        prompts_per_step: Some(batch),
+        prompt_template: a.prompt_template,
+        suffix: a.suffix.clone(),
+        group_size: 1,
+        temperature: 1.0,
+        top_p: 1.0,
+        top_k: 0,
+        max_new_tokens: 0,
+        entropy_min: 0.0,
+        entropy_max: f32::MAX,
+        max_refill_rounds: 0,
+        policy_loss: PolicyLoss::Grpo,
+        loss_agg: LossAgg::TokenMean,
+        clip_low: 0.0,
+        clip_high: 0.0,
+        dual_clip: None,
+        kl_coef: 0.0,
+        mini_batches: 1,
+        ppo_epochs: 1,
+        optim: OptimConfig {
+            kind: a.optimizer,
+            lr: a.lr,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: a.weight_decay,
+            grad_clip: a.grad_clip,
+        },
+        steps: a.steps.unwrap_or(records.div_ceil(batch)),
+        seed: a.seed,
+        save_every: a.save_every,
+        out: a
+            .out
+            .clone()
+            .unwrap_or_else(|| PathBuf::from("runs").join(format!("sft-{}", utc_stamp()))),
+    }
+}
+
 fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<()> {
     let model = Qwen2::load_dir(be, &cfg.weights)?;
     let tok = Tokenizer::from_dir(&cfg.weights)?;
     let source = match (&cfg.rollouts, &cfg.data) {
+        (None, Some(d)) if cfg.algo == Algo::Sft => Source::Supervised(train::load_sft(d)?),
         (Some(r), _) => Source::Rollouts(train::load_rollouts(r)?),
         (None, Some(d)) => Source::Prompts(empo_engine::data::load_examples(d)?),
         (None, None) => bail!("no --data or --rollouts"),
@@ -658,6 +741,14 @@ fn run(cli: Cli) -> Result<()> {
             };
             match device::select(a.device)? {
                 Device::Cpu => run_train(&CpuBackend, cfg, resume_from),
+            }
+        }
+        Cmd::Sft(a) => {
+            let weights = hub::resolve_weights(&a.weights)?;
+            let n = train::load_sft(&a.data)?.len();
+            let cfg = sft_config(&a, weights, n);
+            match device::select(a.device)? {
+                Device::Cpu => run_train(&CpuBackend, cfg, None),
             }
         }
         Cmd::Eval(a) => {

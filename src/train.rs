@@ -27,6 +27,9 @@ pub enum Algo {
     Grpo,
     /// Majority-vote reward (test-time RL): 1 for the majority cluster, 0 otherwise.
     Ttrl,
+    /// Supervised next-token training on completions (the `sft` command).
+    #[value(skip)]
+    Sft,
 }
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum, Serialize, Deserialize)]
@@ -116,6 +119,43 @@ pub struct TrainerState {
 pub enum Source {
     Prompts(Vec<Example>),
     Rollouts(Vec<RolloutRecord>),
+    Supervised(Vec<SftRecord>),
+}
+
+/// A prompt and the completion supervised training teaches.
+#[derive(Debug, Clone)]
+pub struct SftRecord {
+    pub prompt: Prompt,
+    pub completion: String,
+}
+
+/// Reads `{"prompt"|"problem"|"question": ..., "completion"|"response": ...}` lines.
+pub fn load_sft(path: &Path) -> Result<Vec<SftRecord>> {
+    let text = std::fs::read_to_string(path)
+        .with_context(|| format!("cannot read SFT file {}", path.display()))?;
+    let mut out = Vec::new();
+    for (i, line) in text.lines().enumerate() {
+        if line.trim().is_empty() {
+            continue;
+        }
+        let at = || format!("{}:{}", path.display(), i + 1);
+        let v: serde_json::Value =
+            serde_json::from_str(line).with_context(|| format!("{}: not valid JSON", at()))?;
+        let ex =
+            crate::data::example_from_json(&v).map_err(|e| anyhow::anyhow!("{}: {e}", at()))?;
+        let completion = ["completion", "response"]
+            .iter()
+            .find_map(|k| v.get(*k).and_then(|c| c.as_str()))
+            .with_context(|| format!("{}: no string field `completion` or `response`", at()))?;
+        out.push(SftRecord {
+            prompt: ex.prompt,
+            completion: completion.to_string(),
+        });
+    }
+    if out.is_empty() {
+        bail!("{}: no SFT records", path.display());
+    }
+    Ok(out)
 }
 
 #[derive(Debug, Clone)]
@@ -279,7 +319,7 @@ pub fn score_group(algo: Algo, g: &Group) -> (Vec<f32>, rl::GroupStats, Vec<Opti
         })
         .collect();
     let rewards = match algo {
-        Algo::Empo | Algo::Em => stats.rewards.clone(),
+        Algo::Empo | Algo::Em | Algo::Sft => stats.rewards.clone(),
         Algo::Ttrl => {
             let maj = stats.majority_member.and_then(|m| ids[m]);
             ids.iter()
@@ -423,6 +463,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
         match &self.source {
             Source::Prompts(p) => p.len(),
             Source::Rollouts(r) => r.len(),
+            Source::Supervised(r) => r.len(),
         }
     }
 
@@ -471,6 +512,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     })
                 }
             },
+            Source::Supervised(_) => bail!("a supervised data file has no groups to sample"),
             Source::Prompts(ex) => {
                 let e = &ex[idx];
                 let text = render_prompt(
@@ -513,6 +555,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// One train step: collect groups, score, filter, and update. Returns its metrics.
     pub fn train_step(&mut self) -> Result<StepMetrics> {
+        if self.cfg.algo == Algo::Sft {
+            return self.sft_step();
+        }
         let t0 = std::time::Instant::now();
         let step = self.state.step;
         let per_step = self
@@ -604,6 +649,99 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.state.optimizer_step = self.opt.step;
         m.seconds = t0.elapsed().as_secs_f64();
         Ok(m)
+    }
+
+    /// Supervised step: token-mean cross-entropy of the completions (and the end-of-turn token
+    /// after them) over a right-padded batch, one optimizer step.
+    fn sft_step(&mut self) -> Result<StepMetrics> {
+        let t0 = std::time::Instant::now();
+        let Source::Supervised(recs) = &self.source else {
+            bail!("sft needs a supervised data file");
+        };
+        let batch = self
+            .cfg
+            .prompts_per_step
+            .unwrap_or(recs.len())
+            .clamp(1, recs.len());
+        let end = self
+            .tok
+            .token_to_id("<|im_end|>")
+            .or_else(|| self.tok.eos_ids.first().copied());
+        let mut seqs = Vec::with_capacity(batch);
+        for i in 0..batch {
+            let r = &recs[(self.state.data_pos + i) % recs.len()];
+            let text = render_prompt(
+                &self.tok,
+                &r.prompt,
+                self.cfg.prompt_template,
+                &self.cfg.suffix,
+            )?;
+            let prompt = self.tok.encode(&text)?;
+            let mut ids = prompt.clone();
+            ids.extend(self.tok.encode(&r.completion)?);
+            ids.extend(end);
+            seqs.push((prompt.len(), ids));
+        }
+        self.state.data_pos += batch;
+        // Right padding keeps the causal attention of the real tokens exact; pads get no target.
+        let seq = seqs.iter().map(|s| s.1.len()).max().unwrap_or(1);
+        let pad = end.unwrap_or(0);
+        let mut ids = vec![pad; batch * seq];
+        let mut targets = vec![NO_TARGET; batch * seq];
+        for (b, (p, s)) in seqs.iter().enumerate() {
+            ids[b * seq..b * seq + s.len()].copy_from_slice(s);
+            for t in p - 1..s.len() - 1 {
+                targets[b * seq + t] = s[t + 1];
+            }
+        }
+        let n_tok = targets.iter().filter(|&&t| t != NO_TARGET).count();
+        let v = self.model.cfg.vocab_size;
+        let mut acts = self.model.alloc_activations(self.be, batch, seq, true)?;
+        self.model.forward_train(self.be, &ids, &mut acts)?;
+        let stats = self
+            .be
+            .softmax_stats(&acts.logits, batch * seq, v, &targets, 1.0)?;
+        let nll = -stats.iter().map(|s| s.logprob as f64).sum::<f64>() / n_tok.max(1) as f64;
+        let a = vec![0.0f32; batch * seq];
+        let b: Vec<f32> = targets
+            .iter()
+            .map(|&t| {
+                if t == NO_TARGET {
+                    0.0
+                } else {
+                    -1.0 / n_tok.max(1) as f32
+                }
+            })
+            .collect();
+        let mut dlogits = self.be.alloc(batch * seq * v)?;
+        self.be.softmax_stats_bwd(
+            &mut dlogits,
+            &acts.logits,
+            batch * seq,
+            v,
+            &targets,
+            1.0,
+            &a,
+            &b,
+        );
+        let mut grads = self.model.zeros_like_params(self.be)?;
+        self.model
+            .backward(self.be, &mut acts, &dlogits, &mut grads)?;
+        let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
+        self.state.step += 1;
+        self.state.optimizer_step = self.opt.step;
+        let secs = t0.elapsed().as_secs_f64();
+        Ok(StepMetrics {
+            step: self.state.step,
+            loss: nll,
+            grad_norm: info.grad_norm,
+            lr: info.lr,
+            num_tokens: n_tok,
+            tokens_per_s: (batch * seq) as f64 / secs.max(1e-9),
+            kept_fraction: 1.0,
+            seconds: secs,
+            ..Default::default()
+        })
     }
 
     /// One-shot EM: the token-mean entropy of every completion token, one optimizer step.
@@ -818,10 +956,17 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .label_accuracy
                 .map(|a| format!(" | label-acc {a:.2}"))
                 .unwrap_or_default();
-            let summary = format!(
-                "loss {:+.4} | sem-ent {:.3} | maj {:.2} | kept {:.2} | clip {:.3} | gnorm {:.3}{label} | {:.0} tok/s",
-                m.loss, m.semantic_entropy, m.majority_share, m.kept_fraction, m.clip_fraction, m.grad_norm, m.tokens_per_s
-            );
+            let summary = if self.cfg.algo == Algo::Sft {
+                format!(
+                    "loss {:.4} | gnorm {:.3} | {:.0} tok/s",
+                    m.loss, m.grad_norm, m.tokens_per_s
+                )
+            } else {
+                format!(
+                    "loss {:+.4} | sem-ent {:.3} | maj {:.2} | kept {:.2} | clip {:.3} | gnorm {:.3}{label} | {:.0} tok/s",
+                    m.loss, m.semantic_entropy, m.majority_share, m.kept_fraction, m.clip_fraction, m.grad_norm, m.tokens_per_s
+                )
+            };
             bar.inc(1);
             if bar.is_hidden() {
                 // Off a terminal (logs, CI) one plain line a step.

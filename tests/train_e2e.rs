@@ -255,3 +255,53 @@ fn ppo_epochs_and_mini_batches_move_off_policy_and_clip() {
     assert!(m["clip_fraction"].as_f64().unwrap() > 0.0, "{m}");
     std::fs::remove_dir_all(&dir).unwrap();
 }
+
+#[test]
+fn sft_learns_a_small_dataset() {
+    let dir = tmp("sft");
+    let data = dir.join("sft.jsonl");
+    let rows: String = (0..24)
+        .map(|i| {
+            let (a, b) = (10 + (i * 7) % 90, 10 + (i * 13) % 90);
+            serde_json::json!({"prompt": format!("What is {a} + {b}?"), "completion": format!("So {a} + {b} = {}. \\boxed{{{}}}", a + b, a + b)})
+                .to_string()
+                + "\n"
+        })
+        .collect();
+    std::fs::write(&data, rows).unwrap();
+    let out = dir.join("run");
+    let model = fixtures().join("tiny-qwen2-a");
+    let o = Command::new(env!("CARGO_BIN_EXE_empo-engine"))
+        .args([
+            "sft",
+            "--weights",
+            model.to_str().unwrap(),
+            "--data",
+            data.to_str().unwrap(),
+            "--device",
+            "cpu",
+        ])
+        .args([
+            "--batch-size",
+            "8",
+            "--steps",
+            "30",
+            "--lr",
+            "3e-3",
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    let m = metrics(&out);
+    assert_eq!(m.len(), 30);
+    let (first, last) = (
+        m[0]["loss"].as_f64().unwrap(),
+        m[29]["loss"].as_f64().unwrap(),
+    );
+    // Untrained, the loss is near ln(vocab) = ln 448 ≈ 6.1; the set is small enough to memorize.
+    assert!(first > 4.0 && last < first / 3.0, "loss {first} -> {last}");
+    assert!(out.join("final/model.safetensors").exists());
+    std::fs::remove_dir_all(&dir).unwrap();
+}
