@@ -5,6 +5,8 @@ pub mod backend;
 pub mod checkpoint;
 pub mod config;
 pub mod data;
+pub mod demo;
+pub mod demo_task;
 pub mod device;
 pub mod eval;
 pub mod generate;

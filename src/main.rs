@@ -36,6 +36,9 @@ enum Cmd {
     Train(Box<TrainArgs>),
     /// Supervised next-token training on completions (cross-entropy, AdamW), same run layout as train.
     Sft(SftArgs),
+    /// Rebuild the embedded demo (assets/demo): task data, tokenizer, tiny model, SFT pretraining.
+    #[command(hide = true)]
+    BuildDemo(BuildDemoArgs),
     /// Evaluate on benchmark files: greedy pass@1, or avg@k / pass@k / maj@k with --n K.
     Eval(EvalArgs),
     /// Rank prompts for one-shot EM (pass@k variance with gold answers, else semantic entropy).
@@ -78,6 +81,24 @@ struct SftArgs {
     save_every: usize,
     #[arg(long)]
     out: Option<PathBuf>,
+}
+
+#[derive(Args)]
+struct BuildDemoArgs {
+    #[arg(long, default_value = "assets/demo")]
+    out: PathBuf,
+    #[arg(long, default_value_t = 0)]
+    seed: u64,
+    /// SFT steps between dev-accuracy checks.
+    #[arg(long, default_value_t = 100)]
+    chunk: usize,
+    #[arg(long, default_value_t = 3000)]
+    max_steps: usize,
+    /// Stop pretraining at this greedy dev accuracy (percent).
+    #[arg(long, default_value_t = 50.0)]
+    target_accuracy: f64,
+    #[arg(long, default_value_t = 2e-3)]
+    lr: f32,
 }
 
 #[derive(Args)]
@@ -238,6 +259,9 @@ struct TrainArgs {
     /// Continue the run in this directory from its newest checkpoint.
     #[arg(long)]
     resume: Option<PathBuf>,
+    /// Demo only: measure on the first N held-out questions (shortened runs).
+    #[arg(long, hide = true)]
+    heldout: Option<usize>,
 }
 
 #[derive(Args)]
@@ -720,6 +744,47 @@ fn run(cli: Cli) -> Result<()> {
             match l.device {
                 Device::Cpu => run_generate(&CpuBackend, &l.dir, &a),
             }
+        }
+        Cmd::Train(a)
+            if a.weights.is_none()
+                && a.data.is_none()
+                && a.rollouts.is_none()
+                && a.resume.is_none() =>
+        {
+            // No model and no data: the embedded demo, before/after numbers included.
+            let o = empo_engine::demo::DemoOptions {
+                algo: a.algo.unwrap_or(Algo::Empo),
+                out: a
+                    .out
+                    .clone()
+                    .unwrap_or_else(|| PathBuf::from("runs").join(format!("demo-{}", utc_stamp()))),
+                steps: a.steps,
+                heldout: a.heldout,
+                seed: a.seed.unwrap_or(0),
+                lr: a.lr,
+                temperature: a.temperature,
+                group_size: a.group_size,
+            };
+            let s = match device::select(a.device)? {
+                Device::Cpu => empo_engine::demo::run(&CpuBackend, &o)?,
+            };
+            println!(
+                "{:?} on the embedded demo: greedy accuracy {:.1}% -> {:.1}%, semantic entropy {:.3} -> {:.3}, {} steps in {:.0}s",
+                s.algo, s.accuracy_before, s.accuracy_after, s.semantic_entropy_before, s.semantic_entropy_after, s.steps, s.seconds
+            );
+            println!("wrote {}/summary.json and curves.png", o.out.display());
+            Ok(())
+        }
+        Cmd::BuildDemo(a) => {
+            let o = empo_engine::demo::BuildOptions {
+                out: a.out.clone(),
+                seed: a.seed,
+                sft_chunk: a.chunk,
+                max_sft_steps: a.max_steps,
+                target_accuracy: a.target_accuracy,
+                lr: a.lr,
+            };
+            empo_engine::demo::build(&CpuBackend, &o)
         }
         Cmd::Train(a) => {
             let (cfg, resume_from) = match &a.resume {

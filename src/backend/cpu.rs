@@ -537,7 +537,13 @@ impl Backend for CpuBackend {
             .for_each(|(a, b)| *a += alpha * b);
     }
     fn sum_squares(&self, x: &Vec<f32>) -> Result<f64> {
-        Ok(x.par_iter().map(|&v| v as f64 * v as f64).sum())
+        // Fixed chunks summed in order: the result must not depend on rayon's work stealing,
+        // or the same seed would not give the same run.
+        let parts: Vec<f64> = x
+            .par_chunks(1 << 14)
+            .map(|c| c.iter().map(|&v| v as f64 * v as f64).sum())
+            .collect();
+        Ok(parts.iter().sum())
     }
     fn adamw(
         &self,
