@@ -9,7 +9,7 @@ use crate::data::{load_examples, Example};
 use crate::generate::{generate, GenerateOptions};
 use crate::grader;
 use crate::model::{random_tensors, Qwen2};
-use crate::optim::{OptimConfig, Optimizer, OptimizerKind};
+use crate::optim::{OptimConfig, OptimizerKind};
 use crate::rl::{self, LossAgg, PolicyLoss};
 use crate::sampling::SamplingParams;
 use crate::tokenizer::Tokenizer;
@@ -185,18 +185,8 @@ pub fn run<B: Backend>(be: &B, o: &DemoOptions) -> Result<Summary> {
         before.accuracy, before.semantic_entropy
     );
     let source = Source::Prompts(load_examples(cfg.data.as_ref().expect("demo data"))?);
-    let opt = Optimizer::new(be, &model, cfg.optim)?;
     let steps = cfg.steps;
-    let mut t = Trainer {
-        be,
-        cfg,
-        model,
-        tok,
-        opt,
-        source,
-        state: Default::default(),
-        reference: None,
-    };
+    let mut t = Trainer::new(be, cfg, model, tok, source)?;
     t.run()?;
     let after = measure(be, &t.model, &t.tok, &heldout, o.seed)?;
     eprintln!(
@@ -364,17 +354,7 @@ pub fn build<B: Backend>(be: &B, o: &BuildOptions) -> Result<()> {
     tcfg.optim.lr = o.lr;
     tcfg.optim.weight_decay = 0.01;
     let model = Qwen2::load_dir(be, &init_dir)?;
-    let opt = Optimizer::new(be, &model, tcfg.optim)?;
-    let mut t = Trainer {
-        be,
-        cfg: tcfg,
-        model,
-        tok,
-        opt,
-        source: Source::Supervised(sft),
-        state: Default::default(),
-        reference: None,
-    };
+    let mut t = Trainer::new(be, tcfg, model, tok, Source::Supervised(sft))?;
     loop {
         t.cfg.steps += o.sft_chunk;
         t.run()?;

@@ -52,6 +52,36 @@ pub struct FileScore {
     pub maj_k: f64,
 }
 
+/// The rendered prompt of `e` and `n` completions of it, seeded per problem.
+fn sample_texts<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    tok: &Tokenizer,
+    e: &Example,
+    n: usize,
+    opt: &EvalOptions,
+) -> Result<(String, Vec<String>)> {
+    let text = render_prompt(tok, &e.prompt, opt.template, &opt.suffix)?;
+    let gen = GenerateOptions {
+        max_new_tokens: opt.max_new_tokens,
+        sampling: SamplingParams {
+            temperature: opt.temperature,
+            top_k: 0,
+            top_p: opt.top_p,
+        },
+        n,
+        seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        stop_ids: tok.eos_ids.clone(),
+        ignore_eos: false,
+    };
+    let outs = generate(be, model, &tok.encode(&text)?, &gen)?;
+    let texts = outs
+        .iter()
+        .map(|c| tok.decode(&c.ids, true))
+        .collect::<Result<_>>()?;
+    Ok((text, texts))
+}
+
 /// One problem's graded samples.
 fn grade_samples(texts: &[String], gold: &GoldAnswer) -> (Vec<Option<String>>, Vec<bool>, bool) {
     let answers: Vec<Option<String>> = texts
@@ -93,25 +123,7 @@ pub fn eval_file<B: Backend>(
                 e.index + 1
             );
         };
-        let text = render_prompt(tok, &e.prompt, opt.template, &opt.suffix)?;
-        let prompt = tok.encode(&text)?;
-        let gen = GenerateOptions {
-            max_new_tokens: opt.max_new_tokens,
-            sampling: SamplingParams {
-                temperature: opt.temperature,
-                top_k: 0,
-                top_p: opt.top_p,
-            },
-            n: opt.n,
-            seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            stop_ids: tok.eos_ids.clone(),
-            ignore_eos: false,
-        };
-        let outs = generate(be, model, &prompt, &gen)?;
-        let texts: Vec<String> = outs
-            .iter()
-            .map(|c| tok.decode(&c.ids, true))
-            .collect::<Result<_>>()?;
+        let (text, texts) = sample_texts(be, model, tok, e, opt.n, opt)?;
         let (answers, correct, maj) = grade_samples(&texts, gold);
         let c = correct.iter().filter(|&&x| x).count();
         s.avg += c as f64 / opt.n as f64;
@@ -192,24 +204,7 @@ pub fn select_prompts<B: Backend>(
 ) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
     for e in examples {
-        let text = render_prompt(tok, &e.prompt, opt.template, &opt.suffix)?;
-        let prompt = tok.encode(&text)?;
-        let gen = GenerateOptions {
-            max_new_tokens: opt.max_new_tokens,
-            sampling: SamplingParams {
-                temperature: opt.temperature,
-                top_k: 0,
-                top_p: opt.top_p,
-            },
-            n: k,
-            seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-            stop_ids: tok.eos_ids.clone(),
-            ignore_eos: false,
-        };
-        let texts: Vec<String> = generate(be, model, &prompt, &gen)?
-            .iter()
-            .map(|c| tok.decode(&c.ids, true))
-            .collect::<Result<_>>()?;
+        let (text, texts) = sample_texts(be, model, tok, e, k, opt)?;
         let (score, criterion, extra) = match &e.gold {
             Some(gold) => {
                 let (_, correct, _) = grade_samples(&texts, gold);

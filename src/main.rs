@@ -608,23 +608,7 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
         (None, Some(d)) => Source::Prompts(empo_engine::data::load_examples(d)?),
         (None, None) => bail!("no --data or --rollouts"),
     };
-    let opt = empo_engine::optim::Optimizer::new(be, &model, cfg.optim)?;
-    // The KL reference is the initial checkpoint, frozen.
-    let reference = if cfg.kl_coef > 0.0 {
-        Some(Qwen2::load_dir(be, &cfg.weights)?)
-    } else {
-        None
-    };
-    let mut t = Trainer {
-        be,
-        cfg,
-        model,
-        tok,
-        opt,
-        source,
-        state: Default::default(),
-        reference,
-    };
+    let mut t = Trainer::new(be, cfg, model, tok, source)?;
     if let Some(ck) = resume_from {
         t.restore(&ck)?;
         eprintln!("resuming from {} at step {}", ck.display(), t.state.step);

@@ -2,11 +2,11 @@
 //! rollout collection, scoring of groups, the per-sequence forward/backward and checkpoints, and
 //! never know which backend runs them.
 
-use crate::backend::{Backend, NO_TARGET};
+use crate::backend::{Backend, RowStats, NO_TARGET};
 use crate::checkpoint;
 use crate::data::{Example, Prompt};
 use crate::grader::{self, GoldAnswer};
-use crate::model::{Params, Qwen2};
+use crate::model::{Activations, Params, Qwen2};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::rl::{self, ClipConfig, LossAgg, PolicyLoss, SeqSpan};
 use crate::sampling::SamplingParams;
@@ -360,18 +360,18 @@ pub struct StepMetrics {
     pub seconds: f64,
 }
 
-/// Forward + backward of one sequence; `coef` maps (entropies, logprobs) of the completion
-/// rows to (d/dentropy, d/dlogprob) per row. Returns the completion rows' log-probs.
-fn seq_backward<B: Backend>(
+/// Activations, targets and softmax statistics of one sequence's forward.
+type SeqForward<T> = (Activations<T>, Vec<u32>, Vec<RowStats>);
+
+/// Forward of one sequence and the softmax statistics of its completion rows (row r predicts
+/// token r + 1; rows before the last prompt token have no target).
+fn seq_forward<B: Backend>(
     be: &B,
     model: &Qwen2<B>,
-    grads: &mut Params<B::Buf>,
     s: &TrainSeq,
     temperature: f32,
-    coef: impl FnOnce(&[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
-) -> Result<()> {
+) -> Result<SeqForward<B::Buf>> {
     let seq = s.ids.len();
-    let v = model.cfg.vocab_size;
     let mut acts = model.alloc_activations(be, 1, seq, true)?;
     model.forward_train(be, &s.ids, &mut acts)?;
     let targets: Vec<u32> = (0..seq)
@@ -383,7 +383,28 @@ fn seq_backward<B: Backend>(
             }
         })
         .collect();
-    let stats = be.softmax_stats(&acts.logits, seq, v, &targets, temperature)?;
+    let stats = be.softmax_stats(
+        &acts.logits,
+        seq,
+        model.cfg.vocab_size,
+        &targets,
+        temperature,
+    )?;
+    Ok((acts, targets, stats))
+}
+
+/// Forward + backward of one sequence; `coef` maps (entropies, logprobs) of the completion
+/// rows to (d/dentropy, d/dlogprob) per row.
+fn seq_backward<B: Backend>(
+    be: &B,
+    model: &Qwen2<B>,
+    grads: &mut Params<B::Buf>,
+    s: &TrainSeq,
+    temperature: f32,
+    coef: impl FnOnce(&[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
+) -> Result<()> {
+    let (seq, v) = (s.ids.len(), model.cfg.vocab_size);
+    let (mut acts, targets, stats) = seq_forward(be, model, s, temperature)?;
     let rows = s.prompt_len - 1..seq - 1;
     let ent: Vec<f32> = stats[rows.clone()].iter().map(|x| x.entropy).collect();
     let lp: Vec<f32> = stats[rows.clone()].iter().map(|x| x.logprob).collect();
@@ -413,26 +434,8 @@ fn seq_logprobs<B: Backend>(
     s: &TrainSeq,
     temperature: f32,
 ) -> Result<Vec<f32>> {
-    let seq = s.ids.len();
-    let mut acts = model.alloc_activations(be, 1, seq, true)?;
-    model.forward_train(be, &s.ids, &mut acts)?;
-    let targets: Vec<u32> = (0..seq)
-        .map(|r| {
-            if r + 1 >= s.prompt_len && r + 1 < seq {
-                s.ids[r + 1]
-            } else {
-                NO_TARGET
-            }
-        })
-        .collect();
-    let stats = be.softmax_stats(
-        &acts.logits,
-        seq,
-        model.cfg.vocab_size,
-        &targets,
-        temperature,
-    )?;
-    Ok(stats[s.prompt_len - 1..seq - 1]
+    let (_, _, stats) = seq_forward(be, model, s, temperature)?;
+    Ok(stats[s.prompt_len - 1..s.ids.len() - 1]
         .iter()
         .map(|x| x.logprob)
         .collect())
@@ -451,6 +454,32 @@ pub struct Trainer<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
+    /// A trainer at step 0: the optimizer, and the frozen reference when --kl-coef > 0.
+    pub fn new(
+        be: &'a B,
+        cfg: TrainConfig,
+        model: Qwen2<B>,
+        tok: Tokenizer,
+        source: Source,
+    ) -> Result<Self> {
+        let opt = Optimizer::new(be, &model, cfg.optim)?;
+        let reference = if cfg.kl_coef > 0.0 {
+            Some(Qwen2::load_dir(be, &cfg.weights)?)
+        } else {
+            None
+        };
+        Ok(Trainer {
+            be,
+            cfg,
+            model,
+            tok,
+            opt,
+            source,
+            state: TrainerState::default(),
+            reference,
+        })
+    }
+
     pub fn sampling(&self) -> SamplingParams {
         SamplingParams {
             temperature: self.cfg.temperature,
