@@ -27,7 +27,7 @@ pub fn demo_dir() -> PathBuf {
 
 /// Sampling settings shared by the before/after measurement and training.
 pub const GROUP: usize = 8;
-pub const TEMPERATURE: f32 = 1.0;
+pub const TEMPERATURE: f32 = 0.8;
 pub const MAX_NEW_TOKENS: usize = 72;
 
 #[derive(Debug, Clone, Copy, Serialize)]
@@ -142,7 +142,7 @@ pub fn demo_config(dir: &Path, o: &DemoOptions) -> TrainConfig {
         ppo_epochs: 1,
         optim: OptimConfig {
             kind: OptimizerKind::Adamw,
-            lr: if em { 2e-5 } else { 3e-5 },
+            lr: 2e-5,
             beta1: 0.9,
             beta2: 0.999,
             eps: 1e-8,

@@ -95,7 +95,7 @@ struct BuildDemoArgs {
     #[arg(long, default_value_t = 3000)]
     max_steps: usize,
     /// Stop pretraining at this greedy dev accuracy (percent).
-    #[arg(long, default_value_t = 50.0)]
+    #[arg(long, default_value_t = 70.0)]
     target_accuracy: f64,
     #[arg(long, default_value_t = 2e-3)]
     lr: f32,
