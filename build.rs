@@ -95,6 +95,14 @@ fn main() {
             .iter()
             .map(|s| s.file_stem().unwrap().to_string_lossy().into_owned())
             .collect();
+        // Kernel names for `empo-engine info`: every extern "C" __global__ entry point.
+        let mut kernels = Vec::new();
+        for s in &sources {
+            let text = std::fs::read_to_string(s).unwrap_or_default();
+            for part in text.split("extern \"C\" __global__ void ").skip(1) {
+                kernels.push(part.split('(').next().unwrap_or("").trim().to_string());
+            }
+        }
         let status = Command::new(&nvcc)
             .arg("-fatbin")
             .args(["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"])
@@ -113,6 +121,10 @@ fn main() {
                     gencode_flags().join(" ")
                 );
                 println!("cargo:rustc-env=EMPO_CUDA_FILES={}", names.join(","));
+                println!(
+                    "cargo:rustc-env=EMPO_CUDA_KERNEL_NAMES={}",
+                    kernels.join(",")
+                );
             }
             // A kernel that does not compile fails the build: CI must catch it.
             Ok(s) => panic!(

@@ -19,6 +19,9 @@ pub fn kernels_compiled() -> bool {
     option_env!("EMPO_CUDA_KERNELS").is_some_and(|v| v == "1")
 }
 
+/// The embedded fatbin (empty when built without nvcc), for the CUDA backend to load.
+pub static KERNELS_FATBIN: &[u8] = include_bytes!(concat!(env!("OUT_DIR"), "/kernels.fatbin"));
+
 /// A cheap look for an NVIDIA driver, without loading any CUDA library.
 pub fn nvidia_driver_present() -> bool {
     std::path::Path::new("/proc/driver/nvidia/version").exists()

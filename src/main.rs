@@ -700,7 +700,18 @@ fn run_select<B: Backend>(be: &B, dir: &Path, a: &SelectArgs) -> Result<()> {
 fn info() {
     println!("empo-engine {}", empo_engine::VERSION);
     if device::kernels_compiled() {
-        println!("CUDA kernels: compiled");
+        println!(
+            "CUDA kernels: compiled ({})",
+            option_env!("EMPO_CUDA_TARGETS").unwrap_or("")
+        );
+        println!("  files: {}", option_env!("EMPO_CUDA_FILES").unwrap_or(""));
+        println!(
+            "  kernels: {}",
+            option_env!("EMPO_CUDA_KERNEL_NAMES")
+                .unwrap_or("")
+                .replace(',', ", ")
+        );
+        println!("  (the CUDA backend that launches them is not part of this build yet)");
     } else {
         println!("CUDA kernels: not compiled (built without nvcc)");
     }
@@ -828,6 +839,12 @@ fn run(cli: Cli) -> Result<()> {
 }
 
 fn main() -> ExitCode {
+    // Rust ignores SIGPIPE, which turns a closed pipe into a panic inside println!; a CLI should
+    // just stop, as other Unix tools do.
+    // SAFETY: setting a signal disposition at startup, before any other thread exists.
+    unsafe {
+        libc::signal(libc::SIGPIPE, libc::SIG_DFL);
+    }
     match run(Cli::parse()) {
         Ok(()) => ExitCode::SUCCESS,
         Err(e) => {
