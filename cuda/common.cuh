@@ -7,7 +7,11 @@
 typedef __nv_bfloat16 bf16;
 
 __device__ __forceinline__ float ld(const bf16 *p) { return __bfloat162float(*p); }
+__device__ __forceinline__ float ld(const float *p) { return *p; }
 __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
+// Stores an fp32 result into either storage type, so one template serves bf16 and f32 buffers.
+__device__ __forceinline__ void st(bf16 *p, float x) { *p = __float2bfloat16_rn(x); }
+__device__ __forceinline__ void st(float *p, float x) { *p = x; }
 
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);

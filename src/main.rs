@@ -47,6 +47,22 @@ enum Cmd {
     Grade(GradeArgs),
     /// Print the version, the compiled kernels and the devices found.
     Info,
+    /// Check every CUDA kernel, then the whole model on the GPU, against the CPU reference;
+    /// prints one row per check and exits non-zero on any failure (2 when there is no GPU).
+    CheckKernels(CheckArgs),
+}
+
+#[derive(Args)]
+struct CheckArgs {
+    /// Seed of the random inputs (default: from the clock, so every run draws fresh data).
+    #[arg(long)]
+    seed: Option<u64>,
+    /// Skip the Qwen2.5-7B-sized shapes (vocab 152064, hidden 3584, sequence 1024).
+    #[arg(long)]
+    quick: bool,
+    /// `cpu` runs the same checks over the CPU backend itself: a self-test of the harness.
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceArg,
 }
 
 #[derive(Args)]
@@ -711,34 +727,67 @@ fn info() {
                 .unwrap_or("")
                 .replace(',', ", ")
         );
-        println!("  (the CUDA backend that launches them is not part of this build yet)");
     } else {
         println!("CUDA kernels: not compiled (built without nvcc)");
     }
-    println!(
-        "devices: cpu ({} threads){}",
-        rayon::current_num_threads(),
-        if device::nvidia_driver_present() {
-            ", NVIDIA driver present"
-        } else {
-            ""
+    println!("devices:");
+    println!("  cpu ({} threads)", rayon::current_num_threads());
+    match device::open_cuda() {
+        Ok(be) => {
+            let (maj, min) = be.compute_capability();
+            println!(
+                "  cuda:0 {} (sm_{maj}{min}, {} SMs)",
+                be.device_name(),
+                be.sm_count()
+            );
         }
-    );
+        Err(e) => println!("  cuda: none ({e:#})"),
+    }
+}
+
+fn check_kernels(a: &CheckArgs) -> Result<()> {
+    use empo_engine::kernel_checks::{format_table, run_all, Tolerances};
+    let seed = a.seed.unwrap_or_else(|| {
+        std::time::SystemTime::now()
+            .duration_since(std::time::UNIX_EPOCH)
+            .map(|d| d.as_nanos() as u64)
+            .unwrap_or(1)
+    });
+    let rows = if a.device == DeviceArg::Cpu {
+        println!("check-kernels: the CPU backend against its own free functions (harness self-test), seed {seed}");
+        run_all(&CpuBackend, seed, &Tolerances::exact(), !a.quick)?
+    } else {
+        let be = match device::open_cuda() {
+            Ok(be) => be,
+            Err(e) => {
+                eprintln!("check-kernels: no GPU to check: {e:#}");
+                std::process::exit(2);
+            }
+        };
+        println!(
+            "check-kernels: {} against the CPU reference, seed {seed}",
+            empo_engine::backend::Backend::name(&be)
+        );
+        run_all(&be, seed, &Tolerances::bf16(), !a.quick)?
+    };
+    print!("{}", format_table(&rows));
+    let failed = rows.iter().filter(|r| !r.pass()).count();
+    if failed > 0 {
+        bail!("{failed} of {} checks failed", rows.len());
+    }
+    println!("all {} checks passed", rows.len());
+    Ok(())
 }
 
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Score(a) => {
             let l = open(&a.model)?;
-            match l.device {
-                Device::Cpu => run_score(&CpuBackend, &l.dir, &a),
-            }
+            empo_engine::on_device!(l.device, |be| run_score(be, &l.dir, &a))
         }
         Cmd::Generate(a) => {
             let l = open(&a.model)?;
-            match l.device {
-                Device::Cpu => run_generate(&CpuBackend, &l.dir, &a),
-            }
+            empo_engine::on_device!(l.device, |be| run_generate(be, &l.dir, &a))
         }
         Cmd::Train(a)
             if a.weights.is_none()
@@ -760,9 +809,10 @@ fn run(cli: Cli) -> Result<()> {
                 temperature: a.temperature,
                 group_size: a.group_size,
             };
-            let s = match device::select(a.device)? {
-                Device::Cpu => empo_engine::demo::run(&CpuBackend, &o)?,
-            };
+            let s =
+                empo_engine::on_device!(device::select(a.device)?, |be| empo_engine::demo::run(
+                    be, &o
+                )?);
             println!(
                 "{:?} on the embedded demo: greedy accuracy {:.1}% -> {:.1}%, semantic entropy {:.3} -> {:.3}, {} steps in {:.0}s",
                 s.algo, s.accuracy_before, s.accuracy_after, s.semantic_entropy_before, s.semantic_entropy_after, s.steps, s.seconds
@@ -799,29 +849,25 @@ fn run(cli: Cli) -> Result<()> {
                     (resolve_train_config(&a, hub::resolve_weights(spec)?)?, None)
                 }
             };
-            match device::select(a.device)? {
-                Device::Cpu => run_train(&CpuBackend, cfg, resume_from),
-            }
+            empo_engine::on_device!(device::select(a.device)?, |be| run_train(
+                be,
+                cfg,
+                resume_from
+            ))
         }
         Cmd::Sft(a) => {
             let weights = hub::resolve_weights(&a.weights)?;
             let n = train::load_sft(&a.data)?.len();
             let cfg = sft_config(&a, weights, n);
-            match device::select(a.device)? {
-                Device::Cpu => run_train(&CpuBackend, cfg, None),
-            }
+            empo_engine::on_device!(device::select(a.device)?, |be| run_train(be, cfg, None))
         }
         Cmd::Eval(a) => {
             let l = open(&a.model)?;
-            match l.device {
-                Device::Cpu => run_eval(&CpuBackend, &l.dir, &a),
-            }
+            empo_engine::on_device!(l.device, |be| run_eval(be, &l.dir, &a))
         }
         Cmd::Select(a) => {
             let l = open(&a.model)?;
-            match l.device {
-                Device::Cpu => run_select(&CpuBackend, &l.dir, &a),
-            }
+            empo_engine::on_device!(l.device, |be| run_select(be, &l.dir, &a))
         }
         Cmd::Grade(a) => {
             let (c, n) = eval::grade_file(&a.data, &a.pred_field, &a.answer_field, &a.out)?;
@@ -835,6 +881,7 @@ fn run(cli: Cli) -> Result<()> {
             info();
             Ok(())
         }
+        Cmd::CheckKernels(a) => check_kernels(&a),
     }
 }
 

@@ -231,8 +231,11 @@ impl<B: Backend> Qwen2<B> {
     pub fn load(be: &B, cfg: ModelConfig, weights: &WeightFiles) -> Result<Self> {
         let mut list = Vec::new();
         for (name, shape) in tensor_specs(&cfg) {
-            let host = weights.load_f32(&name, &shape)?;
-            list.push(be.upload(&host)?);
+            let buf = match weights.load_bf16(&name, &shape)? {
+                Some(raw) => be.upload_bf16(&raw)?,
+                None => be.upload(&weights.load_f32(&name, &shape)?)?,
+            };
+            list.push(buf);
         }
         Ok(Qwen2 {
             params: Params::from_list(&cfg, list),
@@ -258,11 +261,11 @@ impl<B: Backend> Qwen2<B> {
         })
     }
 
-    /// Zeroed buffers shaped like the parameters, for gradients.
+    /// Zeroed f32 buffers shaped like the parameters, for gradients and optimizer moments.
     pub fn zeros_like_params(&self, be: &B) -> Result<Params<B::Buf>> {
         let list = tensor_specs(&self.cfg)
             .iter()
-            .map(|(_, s)| be.alloc(s.iter().product()))
+            .map(|(_, s)| be.alloc_f32(s.iter().product()))
             .collect::<Result<Vec<_>>>()?;
         Ok(Params::from_list(&self.cfg, list))
     }
@@ -297,15 +300,15 @@ impl<B: Backend> Qwen2<B> {
                 Ok(LayerActs {
                     x_in: be.alloc(n * h)?,
                     xn: be.alloc(n * h)?,
-                    rstd1: be.alloc(n)?,
+                    rstd1: be.alloc_f32(n)?,
                     q: be.alloc(n * qd)?,
                     k: be.alloc(n * kvd)?,
                     v: be.alloc(n * kvd)?,
                     att: be.alloc(n * qd)?,
-                    lse: be.alloc(n * c.num_heads)?,
+                    lse: be.alloc_f32(n * c.num_heads)?,
                     x_mid: be.alloc(n * h)?,
                     xn2: be.alloc(n * h)?,
-                    rstd2: be.alloc(n)?,
+                    rstd2: be.alloc_f32(n)?,
                     gate: be.alloc(n * i)?,
                     up: be.alloc(n * i)?,
                     h: be.alloc(n * i)?,
@@ -321,7 +324,7 @@ impl<B: Backend> Qwen2<B> {
             layers,
             x_final: be.alloc(n * h)?,
             xf: be.alloc(n * h)?,
-            rstdf: be.alloc(n)?,
+            rstdf: be.alloc_f32(n)?,
             logits: be.alloc(logit_rows * c.vocab_size)?,
             scratch: None,
         })

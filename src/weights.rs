@@ -93,7 +93,8 @@ impl WeightFiles {
     }
 
     /// Decodes a tensor to f32, checking its shape against what the model expects.
-    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+    /// The stored bytes of tensor `name`, checked against the expected shape.
+    fn raw(&self, name: &str, expected: &[usize]) -> Result<(&[u8], Dtype, &Path)> {
         let t = self.tensors.get(name).with_context(|| {
             let files: Vec<String> = self
                 .files
@@ -111,8 +112,27 @@ impl WeightFiles {
                 expected
             );
         }
-        let bytes = &self.files[t.file].1[t.start..t.end];
-        decode_f32(bytes, t.dtype).with_context(|| format!("{}: tensor `{name}`", path.display()))
+        Ok((&self.files[t.file].1[t.start..t.end], t.dtype, path))
+    }
+
+    pub fn load_f32(&self, name: &str, expected: &[usize]) -> Result<Vec<f32>> {
+        let (bytes, dtype, path) = self.raw(name, expected)?;
+        decode_f32(bytes, dtype).with_context(|| format!("{}: tensor `{name}`", path.display()))
+    }
+
+    /// The tensor's values as bf16 when it is stored as bf16 (no rounding involved); None for
+    /// other storage types, which go through `load_f32`.
+    pub fn load_bf16(&self, name: &str, expected: &[usize]) -> Result<Option<Vec<half::bf16>>> {
+        let (bytes, dtype, _) = self.raw(name, expected)?;
+        if dtype != Dtype::BF16 {
+            return Ok(None);
+        }
+        Ok(Some(
+            bytes
+                .chunks_exact(2)
+                .map(|c| half::bf16::from_bits(u16::from_le_bytes([c[0], c[1]])))
+                .collect(),
+        ))
     }
 }
 

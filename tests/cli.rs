@@ -344,3 +344,34 @@ fn score_to_a_device_writes_through_it() {
         "/dev/null must stay a device"
     );
 }
+
+#[test]
+fn check_kernels_without_a_gpu_says_so_and_exits_2() {
+    if empo_engine::device::open_cuda().is_ok() {
+        println!("skipped: this machine has a GPU (tests/cuda_kernels.rs checks it)");
+        return;
+    }
+    let o = run(&["check-kernels", "--quick"]);
+    assert_eq!(o.status.code(), Some(2), "stderr: {}", stderr(&o));
+    let err = stderr(&o);
+    assert!(err.contains("no GPU"), "{err}");
+    assert!(!err.contains("panicked"), "{err}");
+}
+
+#[test]
+fn info_lists_the_kernels_and_the_devices() {
+    let o = run(&["info"]);
+    assert!(o.status.success());
+    let out = String::from_utf8_lossy(&o.stdout);
+    assert!(out.contains("devices:") && out.contains("cpu ("), "{out}");
+    if empo_engine::device::kernels_compiled() {
+        for k in [
+            "rmsnorm_fwd",
+            "softmax_stats_fwd",
+            "embedding_bwd",
+            "swiglu_bwd",
+        ] {
+            assert!(out.contains(k), "info does not list {k}: {out}");
+        }
+    }
+}

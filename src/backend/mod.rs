@@ -10,6 +10,8 @@
 //! extra buffers; outputs marked "(=)" are overwritten.
 
 pub mod cpu;
+pub mod cuda;
+pub mod cuda_attention;
 
 use anyhow::Result;
 
@@ -60,9 +62,29 @@ pub trait Backend {
 
     fn name(&self) -> String;
 
-    /// A zero-filled buffer of `n` values.
+    /// A zero-filled buffer of `n` values, in the backend's storage type (bf16 on the GPU):
+    /// weights, activations and their gradients.
     fn alloc(&self, n: usize) -> Result<Self::Buf>;
+    /// A zero-filled buffer kept in f32 on every backend: normalization and attention
+    /// statistics, parameter gradients (they accumulate) and optimizer moments.
+    fn alloc_f32(&self, n: usize) -> Result<Self::Buf> {
+        self.alloc(n)
+    }
     fn upload(&self, host: &[f32]) -> Result<Self::Buf>;
+    /// Uploads into f32 storage (statistics, gradients: what `alloc_f32` holds).
+    fn upload_f32(&self, host: &[f32]) -> Result<Self::Buf> {
+        self.upload(host)
+    }
+    /// Uploads bf16 values (a bf16 checkpoint's weights) without a detour through f32 where
+    /// the backend stores bf16.
+    fn upload_bf16(&self, host: &[half::bf16]) -> Result<Self::Buf> {
+        let wide: Vec<f32> = host.iter().map(|x| x.to_f32()).collect();
+        self.upload(&wide)
+    }
+    /// Waits for queued work and reports the first error since the last check.
+    fn sync(&self) -> Result<()> {
+        Ok(())
+    }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn zero(&self, buf: &mut Self::Buf);

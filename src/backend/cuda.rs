@@ -1,0 +1,1115 @@
+//! The CUDA backend: bf16 storage, fp32 accumulation, cuBLAS for the GEMMs and our kernels from
+//! `cuda/` (embedded as one fatbin by build.rs) for everything else.
+//!
+//! Storage follows llm.c: weights, activations and activation gradients are bf16; what needs
+//! the range or the resolution of f32 is f32: normalization and attention statistics, gradients
+//! of parameters (they accumulate over micro-batches) and optimizer moments. `Backend::alloc`
+//! gives bf16, `Backend::alloc_f32` gives f32, and each op checks the dtypes it is handed, so a
+//! mismatch is an error that names the op, never silently wrong numbers.
+//!
+//! Everything runs on one stream. Ops are infallible like CUDA launches themselves: the first
+//! error is kept and returned by the next `download`/`sync`. Host data an op needs on the
+//! device (token ids, targets, per-row coefficients) is staged through small buffers that are
+//! grown once and reused, so steady-state layers neither allocate nor copy.
+
+use super::{AdamWStep, AttnShape, Backend, RowStats};
+use crate::device::KERNELS_FATBIN;
+use anyhow::{anyhow, bail, Result};
+use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
+use cudarc::driver::{
+    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
+    PushKernelArg,
+};
+use half::bf16;
+use std::cell::RefCell;
+use std::collections::HashMap;
+use std::sync::Arc;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Dtype {
+    Bf16,
+    F32,
+}
+
+impl Dtype {
+    fn suffix(self) -> &'static str {
+        match self {
+            Dtype::Bf16 => "bf16",
+            Dtype::F32 => "f32",
+        }
+    }
+    fn blas(self) -> blas_sys::cudaDataType {
+        match self {
+            Dtype::Bf16 => blas_sys::cudaDataType::CUDA_R_16BF,
+            Dtype::F32 => blas_sys::cudaDataType::CUDA_R_32F,
+        }
+    }
+}
+
+enum Mem {
+    Bf16(CudaSlice<bf16>),
+    F32(CudaSlice<f32>),
+}
+
+/// A device buffer of `len` logical values in bf16 or f32 storage.
+pub struct CudaBuf {
+    mem: Mem,
+    /// The raw device address, taken once: kernels get plain pointers.
+    ptr: u64,
+    len: usize,
+}
+
+impl CudaBuf {
+    pub fn dtype(&self) -> Dtype {
+        match self.mem {
+            Mem::Bf16(_) => Dtype::Bf16,
+            Mem::F32(_) => Dtype::F32,
+        }
+    }
+    pub fn len(&self) -> usize {
+        self.len
+    }
+    pub fn is_empty(&self) -> bool {
+        self.len == 0
+    }
+    pub fn ptr(&self) -> u64 {
+        self.ptr
+    }
+}
+
+/// One kernel argument. Launches take a slice of these, which outlives the launch builder
+/// that holds pointers to them.
+#[derive(Debug, Clone, Copy)]
+pub enum Arg {
+    P(u64),
+    I(i32),
+    L(i64),
+    F(f32),
+    U(u64),
+}
+
+/// Host data staged on the device for one op; each slot has its own buffer so that one op can
+/// use several at once.
+#[derive(Clone, Copy)]
+enum Slot {
+    Ids = 0,
+    RowA = 1,
+    RowB = 2,
+}
+
+pub struct CudaBackend {
+    ctx: Arc<CudaContext>,
+    stream: Arc<CudaStream>,
+    blas: CudaBlas,
+    module: Arc<CudaModule>,
+    funcs: RefCell<HashMap<String, CudaFunction>>,
+    staging: RefCell<[Option<CudaSlice<u32>>; 3]>,
+    /// Float scratch for multi-pass kernels (attention backward), grown on demand.
+    scratch: RefCell<Vec<Option<CudaSlice<f32>>>>,
+    sm_count: u32,
+    error: RefCell<Option<String>>,
+}
+
+/// Threads per block of the elementwise kernels; they loop over n with a grid stride.
+const EW_BLOCK: u32 = 256;
+
+impl CudaBackend {
+    /// Opens GPU `ordinal`, loads the embedded kernels and a cuBLAS handle. Every way this can
+    /// fail (no kernels in the build, no driver library, no device, no cuBLAS) is an error
+    /// that says which, never a panic.
+    pub fn new(ordinal: usize) -> Result<CudaBackend> {
+        if KERNELS_FATBIN.is_empty() {
+            bail!("this binary was built without CUDA kernels (nvcc was not found at build time; run tools/install-nvcc.sh and rebuild)");
+        }
+        // cudarc panics when a library it needs cannot be loaded, so look first.
+        // SAFETY: these only try to dlopen the library.
+        if !unsafe { cudarc::driver::sys::is_culib_present() } {
+            bail!("no CUDA driver library (libcuda.so) could be loaded: no NVIDIA driver on this machine");
+        }
+        let count =
+            CudaContext::device_count().map_err(|e| anyhow!("cannot count CUDA devices: {e:?}"))?;
+        if count <= 0 || ordinal >= count as usize {
+            bail!("no CUDA device {ordinal}: {count} device(s) found");
+        }
+        if !unsafe { cudarc::cublas::sys::is_culib_present() } {
+            bail!("cuBLAS (libcublas.so.13) could not be loaded: add the CUDA 13 library folder to LD_LIBRARY_PATH");
+        }
+        let ctx = CudaContext::new(ordinal)
+            .map_err(|e| anyhow!("cannot open CUDA device {ordinal}: {e:?}"))?;
+        // One stream: stream order is all the synchronization we need, so cudarc's per-buffer
+        // events would only cost time.
+        // SAFETY: every buffer is used on this context's one stream.
+        unsafe { ctx.disable_event_tracking() };
+        let stream = ctx.default_stream();
+        let module = ctx
+            .load_module(cudarc::nvrtc::Ptx::from_binary(KERNELS_FATBIN.to_vec()))
+            .map_err(|e| anyhow!("cannot load the embedded CUDA kernels on device {ordinal}: {e:?} (built for {}; is the driver older than CUDA 13.0?)", kernel_targets()))?;
+        let blas = CudaBlas::new(stream.clone())
+            .map_err(|e| anyhow!("cannot create a cuBLAS handle: {e:?}"))?;
+        let sm_count = ctx
+            .attribute(
+                cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
+            )
+            .unwrap_or(80) as u32;
+        Ok(CudaBackend {
+            ctx,
+            stream,
+            blas,
+            module,
+            funcs: RefCell::new(HashMap::new()),
+            staging: RefCell::new([None, None, None]),
+            scratch: RefCell::new(Vec::new()),
+            sm_count,
+            error: RefCell::new(None),
+        })
+    }
+
+    pub fn device_name(&self) -> String {
+        self.ctx.name().unwrap_or_else(|_| "unknown GPU".into())
+    }
+
+    pub fn compute_capability(&self) -> (i32, i32) {
+        self.ctx.compute_capability().unwrap_or((0, 0))
+    }
+
+    pub fn sm_count(&self) -> u32 {
+        self.sm_count
+    }
+
+    pub fn stream(&self) -> &Arc<CudaStream> {
+        &self.stream
+    }
+
+    /// Keeps the first failure; later ops still run (and likely fail the same way) but the
+    /// first cause is what gets reported.
+    fn fail(&self, what: impl std::fmt::Display) {
+        let mut e = self.error.borrow_mut();
+        if e.is_none() {
+            *e = Some(what.to_string());
+        }
+    }
+
+    /// Records a failure of an op (the first one is what `sync` reports).
+    pub fn fail_op(&self, what: impl std::fmt::Display) {
+        self.fail(what)
+    }
+
+    /// Waits for the stream and reports the first error of any op since the last check.
+    pub fn sync(&self) -> Result<()> {
+        if let Err(e) = self.stream.synchronize() {
+            self.fail(format!("CUDA stream failed: {e:?}"));
+        }
+        match self.error.borrow_mut().take() {
+            Some(e) => Err(anyhow!("{e}")),
+            None => Ok(()),
+        }
+    }
+
+    fn func(&self, name: &str) -> Option<CudaFunction> {
+        if let Some(f) = self.funcs.borrow().get(name) {
+            return Some(f.clone());
+        }
+        match self.module.load_function(name) {
+            Ok(f) => {
+                self.funcs.borrow_mut().insert(name.to_string(), f.clone());
+                Some(f)
+            }
+            Err(e) => {
+                self.fail(format!(
+                    "kernel {name} is not in the embedded fatbin: {e:?}"
+                ));
+                None
+            }
+        }
+    }
+
+    /// Launches kernel `name` on the stream.
+    pub fn launch(
+        &self,
+        name: &str,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) {
+        if grid.0 == 0 || grid.1 == 0 || grid.2 == 0 {
+            return;
+        }
+        let Some(f) = self.func(name) else { return };
+        let mut b = self.stream.launch_builder(&f);
+        for a in args {
+            match a {
+                Arg::P(p) | Arg::U(p) => b.arg(p),
+                Arg::I(x) => b.arg(x),
+                Arg::L(x) => b.arg(x),
+                Arg::F(x) => b.arg(x),
+            };
+        }
+        let cfg = LaunchConfig {
+            grid_dim: grid,
+            block_dim: block,
+            shared_mem_bytes: smem,
+        };
+        // SAFETY: argument lists are written against each kernel's C signature (listed in
+        // its .cu file), and every pointer is a live buffer checked for dtype and length.
+        if let Err(e) = unsafe { b.launch(cfg) } {
+            self.fail(format!("launching {name}: {e:?}"));
+        }
+    }
+
+    /// A grid-stride elementwise launch over n values.
+    fn launch_ew(&self, name: &str, n: usize, args: &[Arg]) {
+        let blocks = (n as u64)
+            .div_ceil(EW_BLOCK as u64)
+            .min(self.sm_count as u64 * 8) as u32;
+        self.launch(name, (blocks, 1, 1), (EW_BLOCK, 1, 1), 0, args);
+    }
+
+    /// Checks an operand: its dtype and that it holds at least `n` values.
+    pub fn want(&self, op: &str, arg: &str, buf: &CudaBuf, dtype: Dtype, n: usize) -> bool {
+        if buf.dtype() != dtype {
+            self.fail(format!(
+                "{op}: {arg} is {:?} but this op takes {dtype:?}",
+                buf.dtype()
+            ));
+            return false;
+        }
+        if buf.len < n {
+            self.fail(format!("{op}: {arg} holds {} values, needs {n}", buf.len));
+            return false;
+        }
+        true
+    }
+
+    fn alloc_dtype(&self, n: usize, dtype: Dtype) -> Result<CudaBuf> {
+        // A zero-byte cuMemAlloc fails; keep one element so every buffer has an address.
+        let m = n.max(1);
+        let mem = match dtype {
+            Dtype::Bf16 => Mem::Bf16(
+                self.stream
+                    .alloc_zeros::<bf16>(m)
+                    .map_err(|e| oom(n, dtype, e))?,
+            ),
+            Dtype::F32 => Mem::F32(
+                self.stream
+                    .alloc_zeros::<f32>(m)
+                    .map_err(|e| oom(n, dtype, e))?,
+            ),
+        };
+        let ptr = match &mem {
+            Mem::Bf16(s) => s.device_ptr(&self.stream).0,
+            Mem::F32(s) => s.device_ptr(&self.stream).0,
+        };
+        Ok(CudaBuf { mem, ptr, len: n })
+    }
+
+    /// Uploads host values into storage of the given dtype.
+    pub fn upload_as(&self, host: &[f32], dtype: Dtype) -> Result<CudaBuf> {
+        let mut buf = self.alloc_dtype(host.len(), dtype)?;
+        if host.is_empty() {
+            return Ok(buf);
+        }
+        let r = match &mut buf.mem {
+            Mem::Bf16(s) => {
+                let h: Vec<bf16> = host.iter().map(|&x| bf16::from_f32(x)).collect();
+                self.stream.memcpy_htod(&h, &mut s.slice_mut(..host.len()))
+            }
+            Mem::F32(s) => self
+                .stream
+                .memcpy_htod(host, &mut s.slice_mut(..host.len())),
+        };
+        r.map_err(|e| anyhow!("copying {} values to the GPU: {e:?}", host.len()))?;
+        Ok(buf)
+    }
+
+    /// Uploads bf16 values as they are (weights from a bf16 checkpoint need no conversion).
+    pub fn upload_bf16_raw(&self, host: &[bf16]) -> Result<CudaBuf> {
+        let mut buf = self.alloc_dtype(host.len(), Dtype::Bf16)?;
+        if let Mem::Bf16(s) = &mut buf.mem {
+            if !host.is_empty() {
+                self.stream
+                    .memcpy_htod(host, &mut s.slice_mut(..host.len()))
+                    .map_err(|e| anyhow!("copying {} values to the GPU: {e:?}", host.len()))?;
+            }
+        }
+        Ok(buf)
+    }
+
+    /// Copies host u32 values into staging slot `slot` and returns its device address. Later
+    /// copies into the same slot are ordered after the kernels that read it (one stream).
+    fn stage_u32(&self, slot: Slot, host: &[u32]) -> Option<u64> {
+        let mut staging = self.staging.borrow_mut();
+        let cell = &mut staging[slot as usize];
+        if cell.as_ref().is_none_or(|s| s.len() < host.len().max(1)) {
+            match self.stream.alloc_zeros::<u32>(host.len().max(1024)) {
+                Ok(s) => *cell = Some(s),
+                Err(e) => {
+                    self.fail(format!("staging {} values: {e:?}", host.len()));
+                    return None;
+                }
+            }
+        }
+        let s = cell.as_mut().expect("allocated above");
+        if !host.is_empty() {
+            if let Err(e) = self
+                .stream
+                .memcpy_htod(host, &mut s.slice_mut(..host.len()))
+            {
+                self.fail(format!("staging {} values: {e:?}", host.len()));
+                return None;
+            }
+        }
+        let p = s.device_ptr(&self.stream).0;
+        Some(p)
+    }
+
+    fn stage_f32(&self, slot: Slot, host: &[f32]) -> Option<u64> {
+        let bits: Vec<u32> = host.iter().map(|x| x.to_bits()).collect();
+        self.stage_u32(slot, &bits)
+    }
+
+    /// Float scratch `i` of at least `n` values (kept between calls; contents undefined).
+    pub fn scratch_f32(&self, i: usize, n: usize) -> Option<u64> {
+        let mut sc = self.scratch.borrow_mut();
+        if sc.len() <= i {
+            sc.resize_with(i + 1, || None);
+        }
+        if sc[i].as_ref().is_none_or(|s| s.len() < n.max(1)) {
+            sc[i] = None; // free first: scratch can be large
+            match self.stream.alloc_zeros::<f32>(n.max(1)) {
+                Ok(s) => sc[i] = Some(s),
+                Err(e) => {
+                    self.fail(format!("allocating {n} floats of scratch: {e:?}"));
+                    return None;
+                }
+            }
+        }
+        let p = sc[i]
+            .as_ref()
+            .expect("allocated above")
+            .device_ptr(&self.stream)
+            .0;
+        Some(p)
+    }
+
+    /// Sets `n` values at device address `ptr` of `dtype` to zero.
+    fn memset_zero(&self, ptr: u64, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        // SAFETY: ptr addresses a live allocation of at least `bytes` bytes on this context.
+        let r = unsafe {
+            cudarc::driver::result::memset_d8_async(ptr, 0, bytes, self.stream.cu_stream())
+        };
+        if let Err(e) = r {
+            self.fail(format!("memset: {e:?}"));
+        }
+    }
+
+    /// C = alpha·op(A)·op(B) + beta·C in cuBLAS's column-major terms, fp32 compute.
+    #[allow(clippy::too_many_arguments)]
+    fn gemm(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, a_t, lda): (u64, Dtype, usize),
+        (b, b_t, ldb): (u64, Dtype, usize),
+        beta: f32,
+        (c, c_t, ldc): (u64, Dtype, usize),
+    ) {
+        if m == 0 || n == 0 {
+            return;
+        }
+        let op = |t: bool| {
+            if t {
+                blas_sys::cublasOperation_t::CUBLAS_OP_T
+            } else {
+                blas_sys::cublasOperation_t::CUBLAS_OP_N
+            }
+        };
+        let alpha = 1.0f32;
+        // SAFETY: the callers check every operand's dtype and length against m, n, k; alpha
+        // and beta are host f32, matching the default pointer mode and COMPUTE_32F.
+        let r = unsafe {
+            blas::gemm_ex(
+                *self.blas.handle(),
+                op(ta),
+                op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                a_t.blas(),
+                lda as i32,
+                b as *const _,
+                b_t.blas(),
+                ldb as i32,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                c_t.blas(),
+                ldc as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            self.fail(format!("cuBLAS GemmEx (m {m}, n {n}, k {k}): {e:?}"));
+        }
+    }
+
+    /// Downloads any buffer as f32 (bf16 widened).
+    fn download_f32(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        let out = match &buf.mem {
+            Mem::Bf16(s) => self
+                .stream
+                .clone_dtoh(&s.slice(..buf.len))
+                .map(|v| v.into_iter().map(f32::from).collect()),
+            Mem::F32(s) => self.stream.clone_dtoh(&s.slice(..buf.len)),
+        };
+        let out = out.map_err(|e| anyhow!("copying {} values from the GPU: {e:?}", buf.len));
+        self.sync()?;
+        out
+    }
+}
+
+fn oom(n: usize, dtype: Dtype, e: impl std::fmt::Debug) -> anyhow::Error {
+    let bytes = n * if dtype == Dtype::Bf16 { 2 } else { 4 };
+    anyhow!(
+        "cannot allocate {:.1} MiB on the GPU ({n} {dtype:?} values): {e:?}",
+        bytes as f64 / (1 << 20) as f64
+    )
+}
+
+/// The `-gencode` targets the embedded fatbin was built for.
+pub fn kernel_targets() -> &'static str {
+    option_env!("EMPO_CUDA_TARGETS").unwrap_or("none")
+}
+
+impl Backend for CudaBackend {
+    type Buf = CudaBuf;
+
+    fn name(&self) -> String {
+        let (maj, min) = self.compute_capability();
+        format!(
+            "cuda ({}, sm_{maj}{min}, bf16 storage, fp32 accumulation)",
+            self.device_name()
+        )
+    }
+
+    fn alloc(&self, n: usize) -> Result<CudaBuf> {
+        self.alloc_dtype(n, Dtype::Bf16)
+    }
+    fn alloc_f32(&self, n: usize) -> Result<CudaBuf> {
+        self.alloc_dtype(n, Dtype::F32)
+    }
+    fn upload(&self, host: &[f32]) -> Result<CudaBuf> {
+        self.upload_as(host, Dtype::Bf16)
+    }
+    fn upload_f32(&self, host: &[f32]) -> Result<CudaBuf> {
+        self.upload_as(host, Dtype::F32)
+    }
+    fn upload_bf16(&self, host: &[bf16]) -> Result<CudaBuf> {
+        self.upload_bf16_raw(host)
+    }
+    fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        self.download_f32(buf)
+    }
+    fn len(&self, buf: &CudaBuf) -> usize {
+        buf.len
+    }
+    fn sync(&self) -> Result<()> {
+        CudaBackend::sync(self)
+    }
+
+    fn zero(&self, buf: &mut CudaBuf) {
+        let width = if buf.dtype() == Dtype::Bf16 { 2 } else { 4 };
+        self.memset_zero(buf.ptr, buf.len * width);
+    }
+
+    fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) {
+        let n = src.len;
+        if dst.len < n {
+            self.fail(format!(
+                "copy: destination holds {} values, source {n}",
+                dst.len
+            ));
+            return;
+        }
+        if dst.dtype() == src.dtype() {
+            let width = if src.dtype() == Dtype::Bf16 { 2 } else { 4 };
+            // SAFETY: both are live allocations of at least n values of this width.
+            let r = unsafe {
+                cudarc::driver::result::memcpy_dtod_async(
+                    dst.ptr,
+                    src.ptr,
+                    n * width,
+                    self.stream.cu_stream(),
+                )
+            };
+            if let Err(e) = r {
+                self.fail(format!("copy of {n} values: {e:?}"));
+            }
+        } else {
+            let name = format!("convert_{}_{}", dst.dtype().suffix(), src.dtype().suffix());
+            self.launch_ew(
+                &name,
+                n,
+                &[Arg::P(dst.ptr), Arg::P(src.ptr), Arg::L(n as i64)],
+            );
+        }
+    }
+
+    fn add(&self, y: &mut CudaBuf, x: &CudaBuf) {
+        if y.len != x.len {
+            self.fail(format!("add: {} values += {} values", y.len, x.len));
+            return;
+        }
+        let name = format!("add_{}_{}", y.dtype().suffix(), x.dtype().suffix());
+        if name == "add_bf16_f32" {
+            self.fail("add: a bf16 buffer cannot accumulate an f32 one");
+            return;
+        }
+        self.launch_ew(
+            &name,
+            y.len,
+            &[Arg::P(y.ptr), Arg::P(x.ptr), Arg::L(y.len as i64)],
+        );
+    }
+
+    fn axpy(&self, y: &mut CudaBuf, alpha: f32, x: &CudaBuf) {
+        if y.len != x.len {
+            self.fail(format!("axpy: {} values += a·{} values", y.len, x.len));
+            return;
+        }
+        let name = format!("axpy_{}_{}", y.dtype().suffix(), x.dtype().suffix());
+        self.launch_ew(
+            &name,
+            y.len,
+            &[
+                Arg::P(y.ptr),
+                Arg::F(alpha),
+                Arg::P(x.ptr),
+                Arg::L(y.len as i64),
+            ],
+        );
+    }
+
+    fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
+        let mut acc = self
+            .stream
+            .alloc_zeros::<f64>(1)
+            .map_err(|e| anyhow!("allocating a reduction slot: {e:?}"))?;
+        let acc_ptr = acc.device_ptr(&self.stream).0;
+        let name = format!("sum_squares_{}", x.dtype().suffix());
+        self.launch_ew(
+            &name,
+            x.len,
+            &[Arg::P(acc_ptr), Arg::P(x.ptr), Arg::L(x.len as i64)],
+        );
+        let host = self
+            .stream
+            .clone_dtoh(&acc.slice_mut(..))
+            .map_err(|e| anyhow!("reading a reduction: {e:?}"))?;
+        self.sync()?;
+        Ok(host[0])
+    }
+
+    fn adamw(&self, p: &mut CudaBuf, g: &CudaBuf, m: &mut CudaBuf, v: &mut CudaBuf, h: &AdamWStep) {
+        let n = p.len;
+        let op = "adamw";
+        if !(self.want(op, "grad", g, Dtype::F32, n)
+            && self.want(op, "m", m, Dtype::F32, n)
+            && self.want(op, "v", v, Dtype::F32, n))
+        {
+            return;
+        }
+        // The same f64 bias corrections as cpu::adamw, so both round alike.
+        let bc1 = 1.0 - (h.beta1 as f64).powi(h.step as i32);
+        let bc2 = 1.0 - (h.beta2 as f64).powi(h.step as i32);
+        let name = format!("adamw_{}", p.dtype().suffix());
+        self.launch_ew(
+            &name,
+            n,
+            &[
+                Arg::P(p.ptr),
+                Arg::P(g.ptr),
+                Arg::P(m.ptr),
+                Arg::P(v.ptr),
+                Arg::L(n as i64),
+                Arg::F(1.0 - h.lr * h.weight_decay),
+                Arg::F(h.beta1),
+                Arg::F(h.beta2),
+                Arg::F(h.eps),
+                Arg::F((h.lr as f64 / bc1) as f32),
+                Arg::F(bc2.sqrt() as f32),
+                Arg::F(h.grad_scale),
+            ],
+        );
+    }
+
+    fn embedding(&self, out: &mut CudaBuf, table: &CudaBuf, ids: &[u32], dim: usize) {
+        let op = "embedding";
+        if !(self.want(op, "out", out, Dtype::Bf16, ids.len() * dim)
+            && self.want(op, "table", table, Dtype::Bf16, dim))
+        {
+            return;
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| (t as usize + 1) * dim > table.len) {
+            self.fail(format!(
+                "embedding: row {bad} is outside a table of {} rows",
+                table.len / dim.max(1)
+            ));
+            return;
+        }
+        let Some(ids_ptr) = self.stage_u32(Slot::Ids, ids) else {
+            return;
+        };
+        self.launch(
+            "embedding_fwd",
+            (ids.len() as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(out.ptr),
+                Arg::P(table.ptr),
+                Arg::P(ids_ptr),
+                Arg::I(dim as i32),
+            ],
+        );
+    }
+
+    fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, ids: &[u32], dim: usize) {
+        let op = "embedding_bwd";
+        if !(self.want(op, "dtable", dtable, Dtype::F32, dim)
+            && self.want(op, "dout", dout, Dtype::Bf16, ids.len() * dim))
+        {
+            return;
+        }
+        if let Some(&bad) = ids.iter().find(|&&t| (t as usize + 1) * dim > dtable.len) {
+            self.fail(format!("embedding_bwd: row {bad} is outside the table"));
+            return;
+        }
+        let Some(ids_ptr) = self.stage_u32(Slot::Ids, ids) else {
+            return;
+        };
+        self.launch(
+            "embedding_bwd",
+            (ids.len() as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(dtable.ptr),
+                Arg::P(dout.ptr),
+                Arg::P(ids_ptr),
+                Arg::I(dim as i32),
+            ],
+        );
+    }
+
+    fn matmul(
+        &self,
+        out: &mut CudaBuf,
+        a: &CudaBuf,
+        w: &CudaBuf,
+        bias: Option<&CudaBuf>,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let op = "matmul";
+        if !(self.want(op, "out", out, Dtype::Bf16, m * n)
+            && self.want(op, "a", a, Dtype::Bf16, m * k)
+            && self.want(op, "w", w, Dtype::Bf16, n * k))
+        {
+            return;
+        }
+        let beta = match bias {
+            Some(b) => {
+                if !self.want(op, "bias", b, Dtype::Bf16, n) {
+                    return;
+                }
+                self.launch_ew(
+                    "bias_broadcast",
+                    m * n,
+                    &[
+                        Arg::P(out.ptr),
+                        Arg::P(b.ptr),
+                        Arg::L(m as i64),
+                        Arg::I(n as i32),
+                    ],
+                );
+                1.0
+            }
+            None => 0.0,
+        };
+        // Row-major out[m,n] = a[m,k]·w[n,k]ᵀ is column-major outᵀ[n,m] = w·aᵀ, where w's
+        // storage read column-major is wᵀ[k,n] (so op T) and a's is aᵀ[k,m] (op N).
+        self.gemm(
+            (true, false),
+            (n, m, k),
+            (w.ptr, Dtype::Bf16, k),
+            (a.ptr, Dtype::Bf16, k),
+            beta,
+            (out.ptr, Dtype::Bf16, n),
+        );
+    }
+
+    fn matmul_bwd(
+        &self,
+        da: Option<&mut CudaBuf>,
+        dw: Option<&mut CudaBuf>,
+        dbias: Option<&mut CudaBuf>,
+        dout: &CudaBuf,
+        a: &CudaBuf,
+        w: &CudaBuf,
+        m: usize,
+        k: usize,
+        n: usize,
+    ) {
+        let op = "matmul_bwd";
+        if !(self.want(op, "dout", dout, Dtype::Bf16, m * n)
+            && self.want(op, "a", a, Dtype::Bf16, m * k)
+            && self.want(op, "w", w, Dtype::Bf16, n * k))
+        {
+            return;
+        }
+        if let Some(da) = da {
+            if !self.want(op, "da", da, Dtype::Bf16, m * k) {
+                return;
+            }
+            // da[m,k] += dout[m,n]·w[n,k]: column-major daᵀ[k,m] = wᵀ[k,n]·doutᵀ[n,m].
+            self.gemm(
+                (false, false),
+                (k, m, n),
+                (w.ptr, Dtype::Bf16, k),
+                (dout.ptr, Dtype::Bf16, n),
+                1.0,
+                (da.ptr, Dtype::Bf16, k),
+            );
+        }
+        if let Some(dw) = dw {
+            if !self.want(op, "dw", dw, Dtype::F32, n * k) {
+                return;
+            }
+            // dw[n,k] += doutᵀ[n,m]·a[m,k]: column-major dwᵀ[k,n] = aᵀ[k,m]·dout[m,n], where
+            // dout's storage read column-major is doutᵀ[n,m] (so op T).
+            self.gemm(
+                (false, true),
+                (k, n, m),
+                (a.ptr, Dtype::Bf16, k),
+                (dout.ptr, Dtype::Bf16, n),
+                1.0,
+                (dw.ptr, Dtype::F32, k),
+            );
+        }
+        if let Some(db) = dbias {
+            if !self.want(op, "dbias", db, Dtype::F32, n) {
+                return;
+            }
+            self.launch(
+                "bias_bwd",
+                (n.div_ceil(32) as u32, 1, 1),
+                (32, 8, 1),
+                0,
+                &[
+                    Arg::P(db.ptr),
+                    Arg::P(dout.ptr),
+                    Arg::L(m as i64),
+                    Arg::I(n as i32),
+                ],
+            );
+        }
+    }
+
+    fn rmsnorm(
+        &self,
+        out: &mut CudaBuf,
+        rstd: &mut CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rows: usize,
+        dim: usize,
+        eps: f32,
+    ) {
+        let op = "rmsnorm";
+        if !(self.want(op, "out", out, Dtype::Bf16, rows * dim)
+            && self.want(op, "rstd", rstd, Dtype::F32, rows)
+            && self.want(op, "x", x, Dtype::Bf16, rows * dim)
+            && self.want(op, "w", w, Dtype::Bf16, dim))
+        {
+            return;
+        }
+        self.launch(
+            "rmsnorm_fwd",
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(out.ptr),
+                Arg::P(rstd.ptr),
+                Arg::P(x.ptr),
+                Arg::P(w.ptr),
+                Arg::I(dim as i32),
+                Arg::F(eps),
+            ],
+        );
+    }
+
+    fn rmsnorm_bwd(
+        &self,
+        dx: &mut CudaBuf,
+        dw: &mut CudaBuf,
+        dout: &CudaBuf,
+        x: &CudaBuf,
+        w: &CudaBuf,
+        rstd: &CudaBuf,
+        rows: usize,
+        dim: usize,
+    ) {
+        let op = "rmsnorm_bwd";
+        if !(self.want(op, "dx", dx, Dtype::Bf16, rows * dim)
+            && self.want(op, "dw", dw, Dtype::F32, dim)
+            && self.want(op, "dout", dout, Dtype::Bf16, rows * dim)
+            && self.want(op, "x", x, Dtype::Bf16, rows * dim)
+            && self.want(op, "w", w, Dtype::Bf16, dim)
+            && self.want(op, "rstd", rstd, Dtype::F32, rows))
+        {
+            return;
+        }
+        self.launch(
+            "rmsnorm_bwd",
+            (rows as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(dx.ptr),
+                Arg::P(dw.ptr),
+                Arg::P(dout.ptr),
+                Arg::P(x.ptr),
+                Arg::P(w.ptr),
+                Arg::P(rstd.ptr),
+                Arg::I(dim as i32),
+            ],
+        );
+    }
+
+    fn rope(
+        &self,
+        x: &mut CudaBuf,
+        batch: usize,
+        seq: usize,
+        heads: usize,
+        head_dim: usize,
+        pos0: usize,
+        theta: f32,
+        inverse: bool,
+    ) {
+        let rows = batch * seq;
+        if !self.want("rope", "x", x, Dtype::Bf16, rows * heads * head_dim) {
+            return;
+        }
+        let pairs = rows * heads * (head_dim / 2);
+        self.launch(
+            "rope",
+            (pairs.div_ceil(256) as u32, 1, 1),
+            (256, 1, 1),
+            0,
+            &[
+                Arg::P(x.ptr),
+                Arg::L(rows as i64),
+                Arg::I(seq as i32),
+                Arg::I(heads as i32),
+                Arg::I(head_dim as i32),
+                Arg::I(pos0 as i32),
+                Arg::F(theta),
+                Arg::I(inverse as i32),
+            ],
+        );
+    }
+
+    fn attention(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        s: AttnShape,
+    ) {
+        crate::backend::cuda_attention::forward(self, out, lse, q, k, v, s);
+    }
+
+    fn attention_bwd(
+        &self,
+        dq: &mut CudaBuf,
+        dk: &mut CudaBuf,
+        dv: &mut CudaBuf,
+        dout: &CudaBuf,
+        out: &CudaBuf,
+        lse: &CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        s: AttnShape,
+    ) {
+        crate::backend::cuda_attention::backward(self, dq, dk, dv, dout, out, lse, q, k, v, s);
+    }
+
+    fn kv_write(
+        &self,
+        cache: &mut CudaBuf,
+        new: &CudaBuf,
+        batch: usize,
+        cap: usize,
+        pos0: usize,
+        tq: usize,
+        row: usize,
+    ) {
+        crate::backend::cuda_attention::kv_write(self, cache, new, batch, cap, pos0, tq, row);
+    }
+
+    fn swiglu(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) {
+        let n = gate.len;
+        let op = "swiglu";
+        if !(self.want(op, "out", out, Dtype::Bf16, n)
+            && self.want(op, "gate", gate, Dtype::Bf16, n)
+            && self.want(op, "up", up, Dtype::Bf16, n))
+        {
+            return;
+        }
+        self.launch_ew(
+            "swiglu_fwd",
+            n,
+            &[
+                Arg::P(out.ptr),
+                Arg::P(gate.ptr),
+                Arg::P(up.ptr),
+                Arg::L(n as i64),
+            ],
+        );
+    }
+
+    fn swiglu_bwd(
+        &self,
+        dgate: &mut CudaBuf,
+        dup: &mut CudaBuf,
+        dout: &CudaBuf,
+        gate: &CudaBuf,
+        up: &CudaBuf,
+    ) {
+        let n = gate.len;
+        let op = "swiglu_bwd";
+        if !(self.want(op, "dgate", dgate, Dtype::Bf16, n)
+            && self.want(op, "dup", dup, Dtype::Bf16, n)
+            && self.want(op, "dout", dout, Dtype::Bf16, n)
+            && self.want(op, "up", up, Dtype::Bf16, n))
+        {
+            return;
+        }
+        self.launch_ew(
+            "swiglu_bwd",
+            n,
+            &[
+                Arg::P(dgate.ptr),
+                Arg::P(dup.ptr),
+                Arg::P(dout.ptr),
+                Arg::P(gate.ptr),
+                Arg::P(up.ptr),
+                Arg::L(n as i64),
+            ],
+        );
+    }
+
+    fn softmax_stats(
+        &self,
+        logits: &CudaBuf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<RowStats>> {
+        if !self.want("softmax_stats", "logits", logits, Dtype::Bf16, rows * vocab) {
+            self.sync()?;
+        }
+        if targets.len() != rows {
+            bail!("softmax_stats: {} targets for {rows} rows", targets.len());
+        }
+        let stats = self.alloc_f32(3 * rows)?;
+        let Some(t) = self.stage_u32(Slot::Ids, targets) else {
+            return self.sync().map(|_| vec![]);
+        };
+        self.launch(
+            "softmax_stats_fwd",
+            (rows as u32, 1, 1),
+            (512, 1, 1),
+            0,
+            &[
+                Arg::P(stats.ptr),
+                Arg::P(logits.ptr),
+                Arg::P(t),
+                Arg::I(vocab as i32),
+                Arg::F(temperature),
+            ],
+        );
+        let host = self.download_f32(&stats)?;
+        Ok(host
+            .chunks_exact(3)
+            .map(|c| RowStats {
+                logsumexp: c[0],
+                entropy: c[1],
+                logprob: c[2],
+            })
+            .collect())
+    }
+
+    fn softmax_stats_bwd(
+        &self,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+        a: &[f32],
+        b: &[f32],
+    ) {
+        let op = "softmax_stats_bwd";
+        if !(self.want(op, "dlogits", dlogits, Dtype::Bf16, rows * vocab)
+            && self.want(op, "logits", logits, Dtype::Bf16, rows * vocab))
+        {
+            return;
+        }
+        if targets.len() != rows || a.len() != rows || b.len() != rows {
+            self.fail(format!(
+                "{op}: {rows} rows but {} targets, {} a, {} b",
+                targets.len(),
+                a.len(),
+                b.len()
+            ));
+            return;
+        }
+        let (Some(t), Some(pa), Some(pb)) = (
+            self.stage_u32(Slot::Ids, targets),
+            self.stage_f32(Slot::RowA, a),
+            self.stage_f32(Slot::RowB, b),
+        ) else {
+            return;
+        };
+        self.launch(
+            "softmax_stats_bwd",
+            (rows as u32, 1, 1),
+            (512, 1, 1),
+            0,
+            &[
+                Arg::P(dlogits.ptr),
+                Arg::P(logits.ptr),
+                Arg::P(t),
+                Arg::P(pa),
+                Arg::P(pb),
+                Arg::I(vocab as i32),
+                Arg::F(temperature),
+            ],
+        );
+    }
+}

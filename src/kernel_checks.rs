@@ -1,0 +1,655 @@
+//! `check-kernels`: every backend op, then the whole model, against the CPU reference.
+//!
+//! Each check draws fresh random inputs, rounds those the backend keeps in bf16 to bf16 (so
+//! the CPU oracle sees exactly the values the kernel sees and only the kernel's own error is
+//! measured), poisons overwritten outputs with NaN and seeds accumulated (+=) outputs with
+//! random values, runs the op, and reports the largest error relative to the largest
+//! reference value: max|got − want| / max|want|.
+//!
+//! The harness is generic over `Backend`. On the GPU it checks the CUDA backend; run over the
+//! CPU backend itself (a CI test) it checks the harness: every shape and argument order.
+
+use crate::backend::{cpu, AdamWStep, AttnShape, Backend, NO_TARGET};
+use crate::config::{DType, ModelConfig};
+use crate::generate::next_token_targets;
+use crate::model::{random_tensors, tensor_specs, Qwen2};
+use crate::sampling::uniform;
+use anyhow::Result;
+use half::bf16;
+
+/// One row of the table.
+#[derive(Debug, Clone)]
+pub struct CheckRow {
+    pub op: String,
+    pub shape: String,
+    pub err: f64,
+    pub tol: f64,
+}
+
+impl CheckRow {
+    pub fn pass(&self) -> bool {
+        self.err.is_finite() && self.err <= self.tol
+    }
+}
+
+/// Tolerances. bf16 storage rounds each stored value to 8 significant bits (relative 2^-9 on
+/// average, 2^-8 at worst), so an op with a bf16 output is held to about twice that; f32
+/// outputs computed from the same bf16 inputs only differ by summation order. The model
+/// checks run every activation through bf16, layer after layer, hence their looser bounds.
+pub struct Tolerances {
+    pub bf16_out: f64,
+    pub f32_out: f64,
+    pub model_logits: f64,
+    pub model_grads: f64,
+}
+
+impl Tolerances {
+    /// For a backend that stores f32 (the CPU checking itself): only summation order differs.
+    pub fn exact() -> Tolerances {
+        Tolerances {
+            bf16_out: 1e-5,
+            f32_out: 1e-5,
+            model_logits: 1e-5,
+            model_grads: 1e-4,
+        }
+    }
+    pub fn bf16() -> Tolerances {
+        Tolerances {
+            bf16_out: 1e-2,
+            f32_out: 2e-3,
+            model_logits: 4e-2,
+            model_grads: 1e-1,
+        }
+    }
+}
+
+pub fn max_rel_err(got: &[f32], want: &[f32]) -> f64 {
+    if got.len() != want.len() {
+        return f64::INFINITY;
+    }
+    let scale = want.iter().fold(0.0f64, |m, &x| m.max((x as f64).abs()));
+    let mut worst = 0.0f64;
+    for (&g, &w) in got.iter().zip(want) {
+        let d = (g as f64 - w as f64).abs();
+        if d.is_nan() {
+            return f64::NAN;
+        }
+        worst = worst.max(d);
+    }
+    worst / scale.max(1e-30)
+}
+
+/// Deterministic uniform values in [-scale, scale), from (seed, stream).
+pub fn rand_vec(n: usize, seed: u64, stream: u64, scale: f32) -> Vec<f32> {
+    (0..n)
+        .map(|i| (uniform(seed, stream, i as u64) * 2.0 - 1.0) * scale)
+        .collect()
+}
+
+pub fn round_bf16(x: &[f32]) -> Vec<f32> {
+    x.iter().map(|&v| bf16::from_f32(v).to_f32()).collect()
+}
+
+struct Ctx<'a, B: Backend> {
+    be: &'a B,
+    seed: u64,
+    stream: u64,
+    tol: &'a Tolerances,
+    rows: Vec<CheckRow>,
+}
+
+impl<B: Backend> Ctx<'_, B> {
+    /// Fresh bf16-exact random values.
+    fn rnd(&mut self, n: usize, scale: f32) -> Vec<f32> {
+        self.stream += 1;
+        round_bf16(&rand_vec(n, self.seed, self.stream, scale))
+    }
+    fn nan(&self, n: usize) -> Result<B::Buf> {
+        self.be.upload(&vec![f32::NAN; n])
+    }
+    fn nan_f32(&self, n: usize) -> Result<B::Buf> {
+        self.be.upload_f32(&vec![f32::NAN; n])
+    }
+    fn row(
+        &mut self,
+        op: &str,
+        shape: String,
+        got: &B::Buf,
+        want: &[f32],
+        f32_out: bool,
+    ) -> Result<()> {
+        let got = self.be.download(got)?;
+        let tol = if f32_out {
+            self.tol.f32_out
+        } else {
+            self.tol.bf16_out
+        };
+        self.rows.push(CheckRow {
+            op: op.into(),
+            shape,
+            err: max_rel_err(&got, want),
+            tol,
+        });
+        Ok(())
+    }
+}
+
+/// Runs every op check at small and at Qwen2.5-like shapes, then the model checks.
+pub fn run_all<B: Backend>(
+    be: &B,
+    seed: u64,
+    tol: &Tolerances,
+    big: bool,
+) -> Result<Vec<CheckRow>> {
+    let mut c = Ctx {
+        be,
+        seed,
+        stream: 0,
+        tol,
+        rows: Vec::new(),
+    };
+    let dims: &[(usize, usize)] = if big {
+        &[(7, 96), (64, 3584)]
+    } else {
+        &[(7, 96), (16, 256)]
+    };
+    for &(rows, dim) in dims {
+        check_elementwise(&mut c, rows, dim)?;
+        check_rmsnorm(&mut c, rows, dim)?;
+        check_embedding(&mut c, rows, dim)?;
+    }
+    let mats: &[(usize, usize, usize)] = if big {
+        &[(5, 24, 40), (256, 3584, 512)]
+    } else {
+        &[(5, 24, 40), (64, 128, 96)]
+    };
+    for &(m, k, n) in mats {
+        check_matmul(&mut c, m, k, n)?;
+    }
+    check_rope(&mut c, 2, 9, 4, 16)?;
+    check_rope(&mut c, 1, 33, 28, 128)?;
+    let attn: Vec<AttnShape> = {
+        let s = |batch, tq, tk, cap, heads, kv_heads, head_dim| AttnShape {
+            batch,
+            tq,
+            tk,
+            cap,
+            heads,
+            kv_heads,
+            head_dim,
+        };
+        let mut v = vec![
+            s(2, 13, 13, 13, 4, 2, 16), // tiny head_dim: fallback kernel
+            s(2, 70, 70, 70, 4, 1, 64), // GQA 4, ragged tiles
+            s(1, 5, 37, 40, 4, 2, 64),  // prefill after a cache prefix
+            s(3, 1, 29, 32, 4, 2, 128), // decode: one query over the cache
+            s(1, 130, 130, 130, 4, 2, 128),
+        ];
+        if big {
+            v.push(s(1, 1024, 1024, 1024, 28, 4, 128));
+        }
+        v
+    };
+    for s in attn {
+        check_attention(&mut c, s)?;
+    }
+    check_kv_write(&mut c)?;
+    let vocab = if big { 152064 } else { 5000 };
+    check_softmax_stats(&mut c, 6, 1000)?;
+    check_softmax_stats(&mut c, 4, vocab)?;
+    check_adamw(&mut c, 1000)?;
+    check_sum_squares(&mut c, 100_000)?;
+    for cfg in model_configs() {
+        check_model(&mut c, &cfg)?;
+    }
+    Ok(c.rows)
+}
+
+fn check_elementwise<B: Backend>(c: &mut Ctx<B>, rows: usize, dim: usize) -> Result<()> {
+    let n = rows * dim;
+    let shape = format!("[{rows}, {dim}]");
+    let (x, y0) = (c.rnd(n, 1.0), c.rnd(n, 1.0));
+    let (bx, mut by) = (c.be.upload(&x)?, c.be.upload(&y0)?);
+    c.be.add(&mut by, &bx);
+    let want: Vec<f32> = y0.iter().zip(&x).map(|(a, b)| a + b).collect();
+    c.row("add (bf16 += bf16)", shape.clone(), &by, &want, false)?;
+
+    let g = c.rnd(n, 1.0);
+    let (bg, mut bp) = (c.be.upload_f32(&g)?, c.be.upload(&y0)?);
+    c.be.axpy(&mut bp, -0.5, &bg);
+    let want: Vec<f32> = y0.iter().zip(&g).map(|(p, g)| p - 0.5 * g).collect();
+    c.row("axpy (bf16 += a·f32)", shape.clone(), &bp, &want, false)?;
+
+    let (gate, up, dout) = (c.rnd(n, 3.0), c.rnd(n, 1.0), c.rnd(n, 1.0));
+    let (bgate, bup, bdout) = (c.be.upload(&gate)?, c.be.upload(&up)?, c.be.upload(&dout)?);
+    let mut out = c.nan(n)?;
+    c.be.swiglu(&mut out, &bgate, &bup);
+    let mut want = vec![0.0; n];
+    cpu::swiglu(&mut want, &gate, &up);
+    c.row("swiglu", shape.clone(), &out, &want, false)?;
+    let (mut dg, mut du) = (c.nan(n)?, c.nan(n)?);
+    c.be.swiglu_bwd(&mut dg, &mut du, &bdout, &bgate, &bup);
+    let (mut wg, mut wu) = (vec![0.0; n], vec![0.0; n]);
+    cpu::swiglu_bwd(&mut wg, &mut wu, &dout, &gate, &up);
+    c.row("swiglu_bwd dgate", shape.clone(), &dg, &wg, false)?;
+    c.row("swiglu_bwd dup", shape, &du, &wu, false)?;
+    Ok(())
+}
+
+fn check_rmsnorm<B: Backend>(c: &mut Ctx<B>, rows: usize, dim: usize) -> Result<()> {
+    let shape = format!("[{rows}, {dim}]");
+    let (x, w, dout) = (
+        c.rnd(rows * dim, 2.0),
+        c.rnd(dim, 1.0),
+        c.rnd(rows * dim, 1.0),
+    );
+    let (bx, bw, bdout) = (c.be.upload(&x)?, c.be.upload(&w)?, c.be.upload(&dout)?);
+    let (mut out, mut rstd) = (c.nan(rows * dim)?, c.nan_f32(rows)?);
+    c.be.rmsnorm(&mut out, &mut rstd, &bx, &bw, rows, dim, 1e-6);
+    let (mut wo, mut wr) = (vec![0.0; rows * dim], vec![0.0; rows]);
+    cpu::rmsnorm(&mut wo, &mut wr, &x, &w, rows, dim, 1e-6);
+    c.row("rmsnorm out", shape.clone(), &out, &wo, false)?;
+    c.row("rmsnorm rstd", shape.clone(), &rstd, &wr, true)?;
+    // Backward accumulates: start both from random values.
+    let (dx0, dw0) = (c.rnd(rows * dim, 1.0), c.rnd(dim, 1.0));
+    let (mut bdx, mut bdw) = (c.be.upload(&dx0)?, c.be.upload_f32(&dw0)?);
+    let brstd = c.be.upload_f32(&wr)?;
+    c.be.rmsnorm_bwd(&mut bdx, &mut bdw, &bdout, &bx, &bw, &brstd, rows, dim);
+    let (mut wdx, mut wdw) = (dx0, dw0);
+    cpu::rmsnorm_bwd(&mut wdx, &mut wdw, &dout, &x, &w, &wr, rows, dim);
+    c.row("rmsnorm_bwd dx (+=)", shape.clone(), &bdx, &wdx, false)?;
+    c.row("rmsnorm_bwd dw (+=)", shape, &bdw, &wdw, true)?;
+    Ok(())
+}
+
+fn check_embedding<B: Backend>(c: &mut Ctx<B>, rows: usize, dim: usize) -> Result<()> {
+    let vocab = 50;
+    let shape = format!("{rows} ids, [{vocab}, {dim}]");
+    let table = c.rnd(vocab * dim, 1.0);
+    // Repeated ids on purpose: the backward must add, not overwrite.
+    let ids: Vec<u32> = (0..rows).map(|i| ((i * 7) % 11) as u32).collect();
+    let bt = c.be.upload(&table)?;
+    let mut out = c.nan(rows * dim)?;
+    c.be.embedding(&mut out, &bt, &ids, dim);
+    let mut want = vec![0.0; rows * dim];
+    cpu::embedding(&mut want, &table, &ids, dim);
+    c.row("embedding", shape.clone(), &out, &want, false)?;
+    let (dout, d0) = (c.rnd(rows * dim, 1.0), c.rnd(vocab * dim, 1.0));
+    let mut bd = c.be.upload_f32(&d0)?;
+    c.be.embedding_bwd(&mut bd, &c.be.upload(&dout)?, &ids, dim);
+    let mut want = d0;
+    cpu::embedding_bwd(&mut want, &dout, &ids, dim);
+    c.row("embedding_bwd (+=)", shape, &bd, &want, true)?;
+    Ok(())
+}
+
+fn check_matmul<B: Backend>(c: &mut Ctx<B>, m: usize, k: usize, n: usize) -> Result<()> {
+    let shape = format!("m {m}, k {k}, n {n}");
+    let (a, w, bias, dout) = (
+        c.rnd(m * k, 1.0),
+        c.rnd(n * k, 0.1),
+        c.rnd(n, 1.0),
+        c.rnd(m * n, 1.0),
+    );
+    let (ba, bw, bb, bdout) = (
+        c.be.upload(&a)?,
+        c.be.upload(&w)?,
+        c.be.upload(&bias)?,
+        c.be.upload(&dout)?,
+    );
+    let mut out = c.nan(m * n)?;
+    c.be.matmul(&mut out, &ba, &bw, Some(&bb), m, k, n);
+    let mut want = vec![0.0; m * n];
+    cpu::matmul(&mut want, &a, &w, Some(&bias), m, k, n);
+    c.row("matmul + bias (cuBLAS)", shape.clone(), &out, &want, false)?;
+    let mut out = c.nan(m * n)?;
+    c.be.matmul(&mut out, &ba, &bw, None, m, k, n);
+    cpu::matmul(&mut want, &a, &w, None, m, k, n);
+    c.row("matmul (cuBLAS)", shape.clone(), &out, &want, false)?;
+
+    let (da0, dw0, db0) = (c.rnd(m * k, 1.0), c.rnd(n * k, 1.0), c.rnd(n, 1.0));
+    let (mut bda, mut bdw, mut bdb) = (
+        c.be.upload(&da0)?,
+        c.be.upload_f32(&dw0)?,
+        c.be.upload_f32(&db0)?,
+    );
+    c.be.matmul_bwd(
+        Some(&mut bda),
+        Some(&mut bdw),
+        Some(&mut bdb),
+        &bdout,
+        &ba,
+        &bw,
+        m,
+        k,
+        n,
+    );
+    let (mut wda, mut wdw, mut wdb) = (da0, dw0, db0);
+    cpu::matmul_bwd(
+        Some(&mut wda),
+        Some(&mut wdw),
+        Some(&mut wdb),
+        &dout,
+        &a,
+        &w,
+        m,
+        k,
+        n,
+    );
+    c.row("matmul_bwd da (+=)", shape.clone(), &bda, &wda, false)?;
+    c.row("matmul_bwd dw (+=, f32)", shape.clone(), &bdw, &wdw, true)?;
+    c.row("matmul_bwd dbias (+=, f32)", shape, &bdb, &wdb, true)?;
+    Ok(())
+}
+
+fn check_rope<B: Backend>(
+    c: &mut Ctx<B>,
+    batch: usize,
+    seq: usize,
+    heads: usize,
+    hd: usize,
+) -> Result<()> {
+    let n = batch * seq * heads * hd;
+    let shape = format!("[{batch}, {seq}, {heads}, {hd}] at pos 3");
+    let x = c.rnd(n, 1.0);
+    for inverse in [false, true] {
+        let mut bx = c.be.upload(&x)?;
+        c.be.rope(&mut bx, batch, seq, heads, hd, 3, 1e6, inverse);
+        let mut want = x.clone();
+        cpu::rope(&mut want, batch, seq, heads, hd, 3, 1e6, inverse);
+        let op = if inverse {
+            "rope inverse (= bwd)"
+        } else {
+            "rope"
+        };
+        c.row(op, shape.clone(), &bx, &want, false)?;
+    }
+    Ok(())
+}
+
+fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
+    let shape = format!(
+        "b {} tq {} tk {} heads {}/{} d {}",
+        s.batch, s.tq, s.tk, s.heads, s.kv_heads, s.head_dim
+    );
+    let nq = s.batch * s.tq * s.heads * s.head_dim;
+    let nkv = s.batch * s.cap * s.kv_heads * s.head_dim;
+    let nl = s.batch * s.tq * s.heads;
+    let (q, k, v, dout) = (
+        c.rnd(nq, 2.0),
+        c.rnd(nkv, 2.0),
+        c.rnd(nkv, 1.0),
+        c.rnd(nq, 1.0),
+    );
+    let (bq, bk, bv) = (c.be.upload(&q)?, c.be.upload(&k)?, c.be.upload(&v)?);
+    let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(nl)?);
+    c.be.attention(&mut out, &mut lse, &bq, &bk, &bv, s);
+    let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; nl]);
+    cpu::attention(&mut wo, &mut wl, &q, &k, &v, s);
+    let kind = if s.tq == 1 { "decode" } else { "flash" };
+    c.row(
+        &format!("attention {kind} out"),
+        shape.clone(),
+        &out,
+        &wo,
+        false,
+    )?;
+    c.row(
+        &format!("attention {kind} lse"),
+        shape.clone(),
+        &lse,
+        &wl,
+        true,
+    )?;
+    if s.tq != s.tk {
+        return Ok(()); // training backward only runs over full sequences
+    }
+    // Backward from the oracle's own forward (rounded as the backend stores it).
+    let wo_b = round_bf16(&wo);
+    let (bo, bl, bdout) = (
+        c.be.upload(&wo_b)?,
+        c.be.upload_f32(&wl)?,
+        c.be.upload(&dout)?,
+    );
+    let (mut dq, mut dk, mut dv) = (c.nan(nq)?, c.nan(nkv)?, c.nan(nkv)?);
+    c.be.attention_bwd(
+        &mut dq, &mut dk, &mut dv, &bdout, &bo, &bl, &bq, &bk, &bv, s,
+    );
+    let (mut wdq, mut wdk, mut wdv) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv]);
+    cpu::attention_bwd(
+        &mut wdq, &mut wdk, &mut wdv, &dout, &wo_b, &wl, &q, &k, &v, s,
+    );
+    c.row("attention_bwd dq", shape.clone(), &dq, &wdq, false)?;
+    c.row("attention_bwd dk", shape.clone(), &dk, &wdk, false)?;
+    c.row("attention_bwd dv", shape, &dv, &wdv, false)?;
+    Ok(())
+}
+
+fn check_kv_write<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
+    let (batch, cap, pos0, tq, row) = (3, 20, 7, 5, 64);
+    let cache0 = c.rnd(batch * cap * row, 1.0);
+    let new = c.rnd(batch * tq * row, 1.0);
+    let mut bc = c.be.upload(&cache0)?;
+    c.be.kv_write(&mut bc, &c.be.upload(&new)?, batch, cap, pos0, tq, row);
+    let mut want = cache0;
+    cpu::kv_write(&mut want, &new, batch, cap, pos0, tq, row);
+    c.row(
+        "kv_write",
+        format!("b {batch} cap {cap} at {pos0}+{tq}, row {row}"),
+        &bc,
+        &want,
+        false,
+    )
+}
+
+fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) -> Result<()> {
+    let shape = format!("[{rows}, {vocab}] T 0.7");
+    let logits = c.rnd(rows * vocab, 8.0);
+    let targets: Vec<u32> = (0..rows)
+        .map(|r| {
+            if r == 1 {
+                NO_TARGET
+            } else {
+                ((r * 977) % vocab) as u32
+            }
+        })
+        .collect();
+    let bl = c.be.upload(&logits)?;
+    let got = c.be.softmax_stats(&bl, rows, vocab, &targets, 0.7)?;
+    let want = cpu::softmax_stats(&logits, rows, vocab, &targets, 0.7);
+    let flat = |s: &[crate::backend::RowStats]| -> Vec<f32> {
+        s.iter()
+            .flat_map(|r| [r.logsumexp, r.entropy, r.logprob])
+            .collect()
+    };
+    c.rows.push(CheckRow {
+        op: "softmax_stats (lse, entropy, logprob)".into(),
+        shape: shape.clone(),
+        err: max_rel_err(&flat(&got), &flat(&want)),
+        tol: c.tol.f32_out,
+    });
+    let (a, b) = (c.rnd(rows, 1.0), c.rnd(rows, 1.0));
+    let mut bd = c.nan(rows * vocab)?;
+    c.be.softmax_stats_bwd(&mut bd, &bl, rows, vocab, &targets, 0.7, &a, &b);
+    let mut want = vec![0.0; rows * vocab];
+    cpu::softmax_stats_bwd(&mut want, &logits, rows, vocab, &targets, 0.7, &a, &b);
+    c.row("softmax_stats_bwd dlogits", shape, &bd, &want, false)
+}
+
+fn check_adamw<B: Backend>(c: &mut Ctx<B>, n: usize) -> Result<()> {
+    let (p0, g) = (c.rnd(n, 1.0), c.rnd(n, 1.0));
+    let m0 = c.rnd(n, 0.1);
+    let v0: Vec<f32> = c.rnd(n, 0.1).iter().map(|x| x * x).collect();
+    let h = AdamWStep {
+        lr: 1e-2,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 3,
+        grad_scale: 0.5,
+    };
+    let mut bp = c.be.upload_f32(&p0)?;
+    let bg = c.be.upload_f32(&g)?;
+    let (mut bm, mut bv) = (c.be.upload_f32(&m0)?, c.be.upload_f32(&v0)?);
+    c.be.adamw(&mut bp, &bg, &mut bm, &mut bv, &h);
+    let (mut p, mut m, mut v) = (p0, m0, v0);
+    cpu::adamw(&mut p, &g, &mut m, &mut v, &h);
+    let shape = format!("{n} values, f32 params");
+    c.row("adamw p", shape.clone(), &bp, &p, true)?;
+    c.row("adamw m", shape.clone(), &bm, &m, true)?;
+    c.row("adamw v", shape, &bv, &v, true)
+}
+
+fn check_sum_squares<B: Backend>(c: &mut Ctx<B>, n: usize) -> Result<()> {
+    let x = c.rnd(n, 1.0);
+    let got = c.be.sum_squares(&c.be.upload_f32(&x)?)?;
+    let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
+    c.rows.push(CheckRow {
+        op: "sum_squares (grad norm)".into(),
+        shape: format!("{n} values"),
+        err: (got - want).abs() / want,
+        tol: c.tol.f32_out,
+    });
+    Ok(())
+}
+
+/// The model shapes the whole-model checks run at: GQA, both head sizes of the fast kernels,
+/// tied and untied lm_head.
+pub fn model_configs() -> Vec<ModelConfig> {
+    let base = ModelConfig {
+        hidden_size: 256,
+        intermediate_size: 512,
+        num_layers: 2,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 64,
+        vocab_size: 1000,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        tie_word_embeddings: false,
+        max_position_embeddings: 512,
+        dtype: DType::BF16,
+    };
+    let mut b = base.clone();
+    b.num_heads = 2;
+    b.num_kv_heads = 1;
+    b.head_dim = 128;
+    b.tie_word_embeddings = true;
+    vec![base, b]
+}
+
+fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
+    let be = c.be;
+    let tensors: Vec<Vec<f32>> = random_tensors(cfg, c.seed ^ 0x5eed, 0.05)
+        .iter()
+        .map(|t| round_bf16(t))
+        .collect();
+    let gpu = Qwen2::from_host(be, cfg.clone(), &tensors)?;
+    let cpu_be = cpu::CpuBackend;
+    let cpu_m = Qwen2::from_host(&cpu_be, cfg.clone(), &tensors)?;
+    let (batch, seq) = (2, 37);
+    let ids: Vec<u32> = (0..batch * seq)
+        .map(|i| {
+            (uniform(c.seed, 99, i as u64) * cfg.vocab_size as f32) as u32 % cfg.vocab_size as u32
+        })
+        .collect();
+    let tag = format!(
+        "h {} L {} heads {}/{} d {} V {}{}, {batch}×{seq}",
+        cfg.hidden_size,
+        cfg.num_layers,
+        cfg.num_heads,
+        cfg.num_kv_heads,
+        cfg.head_dim,
+        cfg.vocab_size,
+        if cfg.tie_word_embeddings { " tied" } else { "" }
+    );
+
+    // Forward logits.
+    let mut ga = gpu.alloc_activations(be, batch, seq, true)?;
+    gpu.forward_train(be, &ids, &mut ga)?;
+    let mut ca = cpu_m.alloc_activations(&cpu_be, batch, seq, true)?;
+    cpu_m.forward_train(&cpu_be, &ids, &mut ca)?;
+    c.rows.push(CheckRow {
+        op: "model forward logits".into(),
+        shape: tag.clone(),
+        err: max_rel_err(&be.download(&ga.logits)?, &ca.logits),
+        tol: c.tol.model_logits,
+    });
+
+    // Gradients of every parameter for the scalar loss Σ entropy(T=1) + Σ logprob(next).
+    let v = cfg.vocab_size;
+    let targets = next_token_targets(&ids, batch, seq);
+    let (a, b) = (vec![1.0f32; batch * seq], vec![1.0f32; batch * seq]);
+    let mut gd = be.alloc(batch * seq * v)?;
+    be.softmax_stats_bwd(&mut gd, &ga.logits, batch * seq, v, &targets, 1.0, &a, &b);
+    let mut gg = gpu.zeros_like_params(be)?;
+    gpu.backward(be, &mut ga, &gd, &mut gg)?;
+    let mut cd = vec![0.0; batch * seq * v];
+    cpu::softmax_stats_bwd(&mut cd, &ca.logits, batch * seq, v, &targets, 1.0, &a, &b);
+    let mut cg = cpu_m.zeros_like_params(&cpu_be)?;
+    cpu_m.backward(&cpu_be, &mut ca, &cd, &mut cg)?;
+    let names = tensor_specs(cfg);
+    let mut worst = (0.0f64, String::new());
+    for ((g, w), (name, _)) in gg.list().into_iter().zip(cg.list()).zip(&names) {
+        let e = max_rel_err(&be.download(g)?, w);
+        if e.is_nan() || e > worst.0 || worst.1.is_empty() {
+            worst = (e, name.clone());
+        }
+    }
+    c.rows.push(CheckRow {
+        op: format!(
+            "model grads, all {} tensors (worst: {})",
+            names.len(),
+            worst.1
+        ),
+        shape: tag.clone(),
+        err: worst.0,
+        tol: c.tol.model_grads,
+    });
+
+    // KV-cache decode: prefill 20 tokens, then 4 single-token steps; the last step's logits
+    // against the oracle's.
+    let prompt: Vec<u32> = ids[..batch * 20].to_vec();
+    let mut got_cache = gpu.alloc_cache(be, batch, 32)?;
+    let mut want_cache = cpu_m.alloc_cache(&cpu_be, batch, 32)?;
+    let mut gp = gpu.alloc_activations(be, batch, 20, false)?;
+    let mut cp = cpu_m.alloc_activations(&cpu_be, batch, 20, false)?;
+    gpu.forward_cached(be, &prompt, &mut gp, &mut got_cache)?;
+    cpu_m.forward_cached(&cpu_be, &prompt, &mut cp, &mut want_cache)?;
+    let mut gs = gpu.alloc_activations(be, batch, 1, false)?;
+    let mut cs = cpu_m.alloc_activations(&cpu_be, batch, 1, false)?;
+    for step in 0..4 {
+        let next: Vec<u32> = (0..batch).map(|b| ids[b * seq + 20 + step]).collect();
+        gpu.forward_cached(be, &next, &mut gs, &mut got_cache)?;
+        cpu_m.forward_cached(&cpu_be, &next, &mut cs, &mut want_cache)?;
+    }
+    c.rows.push(CheckRow {
+        op: "model KV-cache decode logits (20 + 4 steps)".into(),
+        shape: tag,
+        err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
+        tol: c.tol.model_logits,
+    });
+    Ok(())
+}
+
+/// The table `check-kernels` prints.
+pub fn format_table(rows: &[CheckRow]) -> String {
+    let w_op = rows.iter().map(|r| r.op.len()).max().unwrap_or(2).max(2);
+    let w_sh = rows.iter().map(|r| r.shape.len()).max().unwrap_or(5).max(5);
+    let mut s = format!(
+        "{:<w_op$}  {:<w_sh$}  {:>12}  {:>9}  pass\n",
+        "op", "shape", "max rel err", "tolerance"
+    );
+    for r in rows {
+        s += &format!(
+            "{:<w_op$}  {:<w_sh$}  {:>12.3e}  {:>9.1e}  {}\n",
+            r.op,
+            r.shape,
+            r.err,
+            r.tol,
+            if r.pass() { "ok" } else { "FAIL" }
+        );
+    }
+    s
+}

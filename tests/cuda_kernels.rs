@@ -1,0 +1,62 @@
+//! The check-kernels checks as tests. On a machine with a GPU they hold the CUDA backend to the
+//! CPU reference; without one they say why they skipped. The harness itself is exercised on
+//! every machine by running it over the CPU backend.
+
+use empo_engine::backend::cpu::CpuBackend;
+use empo_engine::kernel_checks::{format_table, run_all, Tolerances};
+
+#[test]
+fn harness_runs_every_check_over_the_cpu_backend() {
+    let rows = run_all(&CpuBackend, 7, &Tolerances::exact(), false).unwrap();
+    println!("{}", format_table(&rows));
+    // Every op of the Backend trait and the three model checks appear.
+    for op in [
+        "add",
+        "axpy",
+        "swiglu",
+        "rmsnorm",
+        "embedding",
+        "matmul",
+        "rope",
+        "attention flash",
+        "attention decode",
+        "attention_bwd",
+        "kv_write",
+        "softmax_stats",
+        "adamw",
+        "sum_squares",
+        "model forward",
+        "model grads",
+        "model KV-cache",
+    ] {
+        assert!(
+            rows.iter().any(|r| r.op.starts_with(op)),
+            "no check for {op}"
+        );
+    }
+    let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[test]
+fn cuda_backend_matches_the_cpu_reference() {
+    let be = match empo_engine::device::open_cuda() {
+        Ok(be) => be,
+        Err(e) => {
+            println!("skipped: no GPU ({e:#})");
+            return;
+        }
+    };
+    let rows = run_all(&be, 11, &Tolerances::bf16(), true).unwrap();
+    println!("{}", format_table(&rows));
+    let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
+    assert!(failed.is_empty(), "{failed:?}");
+}
+
+#[test]
+fn max_rel_err_is_relative_to_the_largest_reference_value() {
+    use empo_engine::kernel_checks::max_rel_err;
+    assert_eq!(max_rel_err(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
+    assert!(max_rel_err(&[f32::NAN], &[1.0]).is_nan());
+    assert!(max_rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
+}
