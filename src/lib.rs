@@ -13,6 +13,7 @@ pub mod generate;
 pub mod grader;
 pub mod hub;
 pub mod io;
+pub mod kernel_bench;
 pub mod kernel_checks;
 pub mod model;
 pub mod optim;

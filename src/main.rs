@@ -50,6 +50,24 @@ enum Cmd {
     /// Check every CUDA kernel, then the whole model on the GPU, against the CPU reference;
     /// prints one row per check and exits non-zero on any failure (2 when there is no GPU).
     CheckKernels(CheckArgs),
+    /// Kernel throughput at Qwen2.5-7B shapes, as TFLOP/s or GB/s and as a fraction of the
+    /// copy-bandwidth and GEMM ceilings measured in the same run (exits 2 when there is no GPU).
+    Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct BenchArgs {
+    /// `cpu` measures the CPU reference (at small shapes).
+    #[arg(long, value_enum, default_value = "cuda")]
+    device: DeviceArg,
+    /// Small shapes (hidden 256, vocab 4096, 256 tokens) instead of the 7B ones.
+    #[arg(long)]
+    small: bool,
+    #[arg(long, default_value_t = 10)]
+    iters: usize,
+    /// Also write the rows as JSON (tools/bench_torch_gpu.py reads it for the side-by-side).
+    #[arg(long)]
+    json: Option<PathBuf>,
 }
 
 #[derive(Args)]
@@ -779,6 +797,42 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
     Ok(())
 }
 
+fn bench(a: &BenchArgs) -> Result<()> {
+    use empo_engine::kernel_bench::{format_table, run_all, BenchShapes};
+    let shapes = if a.small || a.device == DeviceArg::Cpu {
+        BenchShapes::small()
+    } else {
+        BenchShapes::qwen_7b()
+    };
+    let iters = a.iters.max(1);
+    let rows = if a.device == DeviceArg::Cpu {
+        println!(
+            "bench: {}",
+            empo_engine::backend::Backend::name(&CpuBackend)
+        );
+        run_all(&CpuBackend, &shapes, iters)?
+    } else {
+        let be = match device::open_cuda() {
+            Ok(be) => be,
+            Err(e) => {
+                eprintln!(
+                    "bench: no GPU to measure: {e:#} (--device cpu measures the CPU reference)"
+                );
+                std::process::exit(2);
+            }
+        };
+        println!("bench: {}", empo_engine::backend::Backend::name(&be));
+        run_all(&be, &shapes, iters)?
+    };
+    print!("{}", format_table(&rows));
+    if let Some(path) = &a.json {
+        let text = serde_json::to_string_pretty(&rows)?;
+        empo_engine::io::write_atomic(path, text.as_bytes())?;
+        println!("wrote {}", path.display());
+    }
+    Ok(())
+}
+
 fn run(cli: Cli) -> Result<()> {
     match cli.cmd {
         Cmd::Score(a) => {
@@ -882,6 +936,7 @@ fn run(cli: Cli) -> Result<()> {
             Ok(())
         }
         Cmd::CheckKernels(a) => check_kernels(&a),
+        Cmd::Bench(a) => bench(&a),
     }
 }
 

@@ -1,0 +1,131 @@
+//! Criterion throughput of the backend ops: the CUDA backend at Qwen2.5-7B shapes when a GPU
+//! is present, otherwise the CPU reference at small shapes (it says which). Every sample ends
+//! with a device sync, so GPU time is counted in full. `empo-engine bench` prints the same ops
+//! with the fraction of the copy and GEMM ceilings measured in the same run.
+
+use criterion::{criterion_group, criterion_main, Criterion, Throughput};
+use empo_engine::backend::cpu::CpuBackend;
+use empo_engine::backend::{AttnShape, Backend};
+use empo_engine::kernel_bench::BenchShapes;
+use std::time::{Duration, Instant};
+
+fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
+    let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
+    let mut g = c.benchmark_group(be.name());
+    g.sample_size(10).measurement_time(Duration::from_secs(3));
+    let timed = |iters: u64, f: &mut dyn FnMut()| {
+        be.sync().unwrap();
+        let t = Instant::now();
+        for _ in 0..iters {
+            f();
+        }
+        be.sync().unwrap();
+        t.elapsed()
+    };
+
+    let x = be.upload(&vec![0.5; m * h]).unwrap();
+    let w = be.upload(&vec![1.0; h]).unwrap();
+    let (mut out, mut rstd) = (be.alloc(m * h).unwrap(), be.alloc_f32(m).unwrap());
+    g.throughput(Throughput::Bytes((2 * m * h * 2) as u64));
+    g.bench_function(format!("rmsnorm [{m}, {h}]"), |b| {
+        b.iter_custom(|n| {
+            timed(n, &mut || {
+                be.rmsnorm(&mut out, &mut rstd, &x, &w, m, h, 1e-6)
+            })
+        })
+    });
+
+    let (gate, up) = (
+        be.upload(&vec![0.5; m * i]).unwrap(),
+        be.upload(&vec![0.5; m * i]).unwrap(),
+    );
+    let mut hh = be.alloc(m * i).unwrap();
+    g.throughput(Throughput::Bytes((3 * m * i * 2) as u64));
+    g.bench_function(format!("swiglu [{m}, {i}]"), |b| {
+        b.iter_custom(|n| timed(n, &mut || be.swiglu(&mut hh, &gate, &up)))
+    });
+
+    let wt = be.upload(&vec![0.01; i * h]).unwrap();
+    let mut o = be.alloc(m * i).unwrap();
+    g.throughput(Throughput::Elements((2 * m * h * i) as u64));
+    g.bench_function(
+        format!("matmul [{m}, {h}] x [{i}, {h}]ᵀ (elements = flops)"),
+        |b| b.iter_custom(|n| timed(n, &mut || be.matmul(&mut o, &x, &wt, None, m, h, i))),
+    );
+
+    let rows = (m / 4).max(1);
+    let logits = be.upload(&vec![0.1; rows * v]).unwrap();
+    let targets: Vec<u32> = (0..rows as u32).collect();
+    let mut dl = be.alloc(rows * v).unwrap();
+    let (ca, cb) = (vec![1.0; rows], vec![1.0; rows]);
+    g.throughput(Throughput::Bytes((rows * v * 2) as u64));
+    g.bench_function(format!("softmax-entropy fwd [{rows}, {v}]"), |b| {
+        b.iter_custom(|n| {
+            timed(n, &mut || {
+                be.softmax_stats(&logits, rows, v, &targets, 0.7).unwrap();
+            })
+        })
+    });
+    g.throughput(Throughput::Bytes((2 * rows * v * 2) as u64));
+    g.bench_function(format!("softmax-entropy bwd [{rows}, {v}]"), |b| {
+        b.iter_custom(|n| {
+            timed(n, &mut || {
+                be.softmax_stats_bwd(&mut dl, &logits, rows, v, &targets, 0.7, &ca, &cb)
+            })
+        })
+    });
+
+    let t = *s.seqs.last().unwrap();
+    let sh = AttnShape {
+        batch: 1,
+        tq: t,
+        tk: t,
+        cap: t,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+    };
+    let (nq, nkv) = (t * s.heads * s.head_dim, t * s.kv_heads * s.head_dim);
+    let q = be.upload(&vec![0.1; nq]).unwrap();
+    let (k, vv) = (
+        be.upload(&vec![0.1; nkv]).unwrap(),
+        be.upload(&vec![0.1; nkv]).unwrap(),
+    );
+    let (mut ao, mut lse) = (be.alloc(nq).unwrap(), be.alloc_f32(t * s.heads).unwrap());
+    let flops = 2 * t * t * s.head_dim * s.heads;
+    g.throughput(Throughput::Elements(flops as u64));
+    g.bench_function(
+        format!("attention fwd causal t {t} (elements = flops)"),
+        |b| b.iter_custom(|n| timed(n, &mut || be.attention(&mut ao, &mut lse, &q, &k, &vv, sh))),
+    );
+    let (mut dq, mut dk, mut dv) = (
+        be.alloc(nq).unwrap(),
+        be.alloc(nkv).unwrap(),
+        be.alloc(nkv).unwrap(),
+    );
+    g.throughput(Throughput::Elements((flops as f64 * 2.5) as u64));
+    g.bench_function(
+        format!("attention bwd causal t {t} (elements = flops)"),
+        |b| {
+            b.iter_custom(|n| {
+                timed(n, &mut || {
+                    be.attention_bwd(&mut dq, &mut dk, &mut dv, &ao, &ao, &lse, &q, &k, &vv, sh)
+                })
+            })
+        },
+    );
+    g.finish();
+}
+
+fn kernels(c: &mut Criterion) {
+    match empo_engine::device::open_cuda() {
+        Ok(be) => ops(c, &be, &BenchShapes::qwen_7b()),
+        Err(e) => {
+            eprintln!("no GPU ({e:#}): benchmarking the CPU reference at small shapes instead");
+            ops(c, &CpuBackend, &BenchShapes::small());
+        }
+    }
+}
+
+criterion_group!(benches, kernels);
+criterion_main!(benches);

@@ -1,0 +1,416 @@
+//! `empo-engine bench`: each op's throughput at Qwen2.5-7B shapes (hidden 3584, 28 query and 4
+//! key-value heads of 128, vocab 152064, sequences of 1k to 4k), as TFLOP/s or GB/s and as a
+//! fraction of the device's ceilings measured in the same run: a large device-to-device copy
+//! (memory-bound ops) and a large bf16 GEMM (compute-bound ops).
+//!
+//! Generic over `Backend`: on the CPU (`--device cpu`, with `--small` shapes) it measures the
+//! reference; on the GPU the numbers are what the targets are about. Each case runs
+//! once to warm up, then `iters` times between two `sync`s.
+
+use crate::backend::{AdamWStep, AttnShape, Backend};
+use anyhow::Result;
+use std::time::Instant;
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, serde::Serialize)]
+pub enum Unit {
+    /// Memory-bound: bytes moved (each operand read once, each output written once).
+    Bytes,
+    /// Compute-bound: floating-point operations.
+    Flops,
+}
+
+#[derive(Debug, Clone, serde::Serialize)]
+pub struct BenchRow {
+    pub op: String,
+    pub shape: String,
+    pub unit: Unit,
+    /// Bytes or flops per call.
+    pub work: f64,
+    pub seconds: f64,
+}
+
+impl BenchRow {
+    /// GB/s or TFLOP/s.
+    pub fn rate(&self) -> f64 {
+        match self.unit {
+            Unit::Bytes => self.work / self.seconds / 1e9,
+            Unit::Flops => self.work / self.seconds / 1e12,
+        }
+    }
+}
+
+/// Shapes: the 7B model's, or a small set for the CPU.
+#[derive(Debug, Clone, Copy)]
+pub struct BenchShapes {
+    pub hidden: usize,
+    pub inter: usize,
+    pub heads: usize,
+    pub kv_heads: usize,
+    pub head_dim: usize,
+    pub vocab: usize,
+    pub tokens: usize,
+    pub seqs: &'static [usize],
+    pub copy_bytes: usize,
+    pub gemm: usize,
+}
+
+impl BenchShapes {
+    pub fn qwen_7b() -> BenchShapes {
+        BenchShapes {
+            hidden: 3584,
+            inter: 18944,
+            heads: 28,
+            kv_heads: 4,
+            head_dim: 128,
+            vocab: 152064,
+            tokens: 4096,
+            seqs: &[1024, 2048, 4096],
+            copy_bytes: 1 << 30,
+            gemm: 8192,
+        }
+    }
+    pub fn small() -> BenchShapes {
+        BenchShapes {
+            hidden: 256,
+            inter: 688,
+            heads: 8,
+            kv_heads: 2,
+            head_dim: 32,
+            vocab: 4096,
+            tokens: 256,
+            seqs: &[256],
+            copy_bytes: 1 << 26,
+            gemm: 512,
+        }
+    }
+}
+
+/// Times `f` (already queued work excluded): one warm-up call, then `iters` calls.
+pub fn time<B: Backend>(be: &B, iters: usize, mut f: impl FnMut()) -> Result<f64> {
+    f();
+    be.sync()?;
+    let t = Instant::now();
+    for _ in 0..iters {
+        f();
+    }
+    be.sync()?;
+    Ok(t.elapsed().as_secs_f64() / iters as f64)
+}
+
+/// The ceilings: (copy GB/s, bf16 GEMM TFLOP/s).
+pub fn ceilings(rows: &[BenchRow]) -> (f64, f64) {
+    let find = |op: &str| {
+        rows.iter()
+            .find(|r| r.op == op)
+            .map_or(f64::NAN, |r| r.rate())
+    };
+    (find("ceiling: copy"), find("ceiling: GEMM"))
+}
+
+pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow {
+            op: op.into(),
+            shape,
+            unit,
+            work,
+            seconds,
+        })
+    };
+    // bf16 storage on the GPU: 2 bytes a value (the CPU's f32 moves twice that; its table
+    // rows are still comparable to each other).
+    let e = 2.0;
+
+    // Ceilings.
+    let n = s.copy_bytes / 2;
+    let src = be.alloc(n)?;
+    let mut dst = be.alloc(n)?;
+    let t = time(be, iters, || be.copy(&mut dst, &src))?;
+    push(
+        "ceiling: copy",
+        format!("{} MiB", s.copy_bytes >> 20),
+        Unit::Bytes,
+        2.0 * n as f64 * e,
+        t,
+    );
+    drop((src, dst));
+    let g = s.gemm;
+    let (a, w) = (
+        be.upload(&vec![0.01; g * g])?,
+        be.upload(&vec![0.01; g * g])?,
+    );
+    let mut out = be.alloc(g * g)?;
+    let t = time(be, iters, || be.matmul(&mut out, &a, &w, None, g, g, g))?;
+    push(
+        "ceiling: GEMM",
+        format!("{g}³"),
+        Unit::Flops,
+        2.0 * (g as f64).powi(3),
+        t,
+    );
+    drop((a, w, out));
+
+    // Linear layers at `tokens` rows.
+    let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
+    let x = be.upload(&vec![0.01; m * i.max(h)])?;
+    for (name, k, nn) in [
+        ("matmul qkv", h, (s.heads + 2 * s.kv_heads) * s.head_dim),
+        ("matmul gate/up", h, i),
+        ("matmul down", i, h),
+    ] {
+        let wt = be.upload(&vec![0.01; nn * k])?;
+        let mut o = be.alloc(m * nn)?;
+        let t = time(be, iters, || be.matmul(&mut o, &x, &wt, None, m, k, nn))?;
+        push(
+            name,
+            format!("[{m}, {k}] x [{nn}, {k}]ᵀ"),
+            Unit::Flops,
+            2.0 * (m * k * nn) as f64,
+            t,
+        );
+    }
+    drop(x);
+
+    // Memory-bound ops over [tokens, hidden] and [tokens, inter].
+    let xa = be.upload(&vec![0.5; m * h])?;
+    let mut xb = be.upload(&vec![0.25; m * h])?;
+    let wn = be.upload(&vec![1.0; h])?;
+    let mut rstd = be.alloc_f32(m)?;
+    let t = time(be, iters, || be.add(&mut xb, &xa))?;
+    push(
+        "residual add",
+        format!("[{m}, {h}]"),
+        Unit::Bytes,
+        3.0 * (m * h) as f64 * e,
+        t,
+    );
+    let mut out = be.alloc(m * h)?;
+    let t = time(be, iters, || {
+        be.rmsnorm(&mut out, &mut rstd, &xa, &wn, m, h, 1e-6)
+    })?;
+    push(
+        "rmsnorm",
+        format!("[{m}, {h}]"),
+        Unit::Bytes,
+        2.0 * (m * h) as f64 * e,
+        t,
+    );
+    let mut dx = be.alloc(m * h)?;
+    let mut dw = be.alloc_f32(h)?;
+    let t = time(be, iters, || {
+        be.rmsnorm_bwd(&mut dx, &mut dw, &xb, &xa, &wn, &rstd, m, h)
+    })?;
+    push(
+        "rmsnorm_bwd",
+        format!("[{m}, {h}]"),
+        Unit::Bytes,
+        4.0 * (m * h) as f64 * e,
+        t,
+    );
+    let ids: Vec<u32> = (0..m as u32).map(|t| (t * 7919) % v as u32).collect();
+    let table = be.alloc(v * h)?;
+    let t = time(be, iters, || be.embedding(&mut out, &table, &ids, h))?;
+    push(
+        "embedding",
+        format!("{m} ids of [{v}, {h}]"),
+        Unit::Bytes,
+        2.0 * (m * h) as f64 * e,
+        t,
+    );
+    drop((xa, xb, out, dx, dw, table));
+
+    let mut q = be.upload(&vec![0.5; m * s.heads * s.head_dim])?;
+    let t = time(be, iters, || {
+        be.rope(&mut q, 1, m, s.heads, s.head_dim, 0, 1e6, false)
+    })?;
+    push(
+        "rope (q)",
+        format!("[{m}, {}, {}]", s.heads, s.head_dim),
+        Unit::Bytes,
+        2.0 * (m * s.heads * s.head_dim) as f64 * e,
+        t,
+    );
+    drop(q);
+
+    let (gate, up) = (be.upload(&vec![0.5; m * i])?, be.upload(&vec![0.5; m * i])?);
+    let mut hh = be.alloc(m * i)?;
+    let t = time(be, iters, || be.swiglu(&mut hh, &gate, &up))?;
+    push(
+        "swiglu",
+        format!("[{m}, {i}]"),
+        Unit::Bytes,
+        3.0 * (m * i) as f64 * e,
+        t,
+    );
+    let (mut dg, mut du) = (be.alloc(m * i)?, be.alloc(m * i)?);
+    let t = time(be, iters, || {
+        be.swiglu_bwd(&mut dg, &mut du, &hh, &gate, &up)
+    })?;
+    push(
+        "swiglu_bwd",
+        format!("[{m}, {i}]"),
+        Unit::Bytes,
+        5.0 * (m * i) as f64 * e,
+        t,
+    );
+    drop((gate, up, hh, dg, du));
+
+    // Attention, causal: 2·2·t²·d per head for the forward (half the square is masked), and
+    // 2.5 times that for the backward (dS, dP, dQ, dK, dV), as FlashAttention counts.
+    for &t_len in s.seqs {
+        let sh = AttnShape {
+            batch: 1,
+            tq: t_len,
+            tk: t_len,
+            cap: t_len,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+        };
+        let nq = t_len * s.heads * s.head_dim;
+        let nkv = t_len * s.kv_heads * s.head_dim;
+        let (q, k, vv) = (
+            be.upload(&vec![0.1; nq])?,
+            be.upload(&vec![0.1; nkv])?,
+            be.upload(&vec![0.1; nkv])?,
+        );
+        let (mut o, mut lse) = (be.alloc(nq)?, be.alloc_f32(t_len * s.heads)?);
+        let flops = 2.0 * (t_len as f64).powi(2) * s.head_dim as f64 * s.heads as f64;
+        let shape = format!(
+            "t {t_len}, heads {}/{}, d {}",
+            s.heads, s.kv_heads, s.head_dim
+        );
+        let t = time(be, iters, || {
+            be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
+        })?;
+        push(
+            "attention fwd (causal)",
+            shape.clone(),
+            Unit::Flops,
+            flops,
+            t,
+        );
+        let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
+        let t = time(be, iters, || {
+            be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
+        })?;
+        push("attention bwd (causal)", shape, Unit::Flops, 2.5 * flops, t);
+    }
+
+    // Decode: 64 sequences, one new query each over 2k cached positions; bytes of K and V.
+    let (batch, ctx) = (64, s.seqs[0].max(2) * 2);
+    let sh = AttnShape {
+        batch,
+        tq: 1,
+        tk: ctx,
+        cap: ctx,
+        heads: s.heads,
+        kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+    };
+    let nkv = batch * ctx * s.kv_heads * s.head_dim;
+    let (q, k, vv) = (
+        be.alloc(batch * s.heads * s.head_dim)?,
+        be.alloc(nkv)?,
+        be.alloc(nkv)?,
+    );
+    let (mut o, mut lse) = (
+        be.alloc(batch * s.heads * s.head_dim)?,
+        be.alloc_f32(batch * s.heads)?,
+    );
+    let t = time(be, iters, || {
+        be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
+    })?;
+    push(
+        "attention decode",
+        format!("{batch} seqs × {ctx} cached"),
+        Unit::Bytes,
+        2.0 * nkv as f64 * e,
+        t,
+    );
+    drop((q, k, vv, o, lse));
+
+    // Softmax statistics over the vocabulary: one read of the logits forward, one read and
+    // one write backward.
+    let rows_v = (s.tokens / 4).max(1);
+    let logits = be.upload(&vec![0.1; rows_v * v])?;
+    let targets: Vec<u32> = (0..rows_v as u32).collect();
+    let t = time(be, iters, || {
+        let _ = be.softmax_stats(&logits, rows_v, v, &targets, 0.7);
+    })?;
+    push(
+        "softmax-entropy fwd",
+        format!("[{rows_v}, {v}]"),
+        Unit::Bytes,
+        (rows_v * v) as f64 * e,
+        t,
+    );
+    let mut dl = be.alloc(rows_v * v)?;
+    let (ca, cb) = (vec![1.0; rows_v], vec![1.0; rows_v]);
+    let t = time(be, iters, || {
+        be.softmax_stats_bwd(&mut dl, &logits, rows_v, v, &targets, 0.7, &ca, &cb)
+    })?;
+    push(
+        "softmax-entropy bwd",
+        format!("[{rows_v}, {v}]"),
+        Unit::Bytes,
+        2.0 * (rows_v * v) as f64 * e,
+        t,
+    );
+    drop((logits, dl));
+
+    // AdamW over one large tensor: bf16 param read+write, f32 grad read, f32 m and v read+write.
+    let np = s.copy_bytes / 8;
+    let mut p = be.alloc(np)?;
+    let gr = be.alloc_f32(np)?;
+    let (mut mm, mut vm) = (be.alloc_f32(np)?, be.alloc_f32(np)?);
+    let mut step = 0;
+    let t = time(be, iters, || {
+        step += 1;
+        let hp = AdamWStep {
+            lr: 1e-5,
+            beta1: 0.9,
+            beta2: 0.999,
+            eps: 1e-8,
+            weight_decay: 0.0,
+            step,
+            grad_scale: 1.0,
+        };
+        be.adamw(&mut p, &gr, &mut mm, &mut vm, &hp)
+    })?;
+    push(
+        "adamw (per tensor)",
+        format!("{np} params"),
+        Unit::Bytes,
+        np as f64 * (2.0 * e + 4.0 + 16.0),
+        t,
+    );
+    Ok(rows)
+}
+
+/// The table: rate, and the fraction of the matching ceiling.
+pub fn format_table(rows: &[BenchRow]) -> String {
+    let (copy, gemm) = ceilings(rows);
+    let w_op = rows.iter().map(|r| r.op.len()).max().unwrap_or(2);
+    let w_sh = rows.iter().map(|r| r.shape.len()).max().unwrap_or(5);
+    let mut s = format!(
+        "{:<w_op$}  {:<w_sh$}  {:>10}  {:>14}  {:>11}\n",
+        "op", "shape", "time (ms)", "rate", "of ceiling"
+    );
+    for r in rows {
+        let (rate, ceil) = match r.unit {
+            Unit::Bytes => (format!("{:.0} GB/s", r.rate()), copy),
+            Unit::Flops => (format!("{:.1} TFLOP/s", r.rate()), gemm),
+        };
+        s += &format!(
+            "{:<w_op$}  {:<w_sh$}  {:>10.3}  {:>14}  {:>10.0}%\n",
+            r.op,
+            r.shape,
+            r.seconds * 1e3,
+            rate,
+            100.0 * r.rate() / ceil
+        );
+    }
+    s
+}

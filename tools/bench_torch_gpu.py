@@ -1,0 +1,173 @@
+#!/usr/bin/env python3
+"""PyTorch equivalents of `empo-engine bench`, on the same GPU in the same call.
+
+SDPA (causal, GQA) for attention, eager ops for the rest, at the same Qwen2.5-7B shapes and
+with the same byte/flop accounting as src/kernel_bench.rs. With --ours BENCH.json (written by
+`empo-engine bench --json`), prints ours / PyTorch for every row.
+
+  python3 tools/bench_torch_gpu.py --ours bench.json
+"""
+import argparse
+import json
+
+import torch
+import torch.nn.functional as F
+
+H, I, HEADS, KV, D, V, TOK = 3584, 18944, 28, 4, 128, 152064, 4096
+SEQS = [1024, 2048, 4096]
+dev = "cuda"
+bf = torch.bfloat16
+
+
+def timed(fn, iters):
+    fn()
+    torch.cuda.synchronize()
+    a, b = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+    a.record()
+    for _ in range(iters):
+        fn()
+    b.record()
+    torch.cuda.synchronize()
+    return a.elapsed_time(b) / 1e3 / iters
+
+
+def main():
+    ap = argparse.ArgumentParser()
+    ap.add_argument("--iters", type=int, default=10)
+    ap.add_argument("--ours", help="JSON rows from `empo-engine bench --json`")
+    args = ap.parse_args()
+    it = args.iters
+    rows = []
+
+    def push(op, shape, unit, work, sec):
+        rows.append(dict(op=op, shape=shape, unit=unit, work=work, seconds=sec))
+
+    n = (1 << 30) // 2
+    src, dst = torch.empty(n, dtype=bf, device=dev), torch.empty(n, dtype=bf, device=dev)
+    push("ceiling: copy", "1024 MiB", "Bytes", 2.0 * n * 2, timed(lambda: dst.copy_(src), it))
+    del src, dst
+    g = 8192
+    a, w = torch.randn(g, g, dtype=bf, device=dev), torch.randn(g, g, dtype=bf, device=dev)
+    push("ceiling: GEMM", f"{g}³", "Flops", 2.0 * g**3, timed(lambda: a @ w.t(), it))
+    del a, w
+
+    x = torch.randn(TOK, I, dtype=bf, device=dev) * 0.1
+    for name, k, nn in [("matmul qkv", H, (HEADS + 2 * KV) * D), ("matmul gate/up", H, I), ("matmul down", I, H)]:
+        wt = torch.randn(nn, k, dtype=bf, device=dev) * 0.01
+        xk = x[:, :k]
+        push(name, f"[{TOK}, {k}] x [{nn}, {k}]ᵀ", "Flops", 2.0 * TOK * k * nn, timed(lambda: F.linear(xk, wt), it))
+    del x
+
+    xa = torch.randn(TOK, H, dtype=bf, device=dev)
+    xb = torch.randn(TOK, H, dtype=bf, device=dev)
+    wn = torch.ones(H, dtype=bf, device=dev)
+    push("residual add", f"[{TOK}, {H}]", "Bytes", 3.0 * TOK * H * 2, timed(lambda: xb.add_(xa), it))
+
+    def rmsnorm(x):
+        xf = x.float()
+        return (xf * torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + 1e-6)).to(bf) * wn
+
+    push("rmsnorm", f"[{TOK}, {H}]", "Bytes", 2.0 * TOK * H * 2, timed(lambda: rmsnorm(xa), it))
+    xr = xa.clone().requires_grad_(True)
+    yr = rmsnorm(xr)
+    dy = torch.randn_like(yr)
+    push("rmsnorm_bwd", f"[{TOK}, {H}]", "Bytes", 4.0 * TOK * H * 2,
+         timed(lambda: torch.autograd.grad(yr, xr, dy, retain_graph=True), it))
+    table = torch.randn(V, H, dtype=bf, device=dev)
+    ids = (torch.arange(TOK, device=dev) * 7919) % V
+    push("embedding", f"{TOK} ids of [{V}, {H}]", "Bytes", 2.0 * TOK * H * 2, timed(lambda: F.embedding(ids, table), it))
+    del table
+
+    q = torch.randn(1, TOK, HEADS, D, dtype=bf, device=dev)
+    inv = 1.0 / (1e6 ** (torch.arange(0, D, 2, device=dev).float() / D))
+    fr = torch.outer(torch.arange(TOK, device=dev).float(), inv)
+    cos, sin = torch.cat([fr.cos()] * 2, -1)[None, :, None, :].to(bf), torch.cat([fr.sin()] * 2, -1)[None, :, None, :].to(bf)
+
+    def rope(x):
+        x1, x2 = x[..., : D // 2], x[..., D // 2:]
+        return x * cos + torch.cat([-x2, x1], -1) * sin
+
+    push("rope (q)", f"[{TOK}, {HEADS}, {D}]", "Bytes", 2.0 * TOK * HEADS * D * 2, timed(lambda: rope(q), it))
+
+    gate = torch.randn(TOK, I, dtype=bf, device=dev)
+    up = torch.randn(TOK, I, dtype=bf, device=dev)
+    push("swiglu", f"[{TOK}, {I}]", "Bytes", 3.0 * TOK * I * 2, timed(lambda: F.silu(gate) * up, it))
+    gr, ur = gate.clone().requires_grad_(True), up.clone().requires_grad_(True)
+    hr = F.silu(gr) * ur
+    dh = torch.randn_like(hr)
+    push("swiglu_bwd", f"[{TOK}, {I}]", "Bytes", 5.0 * TOK * I * 2,
+         timed(lambda: torch.autograd.grad(hr, (gr, ur), dh, retain_graph=True), it))
+    del gate, up, gr, ur, hr, dh
+
+    for t in SEQS:
+        qq = torch.randn(1, HEADS, t, D, dtype=bf, device=dev, requires_grad=True)
+        kk = torch.randn(1, KV, t, D, dtype=bf, device=dev, requires_grad=True)
+        vv = torch.randn(1, KV, t, D, dtype=bf, device=dev, requires_grad=True)
+        flops = 2.0 * t * t * D * HEADS
+        shape = f"t {t}, heads {HEADS}/{KV}, d {D}"
+        f = lambda: F.scaled_dot_product_attention(qq, kk, vv, is_causal=True, enable_gqa=True)
+        push("attention fwd (causal)", shape, "Flops", flops, timed(f, it))
+        o = f()
+        do = torch.randn_like(o)
+        push("attention bwd (causal)", shape, "Flops", 2.5 * flops,
+             timed(lambda: torch.autograd.grad(o, (qq, kk, vv), do, retain_graph=True), it))
+
+    b, ctx = 64, SEQS[0] * 2
+    qd = torch.randn(b, HEADS, 1, D, dtype=bf, device=dev)
+    kd = torch.randn(b, KV, ctx, D, dtype=bf, device=dev)
+    vd = torch.randn(b, KV, ctx, D, dtype=bf, device=dev)
+    push("attention decode", f"{b} seqs × {ctx} cached", "Bytes", 2.0 * kd.numel() * 2,
+         timed(lambda: F.scaled_dot_product_attention(qd, kd, vd, enable_gqa=True), it))
+    del qd, kd, vd
+
+    rows_v = TOK // 4
+    logits = torch.randn(rows_v, V, dtype=bf, device=dev)
+    tgt = torch.arange(rows_v, device=dev)
+
+    def stats(z):
+        lp = torch.log_softmax(z.float() / 0.7, -1)
+        ent = -(lp.exp() * lp).sum(-1)
+        return ent, lp.gather(-1, tgt[:, None])[:, 0]
+
+    push("softmax-entropy fwd", f"[{rows_v}, {V}]", "Bytes", rows_v * V * 2.0, timed(lambda: stats(logits), it))
+    zr = logits.clone().requires_grad_(True)
+    ent, lpt = stats(zr)
+    loss = (ent + lpt).sum()
+    push("softmax-entropy bwd", f"[{rows_v}, {V}]", "Bytes", 2.0 * rows_v * V * 2,
+         timed(lambda: torch.autograd.grad(loss, zr, retain_graph=True), it))
+    del logits, zr, ent, lpt, loss
+
+    npar = (1 << 30) // 8
+    p = torch.zeros(npar, dtype=bf, device=dev, requires_grad=True)
+    p.grad = torch.zeros(npar, dtype=bf, device=dev)
+    for fused in (False, True):
+        opt = torch.optim.AdamW([p], lr=1e-5, weight_decay=0.0, fused=fused, foreach=None if fused else True)
+        name = "adamw (per tensor)" if not fused else "adamw (torch fused)"
+        push(name, f"{npar} params", "Bytes", npar * (2 * 2 + 4 + 16.0), timed(opt.step, it))
+
+    ceil = {r["op"]: r for r in rows}
+    copy_bw = ceil["ceiling: copy"]["work"] / ceil["ceiling: copy"]["seconds"] / 1e9
+    gemm_tf = ceil["ceiling: GEMM"]["work"] / ceil["ceiling: GEMM"]["seconds"] / 1e12
+    ours = {}
+    if args.ours:
+        for r in json.load(open(args.ours)):
+            ours[(r["op"], r["shape"])] = r
+    print(f"device: {torch.cuda.get_device_name()}, torch {torch.__version__}")
+    print(f"{'op':<24} {'shape':<30} {'torch':>14} {'of ceiling':>10} {'ours':>14} {'ours/torch':>10}")
+    for r in rows:
+        rate = r["work"] / r["seconds"] / (1e9 if r["unit"] == "Bytes" else 1e12)
+        unit = "GB/s" if r["unit"] == "Bytes" else "TFLOP/s"
+        frac = rate / (copy_bw if r["unit"] == "Bytes" else gemm_tf)
+        o = ours.get((r["op"], r["shape"]))
+        if o is None and r["op"].startswith("ceiling"):
+            o = next((v for (op, _), v in ours.items() if op == r["op"]), None)
+        if o:
+            orate = o["work"] / o["seconds"] / (1e9 if o["unit"] == "Bytes" else 1e12)
+            tail = f"{orate:>9.1f} {unit:<4} {orate / rate:>10.2f}"
+        else:
+            tail = f"{'-':>14} {'-':>10}"
+        print(f"{r['op']:<24} {r['shape']:<30} {rate:>9.1f} {unit:<4} {100 * frac:>9.0f}% {tail}")
+
+
+if __name__ == "__main__":
+    main()
