@@ -1,7 +1,7 @@
 //! The Qwen2 decoder, written once over the `Backend` interface: training forward (keeping
 //! activations), full backward (gradients for every parameter), and KV-cache inference.
 
-use crate::backend::{AttnShape, Backend};
+use crate::backend::{AttnShape, Backend, RowStats};
 use crate::config::ModelConfig;
 use crate::weights::WeightFiles;
 use anyhow::{bail, Result};
@@ -197,6 +197,19 @@ struct Scratch<T> {
     dup: T,
 }
 
+/// Rows of the lm_head computed at a time by the chunked statistics path: the [N, V] logits
+/// never exist, only [LM_HEAD_CHUNK, V] (the Liger-Kernel fused-linear idea, applied to
+/// entropy and log-prob). 1024 rows × 152064 × bf16 is 311 MB, twice over for the backward.
+pub const LM_HEAD_CHUNK: usize = 1024;
+
+/// Buffers of the chunked lm_head path, allocated on first use.
+struct LmChunk<T> {
+    x: T,
+    logits: T,
+    dlogits: T,
+    dx: T,
+}
+
 /// Activations of one forward call over `batch × seq` tokens.
 pub struct Activations<T> {
     pub batch: usize,
@@ -207,9 +220,11 @@ pub struct Activations<T> {
     x_final: T,
     xf: T,
     rstdf: T,
-    /// [batch·seq, vocab] after `forward_train`; [batch, vocab] after `forward_cached`.
+    /// [batch·seq, vocab] after `forward_train`; [batch, vocab] after `forward_cached`;
+    /// empty when only the chunked statistics path ran.
     pub logits: T,
     scratch: Option<Scratch<T>>,
+    chunk: Option<LmChunk<T>>,
 }
 
 pub struct KvCache<T> {
@@ -315,7 +330,9 @@ impl<B: Backend> Qwen2<B> {
                 })
             })
             .collect::<Result<Vec<_>>>()?;
-        let logit_rows = if train { n } else { batch };
+        // Training logits are allocated by forward_train when it runs: the chunked statistics
+        // path never needs them.
+        let logit_rows = if train { 0 } else { batch };
         Ok(Activations {
             batch,
             seq,
@@ -327,6 +344,7 @@ impl<B: Backend> Qwen2<B> {
             rstdf: be.alloc_f32(n)?,
             logits: be.alloc(logit_rows * c.vocab_size)?,
             scratch: None,
+            chunk: None,
         })
     }
 
@@ -449,13 +467,19 @@ impl<B: Backend> Qwen2<B> {
         );
     }
 
-    /// Forward over `ids` = [batch, seq] from position 0, keeping everything backward needs.
-    /// Logits for every position end up in `acts.logits`.
-    pub fn forward_train(&self, be: &B, ids: &[u32], acts: &mut Activations<B::Buf>) -> Result<()> {
+    /// Forward over `ids` = [batch, seq] from position 0 up to the final norm, keeping
+    /// everything backward needs. The lm_head is left to `forward_train` (full logits) or to
+    /// `lm_head_stats` (chunked).
+    pub fn forward_hidden(
+        &self,
+        be: &B,
+        ids: &[u32],
+        acts: &mut Activations<B::Buf>,
+    ) -> Result<()> {
         let n = acts.batch * acts.seq;
         if ids.len() != n || acts.layers.len() != self.cfg.num_layers {
             bail!(
-                "forward_train: {} ids for activations of {}×{} tokens",
+                "forward: {} ids for activations of {}×{} tokens",
                 ids.len(),
                 acts.batch,
                 acts.seq
@@ -465,6 +489,17 @@ impl<B: Backend> Qwen2<B> {
         acts.ids = ids.to_vec();
         be.embedding(&mut acts.x, &self.params.embed, ids, self.cfg.hidden_size);
         self.run_layers(be, acts, None);
+        Ok(())
+    }
+
+    /// `forward_hidden`, then the logits of every position in `acts.logits`.
+    pub fn forward_train(&self, be: &B, ids: &[u32], acts: &mut Activations<B::Buf>) -> Result<()> {
+        self.forward_hidden(be, ids, acts)?;
+        let n = acts.batch * acts.seq;
+        let v = self.cfg.vocab_size;
+        if be.len(&acts.logits) != n * v {
+            acts.logits = be.alloc(n * v)?;
+        }
         be.matmul(
             &mut acts.logits,
             &acts.xf,
@@ -472,9 +507,115 @@ impl<B: Backend> Qwen2<B> {
             None,
             n,
             self.cfg.hidden_size,
-            self.cfg.vocab_size,
+            v,
         );
         Ok(())
+    }
+
+    fn chunk_bufs(&self, be: &B, acts: &mut Activations<B::Buf>) -> Result<()> {
+        if acts.chunk.is_none() {
+            let rows = LM_HEAD_CHUNK.min(acts.batch * acts.seq);
+            let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+            acts.chunk = Some(LmChunk {
+                x: be.alloc(rows * h)?,
+                logits: be.alloc(rows * v)?,
+                dlogits: be.alloc(rows * v)?,
+                dx: be.alloc(rows * h)?,
+            });
+        }
+        Ok(())
+    }
+
+    /// Softmax statistics at `temperature` of every position's next-token distribution after
+    /// `forward_hidden`, computed LM_HEAD_CHUNK rows at a time.
+    pub fn lm_head_stats(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<Vec<RowStats>> {
+        let n = acts.batch * acts.seq;
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        if targets.len() != n {
+            bail!("lm_head_stats: {} targets for {n} rows", targets.len());
+        }
+        self.chunk_bufs(be, acts)?;
+        let ch = acts.chunk.as_mut().expect("allocated above");
+        let mut stats = Vec::with_capacity(n);
+        for r0 in (0..n).step_by(LM_HEAD_CHUNK) {
+            let rows = LM_HEAD_CHUNK.min(n - r0);
+            be.copy_range(&mut ch.x, 0, &acts.xf, r0 * h, rows * h);
+            be.matmul(&mut ch.logits, &ch.x, self.lm_head(), None, rows, h, v);
+            stats.extend(be.softmax_stats(
+                &ch.logits,
+                rows,
+                v,
+                &targets[r0..r0 + rows],
+                temperature,
+            )?);
+        }
+        Ok(stats)
+    }
+
+    /// Backward of Σ_r a[r]·entropy[r] + b[r]·logprob[r] through the chunked lm_head and the
+    /// whole model, accumulating (+=) into `grads`. Each chunk's logits are recomputed.
+    #[allow(clippy::too_many_arguments)]
+    pub fn lm_head_stats_bwd(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        targets: &[u32],
+        temperature: f32,
+        a: &[f32],
+        b: &[f32],
+        grads: &mut Params<B::Buf>,
+    ) -> Result<()> {
+        let n = acts.batch * acts.seq;
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        if targets.len() != n || a.len() != n || b.len() != n {
+            bail!(
+                "lm_head_stats_bwd: {n} rows but {} targets, {} a, {} b",
+                targets.len(),
+                a.len(),
+                b.len()
+            );
+        }
+        self.alloc_scratch(be, acts)?;
+        self.chunk_bufs(be, acts)?;
+        let s = acts.scratch.as_mut().expect("allocated above");
+        let ch = acts.chunk.as_mut().expect("allocated above");
+        let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
+        for r0 in (0..n).step_by(LM_HEAD_CHUNK) {
+            let rows = LM_HEAD_CHUNK.min(n - r0);
+            let span = r0..r0 + rows;
+            be.copy_range(&mut ch.x, 0, &acts.xf, r0 * h, rows * h);
+            be.matmul(&mut ch.logits, &ch.x, self.lm_head(), None, rows, h, v);
+            be.softmax_stats_bwd(
+                &mut ch.dlogits,
+                &ch.logits,
+                rows,
+                v,
+                &targets[span.clone()],
+                temperature,
+                &a[span.clone()],
+                &b[span],
+            );
+            be.zero(&mut ch.dx);
+            be.matmul_bwd(
+                Some(&mut ch.dx),
+                Some(&mut *dlm),
+                None,
+                &ch.dlogits,
+                &ch.x,
+                self.lm_head(),
+                rows,
+                h,
+                v,
+            );
+            be.copy_range(&mut s.dxn, r0 * h, &ch.dx, 0, rows * h);
+        }
+        self.backward_from_xf(be, acts, grads)
     }
 
     /// Incremental forward: appends `ids` = [batch, seq] to the cache and leaves the logits of
@@ -520,22 +661,11 @@ impl<B: Backend> Qwen2<B> {
         Ok(())
     }
 
-    /// Backward from dlogits [batch·seq, vocab] through the activations of the last
-    /// `forward_train`, accumulating (+=) into `grads`.
-    pub fn backward(
-        &self,
-        be: &B,
-        acts: &mut Activations<B::Buf>,
-        dlogits: &B::Buf,
-        grads: &mut Params<B::Buf>,
-    ) -> Result<()> {
+    /// Gradient scratch, allocated on the first backward of a given size.
+    fn alloc_scratch(&self, be: &B, acts: &mut Activations<B::Buf>) -> Result<()> {
         let c = &self.cfg;
-        let (batch, seq) = (acts.batch, acts.seq);
-        let n = batch * seq;
+        let n = acts.batch * acts.seq;
         let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
-        if acts.layers.len() != c.num_layers || acts.ids.len() != n {
-            bail!("backward needs the activations of a forward_train call");
-        }
         if acts.scratch.is_none() {
             acts.scratch = Some(Scratch {
                 dx: be.alloc(n * h)?,
@@ -549,8 +679,25 @@ impl<B: Backend> Qwen2<B> {
                 dup: be.alloc(n * inter)?,
             });
         }
-        let s = acts.scratch.as_mut().expect("scratch allocated above");
+        Ok(())
+    }
 
+    /// Backward from dlogits [batch·seq, vocab] through the activations of the last
+    /// `forward_train`, accumulating (+=) into `grads`.
+    pub fn backward(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        dlogits: &B::Buf,
+        grads: &mut Params<B::Buf>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let n = acts.batch * acts.seq;
+        if acts.layers.len() != c.num_layers || acts.ids.len() != n {
+            bail!("backward needs the activations of a forward_train call");
+        }
+        self.alloc_scratch(be, acts)?;
+        let s = acts.scratch.as_mut().expect("scratch allocated above");
         // logits = xf · lm_headᵀ
         be.zero(&mut s.dxn);
         let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
@@ -562,9 +709,30 @@ impl<B: Backend> Qwen2<B> {
             &acts.xf,
             self.lm_head(),
             n,
-            h,
+            c.hidden_size,
             c.vocab_size,
         );
+        self.backward_from_xf(be, acts, grads)
+    }
+
+    /// The backward below the lm_head, from d(loss)/d(xf) in the scratch `dxn`.
+    fn backward_from_xf(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        grads: &mut Params<B::Buf>,
+    ) -> Result<()> {
+        let c = &self.cfg;
+        let (batch, seq) = (acts.batch, acts.seq);
+        let n = batch * seq;
+        let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
+        if acts.layers.len() != c.num_layers || acts.ids.len() != n {
+            bail!("backward needs the activations of a training forward");
+        }
+        let s = acts
+            .scratch
+            .as_mut()
+            .expect("scratch allocated by the caller");
         be.zero(&mut s.dx);
         be.rmsnorm_bwd(
             &mut s.dx,

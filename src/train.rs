@@ -373,7 +373,7 @@ fn seq_forward<B: Backend>(
 ) -> Result<SeqForward<B::Buf>> {
     let seq = s.ids.len();
     let mut acts = model.alloc_activations(be, 1, seq, true)?;
-    model.forward_train(be, &s.ids, &mut acts)?;
+    model.forward_hidden(be, &s.ids, &mut acts)?;
     let targets: Vec<u32> = (0..seq)
         .map(|r| {
             if r + 1 >= s.prompt_len && r + 1 < seq {
@@ -383,13 +383,7 @@ fn seq_forward<B: Backend>(
             }
         })
         .collect();
-    let stats = be.softmax_stats(
-        &acts.logits,
-        seq,
-        model.cfg.vocab_size,
-        &targets,
-        temperature,
-    )?;
+    let stats = model.lm_head_stats(be, &mut acts, &targets, temperature)?;
     Ok((acts, targets, stats))
 }
 
@@ -403,7 +397,7 @@ fn seq_backward<B: Backend>(
     temperature: f32,
     coef: impl FnOnce(&[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
 ) -> Result<()> {
-    let (seq, v) = (s.ids.len(), model.cfg.vocab_size);
+    let seq = s.ids.len();
     let (mut acts, targets, stats) = seq_forward(be, model, s, temperature)?;
     let rows = s.prompt_len - 1..seq - 1;
     let ent: Vec<f32> = stats[rows.clone()].iter().map(|x| x.entropy).collect();
@@ -413,18 +407,7 @@ fn seq_backward<B: Backend>(
     let mut b = vec![0.0f32; seq];
     a[rows.clone()].copy_from_slice(&da);
     b[rows].copy_from_slice(&db);
-    let mut dlogits = be.alloc(seq * v)?;
-    be.softmax_stats_bwd(
-        &mut dlogits,
-        &acts.logits,
-        seq,
-        v,
-        &targets,
-        temperature,
-        &a,
-        &b,
-    );
-    model.backward(be, &mut acts, &dlogits, grads)
+    model.lm_head_stats_bwd(be, &mut acts, &targets, temperature, &a, &b, grads)
 }
 
 /// Log-probs of the completion tokens under the current weights (the "old" policy).
@@ -724,12 +707,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
             }
         }
         let n_tok = targets.iter().filter(|&&t| t != NO_TARGET).count();
-        let v = self.model.cfg.vocab_size;
         let mut acts = self.model.alloc_activations(self.be, batch, seq, true)?;
-        self.model.forward_train(self.be, &ids, &mut acts)?;
+        self.model.forward_hidden(self.be, &ids, &mut acts)?;
         let stats = self
-            .be
-            .softmax_stats(&acts.logits, batch * seq, v, &targets, 1.0)?;
+            .model
+            .lm_head_stats(self.be, &mut acts, &targets, 1.0)?;
         let nll = -stats.iter().map(|s| s.logprob as f64).sum::<f64>() / n_tok.max(1) as f64;
         let a = vec![0.0f32; batch * seq];
         let b: Vec<f32> = targets
@@ -742,20 +724,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
             })
             .collect();
-        let mut dlogits = self.be.alloc(batch * seq * v)?;
-        self.be.softmax_stats_bwd(
-            &mut dlogits,
-            &acts.logits,
-            batch * seq,
-            v,
-            &targets,
-            1.0,
-            &a,
-            &b,
-        );
         let mut grads = self.model.zeros_like_params(self.be)?;
         self.model
-            .backward(self.be, &mut acts, &dlogits, &mut grads)?;
+            .lm_head_stats_bwd(self.be, &mut acts, &targets, 1.0, &a, &b, &mut grads)?;
         let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
         self.state.step += 1;
         self.state.optimizer_step = self.opt.step;

@@ -523,6 +523,16 @@ impl Backend for CpuBackend {
     fn zero(&self, buf: &mut Vec<f32>) {
         buf.fill(0.0);
     }
+    fn copy_range(
+        &self,
+        dst: &mut Vec<f32>,
+        dst_off: usize,
+        src: &Vec<f32>,
+        src_off: usize,
+        n: usize,
+    ) {
+        dst[dst_off..dst_off + n].copy_from_slice(&src[src_off..src_off + n]);
+    }
     fn copy(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
         dst.copy_from_slice(src);
     }

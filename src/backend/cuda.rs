@@ -406,6 +406,20 @@ impl CudaBackend {
         }
     }
 
+    /// Copies `bytes` between device addresses, in stream order.
+    fn memcpy_dtod(&self, dst: u64, src: u64, bytes: usize) {
+        if bytes == 0 {
+            return;
+        }
+        // SAFETY: callers check that both ranges lie inside live allocations.
+        let r = unsafe {
+            cudarc::driver::result::memcpy_dtod_async(dst, src, bytes, self.stream.cu_stream())
+        };
+        if let Err(e) = r {
+            self.fail(format!("device copy of {bytes} bytes: {e:?}"));
+        }
+    }
+
     /// C = alpha·op(A)·op(B) + beta·C in cuBLAS's column-major terms, fp32 compute.
     #[allow(clippy::too_many_arguments)]
     fn gemm(
@@ -473,6 +487,14 @@ impl CudaBackend {
     }
 }
 
+/// Bytes per stored value.
+pub fn width(d: Dtype) -> usize {
+    match d {
+        Dtype::Bf16 => 2,
+        Dtype::F32 => 4,
+    }
+}
+
 fn oom(n: usize, dtype: Dtype, e: impl std::fmt::Debug) -> anyhow::Error {
     let bytes = n * if dtype == Dtype::Bf16 { 2 } else { 4 };
     anyhow!(
@@ -523,8 +545,7 @@ impl Backend for CudaBackend {
     }
 
     fn zero(&self, buf: &mut CudaBuf) {
-        let width = if buf.dtype() == Dtype::Bf16 { 2 } else { 4 };
-        self.memset_zero(buf.ptr, buf.len * width);
+        self.memset_zero(buf.ptr, buf.len * width(buf.dtype()));
     }
 
     fn copy(&self, dst: &mut CudaBuf, src: &CudaBuf) {
@@ -537,19 +558,7 @@ impl Backend for CudaBackend {
             return;
         }
         if dst.dtype() == src.dtype() {
-            let width = if src.dtype() == Dtype::Bf16 { 2 } else { 4 };
-            // SAFETY: both are live allocations of at least n values of this width.
-            let r = unsafe {
-                cudarc::driver::result::memcpy_dtod_async(
-                    dst.ptr,
-                    src.ptr,
-                    n * width,
-                    self.stream.cu_stream(),
-                )
-            };
-            if let Err(e) = r {
-                self.fail(format!("copy of {n} values: {e:?}"));
-            }
+            self.memcpy_dtod(dst.ptr, src.ptr, n * width(src.dtype()));
         } else {
             let name = format!("convert_{}_{}", dst.dtype().suffix(), src.dtype().suffix());
             self.launch_ew(
@@ -557,6 +566,34 @@ impl Backend for CudaBackend {
                 n,
                 &[Arg::P(dst.ptr), Arg::P(src.ptr), Arg::L(n as i64)],
             );
+        }
+    }
+
+    fn copy_range(
+        &self,
+        dst: &mut CudaBuf,
+        dst_off: usize,
+        src: &CudaBuf,
+        src_off: usize,
+        n: usize,
+    ) {
+        if dst_off + n > dst.len || src_off + n > src.len {
+            self.fail(format!(
+                "copy_range: [{dst_off}, +{n}) of {} from [{src_off}, +{n}) of {}",
+                dst.len, src.len
+            ));
+            return;
+        }
+        let (dw, sw) = (width(dst.dtype()), width(src.dtype()));
+        let (d, s) = (
+            dst.ptr + (dst_off * dw) as u64,
+            src.ptr + (src_off * sw) as u64,
+        );
+        if dst.dtype() == src.dtype() {
+            self.memcpy_dtod(d, s, n * dw);
+        } else {
+            let name = format!("convert_{}_{}", dst.dtype().suffix(), src.dtype().suffix());
+            self.launch_ew(&name, n, &[Arg::P(d), Arg::P(s), Arg::L(n as i64)]);
         }
     }
 

@@ -89,6 +89,16 @@ pub trait Backend {
     fn len(&self, buf: &Self::Buf) -> usize;
     fn zero(&self, buf: &mut Self::Buf);
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
+    /// dst[dst_off..dst_off + n] = src[src_off..src_off + n]: how contiguous row ranges (a
+    /// chunk of tokens) move between buffers without views.
+    fn copy_range(
+        &self,
+        dst: &mut Self::Buf,
+        dst_off: usize,
+        src: &Self::Buf,
+        src_off: usize,
+        n: usize,
+    );
     /// y += x
     fn add(&self, y: &mut Self::Buf, x: &Self::Buf);
     /// y += alpha * x (used by SGD and the finite-difference checks)

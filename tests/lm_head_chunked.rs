@@ -1,0 +1,95 @@
+//! The chunked lm_head statistics path (logits never materialized for the whole batch) against
+//! the plain path (full logits, then softmax statistics), over more rows than one chunk so the
+//! last chunk is ragged.
+
+use empo_engine::backend::cpu::{self, CpuBackend};
+use empo_engine::backend::{Backend, NO_TARGET};
+use empo_engine::config::{DType, ModelConfig};
+use empo_engine::kernel_checks::max_rel_err;
+use empo_engine::model::{random_tensors, Qwen2, LM_HEAD_CHUNK};
+
+fn cfg(tied: bool) -> ModelConfig {
+    ModelConfig {
+        hidden_size: 32,
+        intermediate_size: 48,
+        num_layers: 1,
+        num_heads: 4,
+        num_kv_heads: 2,
+        head_dim: 8,
+        vocab_size: 300,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e4,
+        tie_word_embeddings: tied,
+        max_position_embeddings: 4096,
+        dtype: DType::F32,
+    }
+}
+
+#[test]
+fn chunked_stats_and_gradients_match_the_full_logits_path() {
+    let be = CpuBackend;
+    for tied in [false, true] {
+        let c = cfg(tied);
+        let model = Qwen2::from_host(&be, c.clone(), &random_tensors(&c, 3, 0.2)).unwrap();
+        let (batch, seq) = (2, LM_HEAD_CHUNK / 2 + 77); // 1178 rows: one full chunk + a ragged one
+        let n = batch * seq;
+        assert!(n > LM_HEAD_CHUNK && n % LM_HEAD_CHUNK != 0);
+        let ids: Vec<u32> = (0..n)
+            .map(|i| ((i * 31 + 7) % c.vocab_size) as u32)
+            .collect();
+        let targets: Vec<u32> = (0..n)
+            .map(|r| {
+                if r % 5 == 0 {
+                    NO_TARGET
+                } else {
+                    ids[(r + 1) % n]
+                }
+            })
+            .collect();
+        let a: Vec<f32> = (0..n).map(|r| 0.3 + (r % 7) as f32 * 0.1).collect();
+        let b: Vec<f32> = (0..n).map(|r| -0.5 + (r % 3) as f32 * 0.2).collect();
+
+        let mut full = model.alloc_activations(&be, batch, seq, true).unwrap();
+        model.forward_train(&be, &ids, &mut full).unwrap();
+        let want = cpu::softmax_stats(&full.logits, n, c.vocab_size, &targets, 0.8);
+        let mut dlogits = vec![0.0; n * c.vocab_size];
+        cpu::softmax_stats_bwd(
+            &mut dlogits,
+            &full.logits,
+            n,
+            c.vocab_size,
+            &targets,
+            0.8,
+            &a,
+            &b,
+        );
+        let mut want_g = model.zeros_like_params(&be).unwrap();
+        model
+            .backward(&be, &mut full, &dlogits, &mut want_g)
+            .unwrap();
+
+        let mut acts = model.alloc_activations(&be, batch, seq, true).unwrap();
+        model.forward_hidden(&be, &ids, &mut acts).unwrap();
+        assert_eq!(
+            be.len(&acts.logits),
+            0,
+            "the chunked path must not allocate [N, V] logits"
+        );
+        let got = model.lm_head_stats(&be, &mut acts, &targets, 0.8).unwrap();
+        let flat = |s: &[empo_engine::backend::RowStats]| -> Vec<f32> {
+            s.iter()
+                .flat_map(|r| [r.logsumexp, r.entropy, r.logprob])
+                .collect()
+        };
+        let e = max_rel_err(&flat(&got), &flat(&want));
+        assert!(e < 1e-6, "stats differ by {e} (tied {tied})");
+        let mut got_g = model.zeros_like_params(&be).unwrap();
+        model
+            .lm_head_stats_bwd(&be, &mut acts, &targets, 0.8, &a, &b, &mut got_g)
+            .unwrap();
+        for (g, w) in got_g.list().into_iter().zip(want_g.list()) {
+            let e = max_rel_err(g, w);
+            assert!(e < 1e-5, "gradient differs by {e} (tied {tied})");
+        }
+    }
+}
