@@ -27,6 +27,8 @@ pub struct BenchRow {
     /// Bytes or flops per call.
     pub work: f64,
     pub seconds: f64,
+    /// Device memory the op needed beyond its inputs and outputs, where the backend tracks it.
+    pub extra_bytes: Option<usize>,
 }
 
 impl BenchRow {
@@ -116,6 +118,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             unit,
             work,
             seconds,
+            extra_bytes: None,
         })
     };
     // bf16 storage on the GPU: 2 bytes a value (the CPU's f32 moves twice that; its table
@@ -386,6 +389,88 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         np as f64 * (2.0 * e + 4.0 + 16.0),
         t,
     );
+    drop((p, gr, mm, vm));
+    rows.extend(lm_head_rows(be, s, iters)?);
+    Ok(rows)
+}
+
+/// lm_head + entropy/log-prob, forward and backward, over 4·tokens rows: the full [N, V]
+/// logits against the chunked path. Work is counted as the three useful GEMMs for both (the
+/// chunked backward recomputes its logits, a fourth), so the rates compare times.
+pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let (n, h, v) = (s.tokens * 4, s.hidden, s.vocab);
+    let x = be.upload(&vec![0.01; n * h])?;
+    let w = be.upload(&vec![0.01; v * h])?;
+    let mut dx = be.alloc(n * h)?;
+    let mut dw = be.alloc_f32(v * h)?;
+    let targets: Vec<u32> = (0..n as u32).map(|i| i % v as u32).collect();
+    let (a, b) = (vec![1.0f32; n], vec![1.0f32; n]);
+    let work = 3.0 * 2.0 * (n * h * v) as f64;
+    let shape = format!("[{n}, {h}] x [{v}, {h}]ᵀ");
+    let extra = |base: Option<usize>| base.and_then(|b| be.memory().map(|m| m.1 - b));
+    let mut rows = Vec::new();
+
+    be.sync()?;
+    be.reset_peak_memory();
+    let base = be.memory().map(|m| m.0);
+    let t = {
+        let mut logits = be.alloc(n * v)?;
+        let mut dlogits = be.alloc(n * v)?;
+        time(be, iters, || {
+            be.matmul(&mut logits, &x, &w, None, n, h, v);
+            let _ = be.softmax_stats(&logits, n, v, &targets, 1.0);
+            be.softmax_stats_bwd(&mut dlogits, &logits, n, v, &targets, 1.0, &a, &b);
+            be.zero(&mut dx);
+            be.matmul_bwd(
+                Some(&mut dx),
+                Some(&mut dw),
+                None,
+                &dlogits,
+                &x,
+                &w,
+                n,
+                h,
+                v,
+            );
+        })?
+    };
+    rows.push(BenchRow {
+        op: "lm_head+entropy f+b, full logits".into(),
+        shape: shape.clone(),
+        unit: Unit::Flops,
+        work,
+        seconds: t,
+        extra_bytes: extra(base),
+    });
+
+    be.sync()?;
+    be.reset_peak_memory();
+    let base = be.memory().map(|m| m.0);
+    let mut chunks = crate::lm_head::Chunks::new(be, n, h, v)?;
+    let t = time(be, iters, || {
+        let _ = crate::lm_head::stats(be, &mut chunks, &x, &w, (n, h, v), &targets, 1.0);
+        let _ = crate::lm_head::stats_bwd(
+            be,
+            &mut chunks,
+            &mut dx,
+            &mut dw,
+            &x,
+            &w,
+            (n, h, v),
+            &targets,
+            1.0,
+            &a,
+            &b,
+        );
+    })?;
+    rows.push(BenchRow {
+        op: "lm_head+entropy f+b, chunked".into(),
+        shape,
+        unit: Unit::Flops,
+        work,
+        seconds: t,
+        extra_bytes: extra(base),
+    });
     Ok(rows)
 }
 
@@ -395,21 +480,25 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     let w_op = rows.iter().map(|r| r.op.len()).max().unwrap_or(2);
     let w_sh = rows.iter().map(|r| r.shape.len()).max().unwrap_or(5);
     let mut s = format!(
-        "{:<w_op$}  {:<w_sh$}  {:>10}  {:>14}  {:>11}\n",
-        "op", "shape", "time (ms)", "rate", "of ceiling"
+        "{:<w_op$}  {:<w_sh$}  {:>10}  {:>14}  {:>11}  {:>10}\n",
+        "op", "shape", "time (ms)", "rate", "of ceiling", "extra mem"
     );
     for r in rows {
         let (rate, ceil) = match r.unit {
             Unit::Bytes => (format!("{:.0} GB/s", r.rate()), copy),
             Unit::Flops => (format!("{:.1} TFLOP/s", r.rate()), gemm),
         };
+        let mem = r.extra_bytes.map_or(String::new(), |b| {
+            format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
+        });
         s += &format!(
-            "{:<w_op$}  {:<w_sh$}  {:>10.3}  {:>14}  {:>10.0}%\n",
+            "{:<w_op$}  {:<w_sh$}  {:>10.3}  {:>14}  {:>10.0}%  {:>10}\n",
             r.op,
             r.shape,
             r.seconds * 1e3,
             rate,
-            100.0 * r.rate() / ceil
+            100.0 * r.rate() / ceil,
+            mem
         );
     }
     s

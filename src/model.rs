@@ -197,18 +197,7 @@ struct Scratch<T> {
     dup: T,
 }
 
-/// Rows of the lm_head computed at a time by the chunked statistics path: the [N, V] logits
-/// never exist, only [LM_HEAD_CHUNK, V] (the Liger-Kernel fused-linear idea, applied to
-/// entropy and log-prob). 1024 rows × 152064 × bf16 is 311 MB, twice over for the backward.
-pub const LM_HEAD_CHUNK: usize = 1024;
-
-/// Buffers of the chunked lm_head path, allocated on first use.
-struct LmChunk<T> {
-    x: T,
-    logits: T,
-    dlogits: T,
-    dx: T,
-}
+pub use crate::lm_head::LM_HEAD_CHUNK;
 
 /// Activations of one forward call over `batch × seq` tokens.
 pub struct Activations<T> {
@@ -224,7 +213,7 @@ pub struct Activations<T> {
     /// empty when only the chunked statistics path ran.
     pub logits: T,
     scratch: Option<Scratch<T>>,
-    chunk: Option<LmChunk<T>>,
+    chunk: Option<crate::lm_head::Chunks<T>>,
 }
 
 pub struct KvCache<T> {
@@ -514,14 +503,9 @@ impl<B: Backend> Qwen2<B> {
 
     fn chunk_bufs(&self, be: &B, acts: &mut Activations<B::Buf>) -> Result<()> {
         if acts.chunk.is_none() {
-            let rows = LM_HEAD_CHUNK.min(acts.batch * acts.seq);
+            let n = acts.batch * acts.seq;
             let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-            acts.chunk = Some(LmChunk {
-                x: be.alloc(rows * h)?,
-                logits: be.alloc(rows * v)?,
-                dlogits: be.alloc(rows * v)?,
-                dx: be.alloc(rows * h)?,
-            });
+            acts.chunk = Some(crate::lm_head::Chunks::new(be, n, h, v)?);
         }
         Ok(())
     }
@@ -537,25 +521,17 @@ impl<B: Backend> Qwen2<B> {
     ) -> Result<Vec<RowStats>> {
         let n = acts.batch * acts.seq;
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        if targets.len() != n {
-            bail!("lm_head_stats: {} targets for {n} rows", targets.len());
-        }
         self.chunk_bufs(be, acts)?;
         let ch = acts.chunk.as_mut().expect("allocated above");
-        let mut stats = Vec::with_capacity(n);
-        for r0 in (0..n).step_by(LM_HEAD_CHUNK) {
-            let rows = LM_HEAD_CHUNK.min(n - r0);
-            be.copy_range(&mut ch.x, 0, &acts.xf, r0 * h, rows * h);
-            be.matmul(&mut ch.logits, &ch.x, self.lm_head(), None, rows, h, v);
-            stats.extend(be.softmax_stats(
-                &ch.logits,
-                rows,
-                v,
-                &targets[r0..r0 + rows],
-                temperature,
-            )?);
-        }
-        Ok(stats)
+        crate::lm_head::stats(
+            be,
+            ch,
+            &acts.xf,
+            self.lm_head(),
+            (n, h, v),
+            targets,
+            temperature,
+        )
     }
 
     /// Backward of Σ_r a[r]·entropy[r] + b[r]·logprob[r] through the chunked lm_head and the
@@ -573,48 +549,24 @@ impl<B: Backend> Qwen2<B> {
     ) -> Result<()> {
         let n = acts.batch * acts.seq;
         let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        if targets.len() != n || a.len() != n || b.len() != n {
-            bail!(
-                "lm_head_stats_bwd: {n} rows but {} targets, {} a, {} b",
-                targets.len(),
-                a.len(),
-                b.len()
-            );
-        }
         self.alloc_scratch(be, acts)?;
         self.chunk_bufs(be, acts)?;
         let s = acts.scratch.as_mut().expect("allocated above");
         let ch = acts.chunk.as_mut().expect("allocated above");
         let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-        for r0 in (0..n).step_by(LM_HEAD_CHUNK) {
-            let rows = LM_HEAD_CHUNK.min(n - r0);
-            let span = r0..r0 + rows;
-            be.copy_range(&mut ch.x, 0, &acts.xf, r0 * h, rows * h);
-            be.matmul(&mut ch.logits, &ch.x, self.lm_head(), None, rows, h, v);
-            be.softmax_stats_bwd(
-                &mut ch.dlogits,
-                &ch.logits,
-                rows,
-                v,
-                &targets[span.clone()],
-                temperature,
-                &a[span.clone()],
-                &b[span],
-            );
-            be.zero(&mut ch.dx);
-            be.matmul_bwd(
-                Some(&mut ch.dx),
-                Some(&mut *dlm),
-                None,
-                &ch.dlogits,
-                &ch.x,
-                self.lm_head(),
-                rows,
-                h,
-                v,
-            );
-            be.copy_range(&mut s.dxn, r0 * h, &ch.dx, 0, rows * h);
-        }
+        crate::lm_head::stats_bwd(
+            be,
+            ch,
+            &mut s.dxn,
+            dlm,
+            &acts.xf,
+            self.lm_head(),
+            (n, h, v),
+            targets,
+            temperature,
+            a,
+            b,
+        )?;
         self.backward_from_xf(be, acts, grads)
     }
 

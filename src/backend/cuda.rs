@@ -23,6 +23,7 @@ use cudarc::driver::{
 use half::bf16;
 use std::cell::RefCell;
 use std::collections::HashMap;
+use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
@@ -51,12 +52,27 @@ enum Mem {
     F32(CudaSlice<f32>),
 }
 
+/// Bytes held by live buffers, and the most held since the last reset.
+#[derive(Default)]
+struct MemCounter {
+    live: AtomicUsize,
+    peak: AtomicUsize,
+}
+
 /// A device buffer of `len` logical values in bf16 or f32 storage.
 pub struct CudaBuf {
     mem: Mem,
     /// The raw device address, taken once: kernels get plain pointers.
     ptr: u64,
     len: usize,
+    bytes: usize,
+    counter: Arc<MemCounter>,
+}
+
+impl Drop for CudaBuf {
+    fn drop(&mut self) {
+        self.counter.live.fetch_sub(self.bytes, Ordering::Relaxed);
+    }
 }
 
 impl CudaBuf {
@@ -108,6 +124,7 @@ pub struct CudaBackend {
     scratch: RefCell<Vec<Option<CudaSlice<f32>>>>,
     sm_count: u32,
     error: RefCell<Option<String>>,
+    mem: Arc<MemCounter>,
 }
 
 /// Threads per block of the elementwise kernels; they loop over n with a grid stride.
@@ -161,6 +178,7 @@ impl CudaBackend {
             scratch: RefCell::new(Vec::new()),
             sm_count,
             error: RefCell::new(None),
+            mem: Arc::new(MemCounter::default()),
         })
     }
 
@@ -300,7 +318,16 @@ impl CudaBackend {
             Mem::Bf16(s) => s.device_ptr(&self.stream).0,
             Mem::F32(s) => s.device_ptr(&self.stream).0,
         };
-        Ok(CudaBuf { mem, ptr, len: n })
+        let bytes = m * width(dtype);
+        let live = self.mem.live.fetch_add(bytes, Ordering::Relaxed) + bytes;
+        self.mem.peak.fetch_max(live, Ordering::Relaxed);
+        Ok(CudaBuf {
+            mem,
+            ptr,
+            len: n,
+            bytes,
+            counter: self.mem.clone(),
+        })
     }
 
     /// Uploads host values into storage of the given dtype.
@@ -542,6 +569,17 @@ impl Backend for CudaBackend {
     }
     fn sync(&self) -> Result<()> {
         CudaBackend::sync(self)
+    }
+    fn memory(&self) -> Option<(usize, usize)> {
+        Some((
+            self.mem.live.load(Ordering::Relaxed),
+            self.mem.peak.load(Ordering::Relaxed),
+        ))
+    }
+    fn reset_peak_memory(&self) {
+        self.mem
+            .peak
+            .store(self.mem.live.load(Ordering::Relaxed), Ordering::Relaxed);
     }
 
     fn zero(&self, buf: &mut CudaBuf) {

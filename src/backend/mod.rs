@@ -81,6 +81,11 @@ pub trait Backend {
         let wide: Vec<f32> = host.iter().map(|x| x.to_f32()).collect();
         self.upload(&wide)
     }
+    /// Bytes held by this backend's buffers (live, peak since the last reset), where tracked.
+    fn memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+    fn reset_peak_memory(&self) {}
     /// Waits for queued work and reports the first error since the last check.
     fn sync(&self) -> Result<()> {
         Ok(())

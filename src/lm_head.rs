@@ -1,0 +1,114 @@
+//! The lm_head and the softmax statistics of its logits, chunk by chunk: the [N, V] logits of
+//! a whole batch never exist, only [LM_HEAD_CHUNK, V] at a time (the Liger-Kernel
+//! fused-linear idea, applied to entropy and log-prob instead of cross-entropy). The backward
+//! recomputes each chunk's logits rather than keeping them.
+
+use crate::backend::{Backend, RowStats};
+use anyhow::{bail, Result};
+
+/// Rows per chunk. 1024 rows × 152064 × bf16 is 311 MB; the backward holds two such buffers.
+pub const LM_HEAD_CHUNK: usize = 1024;
+
+/// The chunk buffers, allocated once per (rows, hidden, vocab).
+pub struct Chunks<T> {
+    rows: usize,
+    x: T,
+    logits: T,
+    dlogits: T,
+    dx: T,
+}
+
+impl<T> Chunks<T> {
+    pub fn new<B: Backend<Buf = T>>(be: &B, n: usize, h: usize, v: usize) -> Result<Self> {
+        let rows = LM_HEAD_CHUNK.min(n).max(1);
+        Ok(Chunks {
+            rows,
+            x: be.alloc(rows * h)?,
+            logits: be.alloc(rows * v)?,
+            dlogits: be.alloc(rows * v)?,
+            dx: be.alloc(rows * h)?,
+        })
+    }
+}
+
+fn check(n: usize, lens: &[(&str, usize)]) -> Result<()> {
+    for (what, len) in lens {
+        if *len != n {
+            bail!("lm_head statistics over {n} rows got {len} {what}");
+        }
+    }
+    Ok(())
+}
+
+/// Statistics at `temperature` of softmax(x · lm_headᵀ) for every row of x: [n, h].
+#[allow(clippy::too_many_arguments)]
+pub fn stats<B: Backend>(
+    be: &B,
+    c: &mut Chunks<B::Buf>,
+    x: &B::Buf,
+    lm_head: &B::Buf,
+    (n, h, v): (usize, usize, usize),
+    targets: &[u32],
+    temperature: f32,
+) -> Result<Vec<RowStats>> {
+    check(n, &[("targets", targets.len())])?;
+    let mut out = Vec::with_capacity(n);
+    for r0 in (0..n).step_by(c.rows) {
+        let rows = c.rows.min(n - r0);
+        be.copy_range(&mut c.x, 0, x, r0 * h, rows * h);
+        be.matmul(&mut c.logits, &c.x, lm_head, None, rows, h, v);
+        out.extend(be.softmax_stats(&c.logits, rows, v, &targets[r0..r0 + rows], temperature)?);
+    }
+    Ok(out)
+}
+
+/// Gradients of Σ_r a[r]·entropy[r] + b[r]·logprob[r]: dx (=, [n, h]) and dlm_head (+=).
+#[allow(clippy::too_many_arguments)]
+pub fn stats_bwd<B: Backend>(
+    be: &B,
+    c: &mut Chunks<B::Buf>,
+    dx: &mut B::Buf,
+    dlm_head: &mut B::Buf,
+    x: &B::Buf,
+    lm_head: &B::Buf,
+    (n, h, v): (usize, usize, usize),
+    targets: &[u32],
+    temperature: f32,
+    a: &[f32],
+    b: &[f32],
+) -> Result<()> {
+    check(
+        n,
+        &[("targets", targets.len()), ("a", a.len()), ("b", b.len())],
+    )?;
+    for r0 in (0..n).step_by(c.rows) {
+        let rows = c.rows.min(n - r0);
+        let span = r0..r0 + rows;
+        be.copy_range(&mut c.x, 0, x, r0 * h, rows * h);
+        be.matmul(&mut c.logits, &c.x, lm_head, None, rows, h, v);
+        be.softmax_stats_bwd(
+            &mut c.dlogits,
+            &c.logits,
+            rows,
+            v,
+            &targets[span.clone()],
+            temperature,
+            &a[span.clone()],
+            &b[span],
+        );
+        be.zero(&mut c.dx);
+        be.matmul_bwd(
+            Some(&mut c.dx),
+            Some(&mut *dlm_head),
+            None,
+            &c.dlogits,
+            &c.x,
+            lm_head,
+            rows,
+            h,
+            v,
+        );
+        be.copy_range(dx, r0 * h, &c.dx, 0, rows * h);
+    }
+    Ok(())
+}
