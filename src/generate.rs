@@ -2,7 +2,7 @@
 
 use crate::backend::{Backend, NO_TARGET};
 use crate::model::Qwen2;
-use crate::sampling::{sample, uniform, SamplingParams};
+use crate::sampling::SamplingParams;
 use anyhow::{bail, Result};
 
 /// Row r of a [batch, seq] token grid predicts ids[r + 1] within its sequence; the last
@@ -102,19 +102,20 @@ pub fn generate<B: Backend>(
     let mut acts = model.alloc_activations(be, n, prompt.len(), false)?;
     model.forward_cached(be, &batch_prompt, &mut acts, &mut cache)?;
     let mut step_acts = model.alloc_activations(be, n, 1, false)?;
+    let seq_ids: Vec<u64> = (0..n as u64).collect();
     for step in 0..opt.max_new_tokens {
         let logits = if step == 0 {
-            be.download(&acts.logits)?
+            &acts.logits
         } else {
-            be.download(&step_acts.logits)?
+            &step_acts.logits
         };
+        let drawn = be.sample(logits, n, v, &opt.sampling, opt.seed, &seq_ids, step as u64)?;
         let mut next = vec![0u32; n];
         for (i, c) in out.iter_mut().enumerate() {
             if c.stopped {
                 continue;
             }
-            let u = uniform(opt.seed, i as u64, step as u64);
-            let tok = sample(&logits[i * v..(i + 1) * v], &opt.sampling, u);
+            let tok = drawn[i];
             c.ids.push(tok);
             next[i] = tok;
             if !opt.ignore_eos && opt.stop_ids.contains(&tok) {

@@ -255,6 +255,28 @@ pub trait Backend {
         targets: &[u32],
         temperature: f32,
     ) -> Result<Vec<RowStats>>;
+    /// One token per row of logits [rows, vocab], drawn as `sampling::sample` does with the
+    /// uniform keyed on (seed, seq_ids[r], step), so a run can be repeated. The default
+    /// downloads the logits and samples on the host; the GPU samples where the logits are.
+    #[allow(clippy::too_many_arguments)]
+    fn sample(
+        &self,
+        logits: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        p: &crate::sampling::SamplingParams,
+        seed: u64,
+        seq_ids: &[u64],
+        step: u64,
+    ) -> Result<Vec<u32>> {
+        let host = self.download(logits)?;
+        Ok((0..rows)
+            .map(|r| {
+                let u = crate::sampling::uniform(seed, seq_ids[r], step);
+                crate::sampling::sample(&host[r * vocab..(r + 1) * vocab], p, u)
+            })
+            .collect())
+    }
     /// dlogits (=) of Σ_r a[r]·entropy[r] + b[r]·logprob[r].
     #[allow(clippy::too_many_arguments)]
     fn softmax_stats_bwd(
