@@ -1,7 +1,7 @@
 //! Optimizers over the model's parameters: AdamW (PyTorch semantics) and plain SGD, with global
 //! gradient-norm clipping folded into the update.
 
-use crate::backend::{AdamWStep, Backend};
+use crate::backend::{AdamWStep, Backend, OptimizerStep};
 use crate::model::{Params, Qwen2};
 use anyhow::{bail, Result};
 
@@ -75,47 +75,36 @@ impl<B: Backend> Optimizer<B> {
         params: &mut Params<B::Buf>,
         grads: &Params<B::Buf>,
     ) -> Result<StepInfo> {
-        let norm = Self::grad_norm(be, grads)?;
+        let c = self.cfg;
+        let h = OptimizerStep {
+            adamw: self.moments.as_ref().map(|_| AdamWStep {
+                lr: c.lr,
+                beta1: c.beta1,
+                beta2: c.beta2,
+                eps: c.eps,
+                weight_decay: c.weight_decay,
+                step: self.step + 1,
+                grad_scale: 1.0,
+            }),
+            lr: c.lr,
+            max_norm: c.grad_clip,
+        };
+        let mut plist = params.list_mut();
+        let glist = grads.list();
+        let norm = match &mut self.moments {
+            Some((m, v)) => {
+                let (mut ml, mut vl) = (m.list_mut(), v.list_mut());
+                be.optimizer_step(&mut plist, &glist, Some((&mut ml, &mut vl)), &h)?
+            }
+            None => be.optimizer_step(&mut plist, &glist, None, &h)?,
+        };
         if !norm.is_finite() {
             bail!(
                 "the gradient is not finite (norm {norm}) at optimizer step {}: NaN or inf in training; lower the learning rate or check the data",
                 self.step + 1
             );
         }
-        let scale = if self.cfg.grad_clip > 0.0 && norm > self.cfg.grad_clip as f64 {
-            (self.cfg.grad_clip as f64 / (norm + 1e-6)) as f32
-        } else {
-            1.0
-        };
         self.step += 1;
-        let c = self.cfg;
-        match &mut self.moments {
-            None => {
-                for (p, g) in params.list_mut().into_iter().zip(grads.list()) {
-                    be.axpy(p, -c.lr * scale, g);
-                }
-            }
-            Some((m, v)) => {
-                let h = AdamWStep {
-                    lr: c.lr,
-                    beta1: c.beta1,
-                    beta2: c.beta2,
-                    eps: c.eps,
-                    weight_decay: c.weight_decay,
-                    step: self.step,
-                    grad_scale: scale,
-                };
-                for (((p, g), m), v) in params
-                    .list_mut()
-                    .into_iter()
-                    .zip(grads.list())
-                    .zip(m.list_mut())
-                    .zip(v.list_mut())
-                {
-                    be.adamw(p, g, m, v, &h);
-                }
-            }
-        }
         Ok(StepInfo {
             grad_norm: norm,
             lr: c.lr,

@@ -57,6 +57,20 @@ pub struct AdamWStep {
 /// Marks a row that has no target token in `softmax_stats`.
 pub const NO_TARGET: u32 = u32::MAX;
 
+/// One optimizer update's settings for `Backend::optimizer_step`.
+#[derive(Debug, Clone, Copy, PartialEq)]
+pub struct OptimizerStep {
+    /// AdamW's scalars (its `grad_scale` is ignored: the step computes it); None means SGD
+    /// with `lr`.
+    pub adamw: Option<AdamWStep>,
+    pub lr: f32,
+    /// Global L2 norm the gradient is clipped to; 0 disables clipping.
+    pub max_norm: f32,
+}
+
+/// AdamW's first and second moments of every tensor, in `Params::list` order.
+pub type MomentLists<'a, 'b, T> = (&'a mut [&'b mut T], &'a mut [&'b mut T]);
+
 pub trait Backend {
     type Buf;
 
@@ -119,6 +133,55 @@ pub trait Backend {
         v: &mut Self::Buf,
         h: &AdamWStep,
     );
+
+    /// One update of every parameter tensor: the global gradient norm, the clipping scale
+    /// min(1, max_norm / (norm + 1e-6)) folded into the update, and AdamW or SGD. Returns the
+    /// norm before clipping; when it is not finite nothing is updated and the caller gets the
+    /// norm to report. The default runs tensor by tensor; the GPU reduces the norm and applies
+    /// the scale on the device, in one launch each.
+    fn optimizer_step(
+        &self,
+        params: &mut [&mut Self::Buf],
+        grads: &[&Self::Buf],
+        moments: Option<MomentLists<'_, '_, Self::Buf>>,
+        h: &OptimizerStep,
+    ) -> Result<f64> {
+        let mut sum = 0.0;
+        for g in grads {
+            sum += self.sum_squares(g)?;
+        }
+        let norm = sum.sqrt();
+        if !norm.is_finite() {
+            return Ok(norm);
+        }
+        let scale = if h.max_norm > 0.0 && norm > h.max_norm as f64 {
+            (h.max_norm as f64 / (norm + 1e-6)) as f32
+        } else {
+            1.0
+        };
+        match (moments, h.adamw) {
+            (Some((m, v)), Some(a)) => {
+                let a = AdamWStep {
+                    grad_scale: scale,
+                    ..a
+                };
+                for (((p, g), m), v) in params
+                    .iter_mut()
+                    .zip(grads)
+                    .zip(m.iter_mut())
+                    .zip(v.iter_mut())
+                {
+                    self.adamw(p, g, m, v, &a);
+                }
+            }
+            _ => {
+                for (p, g) in params.iter_mut().zip(grads) {
+                    self.axpy(p, -h.lr * scale, g);
+                }
+            }
+        }
+        Ok(norm)
+    }
 
     /// out[t] = table[ids[t]] for rows of `dim` values. Also gathers rows of any matrix.
     fn embedding(&self, out: &mut Self::Buf, table: &Self::Buf, ids: &[u32], dim: usize);
