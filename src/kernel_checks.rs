@@ -198,6 +198,8 @@ pub fn run_all<B: Backend>(
     check_softmax_stats(&mut c, 6, 1000)?;
     check_softmax_stats(&mut c, 4, vocab)?;
     check_adamw(&mut c, 1000)?;
+    check_optimizer_step(&mut c)?;
+    check_sampling(&mut c, if big { 152064 } else { 1000 })?;
     check_sum_squares(&mut c, 100_000)?;
     for cfg in model_configs() {
         check_model(&mut c, &cfg)?;
@@ -652,4 +654,279 @@ pub fn format_table(rows: &[CheckRow]) -> String {
         );
     }
     s
+}
+
+/// The whole optimizer update (norm, clipping, AdamW) over several tensors against the CPU
+/// reference's, with the clipping active; then a NaN gradient must leave the weights alone.
+fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
+    use crate::backend::OptimizerStep;
+    let sizes = [3usize, 16384, 40000, 7];
+    let cpu_be = cpu::CpuBackend;
+    let mut host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+    let host_g: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+    let h = OptimizerStep {
+        adamw: Some(AdamWStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 1,
+            grad_scale: 1.0,
+        }),
+        lr: 1e-2,
+        max_norm: 1.0,
+    };
+    let mut dp: Vec<B::Buf> = host_p
+        .iter()
+        .map(|p| c.be.upload(p))
+        .collect::<Result<_>>()?;
+    let dg: Vec<B::Buf> = host_g
+        .iter()
+        .map(|g| c.be.upload_f32(g))
+        .collect::<Result<_>>()?;
+    let mut dm: Vec<B::Buf> = sizes
+        .iter()
+        .map(|&n| c.be.alloc_f32(n))
+        .collect::<Result<_>>()?;
+    let mut dv: Vec<B::Buf> = sizes
+        .iter()
+        .map(|&n| c.be.alloc_f32(n))
+        .collect::<Result<_>>()?;
+    let norm = {
+        let mut p: Vec<&mut B::Buf> = dp.iter_mut().collect();
+        let g: Vec<&B::Buf> = dg.iter().collect();
+        let mut m: Vec<&mut B::Buf> = dm.iter_mut().collect();
+        let mut v: Vec<&mut B::Buf> = dv.iter_mut().collect();
+        c.be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
+    };
+    let mut hm: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut hv = hm.clone();
+    let want_norm = {
+        let mut p: Vec<&mut Vec<f32>> = host_p.iter_mut().collect();
+        let g: Vec<&Vec<f32>> = host_g.iter().collect();
+        let mut m: Vec<&mut Vec<f32>> = hm.iter_mut().collect();
+        let mut v: Vec<&mut Vec<f32>> = hv.iter_mut().collect();
+        cpu_be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
+    };
+    let shape = format!(
+        "{} tensors, {} values, clipped",
+        sizes.len(),
+        sizes.iter().sum::<usize>()
+    );
+    c.rows.push(CheckRow {
+        op: "optimizer_step grad norm".into(),
+        shape: shape.clone(),
+        err: (norm - want_norm).abs() / want_norm,
+        tol: c.tol.f32_out,
+    });
+    let cat = |v: &[Vec<f32>]| -> Vec<f32> { v.concat() };
+    let mut got = Vec::new();
+    for b in &dp {
+        got.extend(c.be.download(b)?);
+    }
+    // bf16 parameters are written with stochastic rounding: within one bf16 step of the f32 value.
+    c.rows.push(CheckRow {
+        op: "optimizer_step AdamW params".into(),
+        shape: shape.clone(),
+        err: max_rel_err(&got, &cat(&host_p)),
+        tol: c.tol.bf16_out,
+    });
+    let mut got = Vec::new();
+    for b in &dv {
+        got.extend(c.be.download(b)?);
+    }
+    c.rows.push(CheckRow {
+        op: "optimizer_step AdamW v".into(),
+        shape: shape.clone(),
+        err: max_rel_err(&got, &cat(&hv)),
+        tol: c.tol.f32_out,
+    });
+
+    // A NaN anywhere in the gradient: the norm says so and no weight moves.
+    let before: Vec<f32> = c.be.download(&dp[1])?;
+    let mut bad = host_g[1].clone();
+    bad[123] = f32::NAN;
+    let dg_bad: Vec<B::Buf> = vec![c.be.upload_f32(&host_g[0])?, c.be.upload_f32(&bad)?];
+    let norm = {
+        let mut p: Vec<&mut B::Buf> = dp.iter_mut().take(2).collect();
+        let g: Vec<&B::Buf> = dg_bad.iter().collect();
+        let mut m: Vec<&mut B::Buf> = dm.iter_mut().take(2).collect();
+        let mut v: Vec<&mut B::Buf> = dv.iter_mut().take(2).collect();
+        c.be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
+    };
+    let after = c.be.download(&dp[1])?;
+    c.rows.push(CheckRow {
+        op: "optimizer_step NaN grad: norm NaN, weights kept".into(),
+        shape: "2 tensors".into(),
+        err: if norm.is_finite() {
+            f64::INFINITY
+        } else {
+            max_rel_err(&after, &before)
+        },
+        tol: 0.0,
+    });
+    Ok(())
+}
+
+/// z-score of Pearson's χ² through the Wilson–Hilferty cube-root approximation: about
+/// standard normal when the draws follow the expected distribution.
+pub fn chi_square_z(counts: &[u64], probs: &[f64], draws: u64) -> f64 {
+    // Bins with an expected count under 5 are pooled, as the test requires.
+    let (mut chi, mut df, mut pool_o, mut pool_e) = (0.0, 0usize, 0.0, 0.0);
+    for (&o, &p) in counts.iter().zip(probs) {
+        let e = p * draws as f64;
+        if e < 5.0 {
+            pool_o += o as f64;
+            pool_e += e;
+        } else {
+            chi += (o as f64 - e).powi(2) / e;
+            df += 1;
+        }
+    }
+    if pool_e > 0.0 {
+        chi += (pool_o - pool_e).powi(2) / pool_e.max(1e-9);
+        df += 1;
+    }
+    let df = (df.max(2) - 1) as f64;
+    let k = 2.0 / (9.0 * df);
+    ((chi / df).powf(1.0 / 3.0) - (1.0 - k)) / k.sqrt()
+}
+
+/// Sampling on the backend against the CPU's truncated distribution: many draws from one row
+/// (the row repeated, each copy its own Philox sequence), a χ² test per setting; greedy must
+/// equal the argmax exactly.
+fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
+    use crate::sampling::{argmax, truncated_distribution, SamplingParams};
+    // A peaked row, so that top-k and top-p cut inside the mass.
+    let row: Vec<f32> = c
+        .rnd(vocab, 1.0)
+        .iter()
+        .enumerate()
+        .map(|(i, x)| x * 4.0 - (i % 97) as f32 * 0.05)
+        .collect();
+    let row = round_bf16(&row);
+    let rows = 2048;
+    let logits = c.be.upload(&row.repeat(rows))?;
+    let seq_ids: Vec<u64> = (0..rows as u64).collect();
+    let greedy = c.be.sample(
+        &logits,
+        rows,
+        vocab,
+        &SamplingParams::greedy(),
+        c.seed,
+        &seq_ids,
+        0,
+    )?;
+    let best = argmax(&row);
+    c.rows.push(CheckRow {
+        op: "sample greedy (mismatches)".into(),
+        shape: format!("[{rows}, {vocab}]"),
+        err: greedy.iter().filter(|&&t| t != best).count() as f64,
+        tol: 0.0,
+    });
+    let settings = [(0.7, 0, 1.0), (1.0, 50, 1.0), (0.8, 0, 0.9), (1.0, 40, 0.8)];
+    for (t, k, p) in settings {
+        let sp = SamplingParams {
+            temperature: t,
+            top_k: k,
+            top_p: p,
+        };
+        let dist = truncated_distribution(&row, &sp);
+        let mut probs = vec![0.0f64; vocab];
+        for (tok, q) in dist {
+            probs[tok as usize] = q;
+        }
+        let mut counts = vec![0u64; vocab];
+        let steps = 10u64;
+        for step in 0..steps {
+            for tok in
+                c.be.sample(&logits, rows, vocab, &sp, c.seed, &seq_ids, step)?
+            {
+                counts[tok as usize] += 1;
+            }
+        }
+        let outside = counts
+            .iter()
+            .zip(&probs)
+            .filter(|(&n, &q)| n > 0 && q == 0.0)
+            .count();
+        let z = chi_square_z(&counts, &probs, rows as u64 * steps);
+        c.rows.push(CheckRow {
+            op: format!("sample χ² z-score (T {t}, top-k {k}, top-p {p})"),
+            shape: format!("{} draws, vocab {vocab}", rows as u64 * steps),
+            // A token the truncation removed must never be drawn.
+            err: if outside > 0 { f64::INFINITY } else { z },
+            tol: 4.0,
+        });
+    }
+    Ok(())
+}
+
+/// The GPU policy loss (cuda/policy_loss.cu) against `rl::policy_loss` for GRPO and GSPO,
+/// every aggregation, with and without the dual clip.
+pub fn check_policy_loss_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    seed: u64,
+    tol: &Tolerances,
+) -> Result<Vec<CheckRow>> {
+    use crate::rl::{policy_loss, ClipConfig, LossAgg, PolicyLoss, SeqSpan};
+    let lens = [5usize, 1, 37, 300, 12];
+    let n: usize = lens.iter().sum();
+    let logp: Vec<f32> = rand_vec(n, seed, 1, 1.0).iter().map(|x| x - 2.0).collect();
+    // Old log-probs near the new ones, some far enough that the clip is active.
+    let old: Vec<f32> = logp
+        .iter()
+        .zip(rand_vec(n, seed, 2, 0.4))
+        .map(|(l, d)| l + d)
+        .collect();
+    let mut spans = Vec::new();
+    let mut start = 0;
+    for (i, &len) in lens.iter().enumerate() {
+        spans.push(SeqSpan {
+            start,
+            len,
+            advantage: if i % 2 == 0 { 0.8 } else { -1.1 },
+        });
+        start += len;
+    }
+    let mut rows = Vec::new();
+    for kind in [PolicyLoss::Grpo, PolicyLoss::Gspo] {
+        for agg in [
+            LossAgg::TokenMean,
+            LossAgg::SeqMeanTokenMean,
+            LossAgg::SeqMeanTokenSum,
+        ] {
+            for dual_clip in [None, Some(3.0)] {
+                let c = ClipConfig {
+                    kind,
+                    eps_low: 0.2,
+                    eps_high: 0.28,
+                    dual_clip,
+                    agg,
+                };
+                let (ws, wd) = policy_loss(&logp, &old, &spans, &c, n, lens.len());
+                let (gs, gd) = crate::backend::cuda_rl::policy_loss(
+                    be,
+                    &logp,
+                    &old,
+                    &spans,
+                    &c,
+                    n,
+                    lens.len(),
+                )?;
+                let stats_err = max_rel_err(
+                    &[gs.loss as f32, gs.clip_fraction as f32, gs.approx_kl as f32],
+                    &[ws.loss as f32, ws.clip_fraction as f32, ws.approx_kl as f32],
+                );
+                rows.push(CheckRow {
+                    op: format!("policy loss {kind:?} {agg:?} dual {dual_clip:?}: loss, clipfrac, kl, dlogp"),
+                    shape: format!("{} seqs, {n} tokens", lens.len()),
+                    err: stats_err.max(max_rel_err(&gd, &wd)),
+                    tol: tol.f32_out,
+                });
+            }
+        }
+    }
+    Ok(rows)
 }

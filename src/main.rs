@@ -786,7 +786,13 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
             "check-kernels: {} against the CPU reference, seed {seed}",
             empo_engine::backend::Backend::name(&be)
         );
-        run_all(&be, seed, &Tolerances::bf16(), !a.quick)?
+        let mut rows = run_all(&be, seed, &Tolerances::bf16(), !a.quick)?;
+        rows.extend(empo_engine::kernel_checks::check_policy_loss_cuda(
+            &be,
+            seed,
+            &Tolerances::bf16(),
+        )?);
+        rows
     };
     print!("{}", format_table(&rows));
     let failed = rows.iter().filter(|r| !r.pass()).count();

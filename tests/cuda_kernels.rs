@@ -47,7 +47,10 @@ fn cuda_backend_matches_the_cpu_reference() {
             return;
         }
     };
-    let rows = run_all(&be, 11, &Tolerances::bf16(), true).unwrap();
+    let mut rows = run_all(&be, 11, &Tolerances::bf16(), true).unwrap();
+    rows.extend(
+        empo_engine::kernel_checks::check_policy_loss_cuda(&be, 11, &Tolerances::bf16()).unwrap(),
+    );
     println!("{}", format_table(&rows));
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
     assert!(failed.is_empty(), "{failed:?}");
@@ -59,4 +62,13 @@ fn max_rel_err_is_relative_to_the_largest_reference_value() {
     assert_eq!(max_rel_err(&[1.0, 2.0], &[1.0, 4.0]), 0.5);
     assert!(max_rel_err(&[f32::NAN], &[1.0]).is_nan());
     assert!(max_rel_err(&[1.0], &[1.0, 2.0]).is_infinite());
+}
+
+#[test]
+fn chi_square_z_rejects_a_wrong_distribution() {
+    use empo_engine::kernel_checks::chi_square_z;
+    let probs = [0.5, 0.3, 0.2];
+    assert!(chi_square_z(&[5010, 2990, 2000], &probs, 10_000).abs() < 2.0);
+    // 10% of the mass moved from the first token to the last.
+    assert!(chi_square_z(&[4000, 3000, 3000], &probs, 10_000) > 10.0);
 }

@@ -570,6 +570,27 @@ impl Backend for CudaBackend {
     fn sync(&self) -> Result<()> {
         CudaBackend::sync(self)
     }
+    fn sample(
+        &self,
+        logits: &CudaBuf,
+        rows: usize,
+        vocab: usize,
+        p: &crate::sampling::SamplingParams,
+        seed: u64,
+        seq_ids: &[u64],
+        step: u64,
+    ) -> Result<Vec<u32>> {
+        super::cuda_rl::sample(self, logits, rows, vocab, p, seed, seq_ids, step)
+    }
+    fn optimizer_step(
+        &self,
+        params: &mut [&mut CudaBuf],
+        grads: &[&CudaBuf],
+        moments: Option<super::MomentLists<'_, '_, CudaBuf>>,
+        h: &super::OptimizerStep,
+    ) -> Result<f64> {
+        super::cuda_rl::optimizer_step(self, params, grads, moments, h)
+    }
     fn memory(&self) -> Option<(usize, usize)> {
         Some((
             self.mem.live.load(Ordering::Relaxed),

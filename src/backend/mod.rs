@@ -12,6 +12,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod cuda_attention;
+pub mod cuda_rl;
 
 use anyhow::Result;
 
