@@ -390,6 +390,16 @@ impl CudaBackend {
         Some(p)
     }
 
+    /// Staging for other modules' launchers: slot 0 is the ids slot.
+    pub fn stage_u32_slot(&self, slot: usize, host: &[u32]) -> Option<u64> {
+        let s = match slot {
+            1 => Slot::RowA,
+            2 => Slot::RowB,
+            _ => Slot::Ids,
+        };
+        self.stage_u32(s, host)
+    }
+
     fn stage_f32(&self, slot: Slot, host: &[f32]) -> Option<u64> {
         let bits: Vec<u32> = host.iter().map(|x| x.to_bits()).collect();
         self.stage_u32(slot, &bits)
