@@ -21,11 +21,11 @@ fn check(
     s: &AttnShape,
     bufs: &[(&str, &CudaBuf, Dtype, usize)],
 ) -> bool {
-    if s.kv_heads == 0 || s.heads % s.kv_heads != 0 || s.tq > s.tk || s.tk > s.cap {
+    if s.kv_heads == 0 || !s.heads.is_multiple_of(s.kv_heads) || s.tq > s.tk || s.tk > s.cap {
         be.fail_op(format!("{op}: inconsistent shape {s:?}"));
         return false;
     }
-    if s.head_dim % 8 != 0 || s.head_dim > 256 {
+    if !s.head_dim.is_multiple_of(8) || s.head_dim > 256 {
         be.fail_op(format!(
             "{op}: head_dim {} is not a multiple of 8 up to 256, which the kernels need",
             s.head_dim
