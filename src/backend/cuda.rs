@@ -111,6 +111,7 @@ enum Slot {
     Ids = 0,
     RowA = 1,
     RowB = 2,
+    KvLen = 3,
 }
 
 pub struct CudaBackend {
@@ -119,7 +120,10 @@ pub struct CudaBackend {
     blas: CudaBlas,
     module: Arc<CudaModule>,
     funcs: RefCell<HashMap<String, CudaFunction>>,
-    staging: RefCell<[Option<CudaSlice<u32>>; 3]>,
+    staging: RefCell<[Option<CudaSlice<u32>>; 4]>,
+    /// The host values last staged in the KvLen slot: every layer of a decode step passes the
+    /// same lengths, so only the first copies them.
+    kv_len_staged: RefCell<Vec<u32>>,
     /// Float scratch for multi-pass kernels (attention backward), grown on demand.
     scratch: RefCell<Vec<Option<CudaSlice<f32>>>>,
     sm_count: u32,
@@ -174,7 +178,8 @@ impl CudaBackend {
             blas,
             module,
             funcs: RefCell::new(HashMap::new()),
-            staging: RefCell::new([None, None, None]),
+            staging: RefCell::new([None, None, None, None]),
+            kv_len_staged: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
             sm_count,
             error: RefCell::new(None),
@@ -390,14 +395,18 @@ impl CudaBackend {
         Some(p)
     }
 
-    /// Staging for other modules' launchers: slot 0 is the ids slot.
-    pub fn stage_u32_slot(&self, slot: usize, host: &[u32]) -> Option<u64> {
-        let s = match slot {
-            1 => Slot::RowA,
-            2 => Slot::RowB,
-            _ => Slot::Ids,
-        };
-        self.stage_u32(s, host)
+    /// Per-sequence KV lengths for decode attention, copied only when they change.
+    pub fn stage_kv_len(&self, host: &[u32]) -> Option<u64> {
+        if *self.kv_len_staged.borrow() == host {
+            let staging = self.staging.borrow();
+            if let Some(s) = staging[Slot::KvLen as usize].as_ref() {
+                let p = s.device_ptr(&self.stream).0;
+                return Some(p);
+            }
+        }
+        let p = self.stage_u32(Slot::KvLen, host)?;
+        *self.kv_len_staged.borrow_mut() = host.to_vec();
+        Some(p)
     }
 
     fn stage_f32(&self, slot: Slot, host: &[f32]) -> Option<u64> {

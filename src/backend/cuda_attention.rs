@@ -126,7 +126,7 @@ fn decode(
     s: AttnShape,
 ) {
     let kv_len = vec![s.tk as u32; s.batch];
-    let Some(len_p) = be.stage_u32_slot(0, &kv_len) else {
+    let Some(len_p) = be.stage_kv_len(&kv_len) else {
         return;
     };
     let splits = s.tk.div_ceil(DECODE_CHUNK).max(1);
