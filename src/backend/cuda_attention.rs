@@ -1,4 +1,4 @@
-//! Launchers for cuda/attention.cu: flash-style training attention (forward and backward) on
+//! Launchers for cuda/attention.cu and cuda/attention_decode.cu: flash-style training attention (forward and backward) on
 //! tensor cores for head_dim 64 and 128, a scalar fallback for other head sizes, split-K decode
 //! attention over the KV cache, and the cache write. The dispatch rule and every kernel's
 //! geometry are documented at the top of the .cu file.

@@ -1,0 +1,126 @@
+// Host emulation of the CUDA subset attention.cu uses: one fiber per thread, warp collectives
+// exchange through a per-warp buffer between two warp barriers.
+#pragma once
+#include <cstdint>
+#include <cmath>
+#include <cstring>
+#include <cstdio>
+#include <cstdlib>
+#include <cassert>
+#include <vector>
+#include <functional>
+#include <algorithm>
+#include <ucontext.h>
+using std::max;
+using std::min;
+
+#define __device__
+#define __global__
+#define __host__
+#define __forceinline__ inline
+#define __shared__ static
+#define __align__(n) __attribute__((aligned(n)))
+
+struct dim3e { unsigned x = 1, y = 1, z = 1; };
+struct PendingCopy { void *dst; const void *src; bool valid; int group; };
+struct Fiber { ucontext_t ctx; dim3e tid; bool done = false; std::vector<char> stack; std::vector<PendingCopy> pend; int committed = 0; };
+static ucontext_t g_sched;
+static Fiber *g_cur;
+static dim3e g_block, g_grid, g_bdim;
+#define threadIdx (g_cur->tid)
+#define blockIdx g_block
+#define gridDim g_grid
+#define blockDim g_bdim
+alignas(128) static unsigned char emu_dyn_smem[65536];
+static long g_conflicts = 0, g_ldsm = 0;
+
+inline void yield_() { swapcontext(&g_cur->ctx, &g_sched); }
+struct Bar { int count = 0, gen = 0; };
+static Bar g_bbar, g_wbar[32];
+inline void bar_wait(Bar &b, int n) {
+    int gen = b.gen;
+    if (++b.count == n) { b.count = 0; b.gen++; } else while (b.gen == gen) yield_();
+}
+inline void __syncthreads() { bar_wait(g_bbar, g_bdim.x); }
+inline int emu_warp() { return threadIdx.x >> 5; }
+inline int emu_lane() { return threadIdx.x & 31; }
+inline void __syncwarp(unsigned = 0xffffffffu) { bar_wait(g_wbar[emu_warp()], 32); }
+static unsigned char g_xbuf[32][32][64];
+template <class T> inline void xput(const T &v) { static_assert(sizeof(T) <= 64, ""); memcpy(g_xbuf[emu_warp()][emu_lane()], &v, sizeof(T)); __syncwarp(); }
+template <class T> inline T xget(int l) { T v; memcpy(&v, g_xbuf[emu_warp()][l], sizeof(T)); return v; }
+inline void xdone() { __syncwarp(); }
+inline float __shfl_xor_sync(unsigned, float v, int o) { xput(v); float r = xget<float>(emu_lane() ^ o); xdone(); return r; }
+inline float __shfl_sync(unsigned, float v, int s) { xput(v); float r = xget<float>(s); xdone(); return r; }
+
+struct bf16 { uint16_t x; };
+typedef bf16 __nv_bfloat16;
+struct __nv_bfloat162 { bf16 x, y; };
+struct float2 { float x, y; };
+struct alignas(16) float4 { float x, y, z, w; };
+struct alignas(16) uint4 { uint32_t x, y, z, w; };
+inline float __bfloat162float(bf16 h) { uint32_t u = (uint32_t)h.x << 16; float f; memcpy(&f, &u, 4); return f; }
+inline bf16 __float2bfloat16_rn(float f) {
+    uint32_t u; memcpy(&u, &f, 4);
+    if ((u & 0x7fffffffu) > 0x7f800000u) return {0x7fc0};
+    u += 0x7fffu + ((u >> 16) & 1u);
+    return {(uint16_t)(u >> 16)};
+}
+inline __nv_bfloat162 __floats2bfloat162_rn(float a, float b) { return {__float2bfloat16_rn(a), __float2bfloat16_rn(b)}; }
+inline float2 __bfloat1622float2(__nv_bfloat162 h) { return {__bfloat162float(h.x), __bfloat162float(h.y)}; }
+inline float __logf(float x) { return logf(x); }
+inline float __expf(float x) { return expf(x); }
+inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
+inline float atomicAdd(float *p, float v) { float o = *p; *p = o + v; return o; }
+
+inline float ld(const bf16 *p) { return __bfloat162float(*p); }
+inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
+inline float warp_sum(float v) {
+    for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
+    return v;
+}
+
+// grid launch: every block runs its threads as fibers to completion
+inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
+    g_grid = grid; g_bdim = block;
+    int nt = block.x;
+    static std::function<void()> *g_fn;
+    g_fn = &fn;
+    struct T { static void tramp() { (*g_fn)(); g_cur->done = true; } };
+    for (unsigned z = 0; z < grid.z; z++)
+        for (unsigned y = 0; y < grid.y; y++)
+            for (unsigned x = 0; x < grid.x; x++) {
+                g_block = {x, y, z};
+                memset(emu_dyn_smem, 0xff, sizeof emu_dyn_smem);  // NaN garbage
+                g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{};
+                std::vector<Fiber> fs(nt);
+                for (int i = 0; i < nt; i++) {
+                    fs[i].tid = {(unsigned)i, 0, 0};
+                    fs[i].stack.resize(256 * 1024);
+                    getcontext(&fs[i].ctx);
+                    fs[i].ctx.uc_stack.ss_sp = fs[i].stack.data();
+                    fs[i].ctx.uc_stack.ss_size = fs[i].stack.size();
+                    fs[i].ctx.uc_link = &g_sched;
+                    makecontext(&fs[i].ctx, (void (*)())T::tramp, 0);
+                }
+                static unsigned seed = getenv("EMU_SEED") ? atoi(getenv("EMU_SEED")) : 0;
+                std::vector<int> order(nt); for (int i = 0; i < nt; i++) order[i] = i;
+                for (bool alive = true; alive;) {
+                    alive = false;
+                    if (seed) for (int i = nt - 1; i > 0; i--) { seed = seed * 1103515245u + 12345u; std::swap(order[i], order[(seed >> 8) % (i + 1)]); }
+                    // with a seed, each warp sits out a pass at random, so warps drift apart
+                    static unsigned skip = 0, passes = 0;
+                    if (seed && passes++ % 512 == 0) { seed = seed * 1103515245u + 12345u; skip = seed >> 16; }
+                    bool ran = false;
+                    for (int pass = 0; pass < 2 && !ran; pass++)
+                        for (int i : order) {
+                            auto &f = fs[i];
+                            if (f.done) continue;
+                            alive = true;
+                            if (pass == 0 && (skip >> ((i >> 5) & 15) & 1)) continue;
+                            ran = true;
+                            g_cur = &f; swapcontext(&g_sched, &f.ctx);
+                        }
+                }
+                for (auto &f : fs) assert(f.pend.empty());
+            }
+}

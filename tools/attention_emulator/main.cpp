@@ -1,0 +1,157 @@
+#include "attention_emu.cpp"
+#include <random>
+#include <string>
+
+static std::mt19937 rng(1234);
+static float rnd() { return std::uniform_real_distribution<float>(-1.f, 1.f)(rng); }
+static const bf16 BNAN = {0x7fc0};
+static std::vector<bf16> rand_bf16(size_t n, float amp) { std::vector<bf16> v(n); for (auto &x : v) x = to_bf16(rnd() * amp); return v; }
+static std::vector<float> f32(const std::vector<bf16> &v) { std::vector<float> r(v.size()); for (size_t i = 0; i < v.size(); i++) r[i] = ld(&v[i]); return r; }
+static int fails = 0;
+static void check(const char *what, const std::vector<float> &got, const std::vector<double> &ref, double tol) {
+    double mref = 1e-6, merr = 0; size_t bad = 0, worst = 0;
+    for (size_t i = 0; i < ref.size(); i++) mref = std::max(mref, std::fabs(ref[i]));
+    for (size_t i = 0; i < ref.size(); i++) {
+        double e = std::fabs(got[i] - ref[i]);
+        if (!(e <= merr)) { if (std::isnan(e) || e > merr) { merr = std::isnan(e) ? INFINITY : e; worst = i; } }
+        if (!(e <= tol * mref)) bad++;
+    }
+    bool ok = bad == 0;
+    if (!ok) fails++;
+    printf("  %-10s %s  max|ref| %.3g  max err %.3g (rel %.2e) at %zu  bad %zu\n", what, ok ? "ok  " : "FAIL", mref, merr, merr / mref, worst, bad);
+}
+
+struct Shape { int batch, tq, tk, cap, heads, kv, D; };
+
+// mirrors cpu::attention, in double
+static void ref_fwd(std::vector<double> &out, std::vector<double> &lse, const std::vector<float> &q, const std::vector<float> &k, const std::vector<float> &v, Shape s) {
+    int group = s.heads / s.kv, D = s.D; double scale = 1.0 / std::sqrt((double)D);
+    out.assign((size_t)s.batch * s.tq * s.heads * D, 0); lse.assign((size_t)s.batch * s.tq * s.heads, 0);
+    for (int b = 0; b < s.batch; b++) for (int i = 0; i < s.tq; i++) for (int h = 0; h < s.heads; h++) {
+        int kvh = h / group, last = s.tk - s.tq + i;
+        size_t qb = (((size_t)b * s.tq + i) * s.heads + h) * D;
+        std::vector<double> p(last + 1); double m = -INFINITY;
+        for (int j = 0; j <= last; j++) { size_t kb = (((size_t)b * s.cap + j) * s.kv + kvh) * D; double d = 0; for (int t = 0; t < D; t++) d += (double)q[qb + t] * k[kb + t]; p[j] = d * scale; m = std::max(m, p[j]); }
+        double l = 0; for (auto &x : p) { x = std::exp(x - m); l += x; }
+        for (int j = 0; j <= last; j++) { size_t vb = (((size_t)b * s.cap + j) * s.kv + kvh) * D; for (int t = 0; t < D; t++) out[qb + t] += p[j] * v[vb + t] / l; }
+        lse[((size_t)b * s.tq + i) * s.heads + h] = m + std::log(l);
+    }
+}
+// mirrors cpu::attention_bwd, in double, given out and lse
+static void ref_bwd(std::vector<double> &dq, std::vector<double> &dk, std::vector<double> &dv, const std::vector<float> &dout, const std::vector<float> &out, const std::vector<float> &lse,
+                    const std::vector<float> &q, const std::vector<float> &k, const std::vector<float> &v, Shape s) {
+    int group = s.heads / s.kv, D = s.D; double scale = 1.0 / std::sqrt((double)D);
+    dq.assign(q.size(), 0); dk.assign(k.size(), 0); dv.assign(v.size(), 0);
+    for (int b = 0; b < s.batch; b++) for (int h = 0; h < s.heads; h++) for (int i = 0; i < s.tq; i++) {
+        int kvh = h / group; size_t qb = (((size_t)b * s.tq + i) * s.heads + h) * D;
+        double l = lse[((size_t)b * s.tq + i) * s.heads + h], bigd = 0;
+        for (int t = 0; t < D; t++) bigd += (double)dout[qb + t] * out[qb + t];
+        for (int j = 0; j <= s.tk - s.tq + i; j++) {
+            size_t kb = (((size_t)b * s.cap + j) * s.kv + kvh) * D;
+            double qk = 0, dp = 0; for (int t = 0; t < D; t++) { qk += (double)q[qb + t] * k[kb + t]; dp += (double)dout[qb + t] * v[kb + t]; }
+            double p = std::exp(qk * scale - l), ds = p * (dp - bigd) * scale;
+            for (int t = 0; t < D; t++) { dv[kb + t] += p * dout[qb + t]; dq[qb + t] += ds * k[kb + t]; dk[kb + t] += ds * q[qb + t]; }
+        }
+    }
+}
+
+static std::vector<bf16> make_kv(Shape s, float amp) {  // rows >= tk hold NaN garbage
+    auto k = rand_bf16((size_t)s.batch * s.cap * s.kv * s.D, amp);
+    for (int b = 0; b < s.batch; b++) for (int j = s.tk; j < s.cap; j++) for (int x = 0; x < s.kv * s.D; x++) k[((size_t)b * s.cap + j) * s.kv * s.D + x] = BNAN;
+    return k;
+}
+static std::vector<float> zero_garbage(std::vector<float> x, Shape s) {  // the reference never reads rows >= tk
+    for (int b = 0; b < s.batch; b++) for (int j = s.tk; j < s.cap; j++) for (int c = 0; c < s.kv * s.D; c++) x[((size_t)b * s.cap + j) * s.kv * s.D + c] = 0;
+    return x;
+}
+
+static void test_attention(Shape s, bool fast) {
+    printf("%s D=%d batch=%d tq=%d tk=%d cap=%d heads=%d kv=%d\n", fast ? "fast" : "generic", s.D, s.batch, s.tq, s.tk, s.cap, s.heads, s.kv);
+    const int D = s.D;
+    auto q = rand_bf16((size_t)s.batch * s.tq * s.heads * D, 2.0f), k = make_kv(s, 2.0f), v = make_kv(s, 1.0f);
+    auto dout = rand_bf16(q.size(), 1.0f);
+    std::vector<bf16> out(q.size(), BNAN), dq(q.size(), BNAN), dk(k.size(), BNAN), dv(v.size(), BNAN);
+    std::vector<float> lse((size_t)s.batch * s.tq * s.heads, NAN), delta(lse.size(), NAN), dqacc(q.size(), NAN);
+    auto qf = f32(q), kf = zero_garbage(f32(k), s), vf = zero_garbage(f32(v), s), df = f32(dout);
+    std::vector<double> ro, rl; ref_fwd(ro, rl, qf, kf, vf, s);
+    if (fast) {
+        dim3e grid = {(unsigned)((s.tq + 63) / 64), (unsigned)s.heads, (unsigned)s.batch};
+        emu_launch(grid, {128}, [&] { (D == 64 ? attention_fwd_d64 : attention_fwd_d128)(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
+    } else {
+        emu_launch({(unsigned)((s.tq * s.heads + 3) / 4), (unsigned)s.batch}, {128}, [&] { attention_fwd_generic(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv, D); });
+    }
+    check("out", f32(out), ro, 1.5e-2);
+    check("lse", lse, rl, 1e-4);
+
+    auto of = f32(out);
+    std::vector<double> rdq, rdk, rdv; ref_bwd(rdq, rdk, rdv, df, of, lse, qf, kf, vf, s);
+    int64_t rows = (int64_t)s.batch * s.tq * s.heads;
+    emu_launch({(unsigned)((rows + 3) / 4)}, {128}, [&] { attention_bwd_preprocess(delta.data(), fast ? dqacc.data() : nullptr, dout.data(), out.data(), rows, D); });
+    if (fast) {
+        emu_launch({(unsigned)((s.cap + 63) / 64), (unsigned)s.kv, (unsigned)s.batch}, {128}, [&] {
+            (D == 64 ? attention_bwd_d64 : attention_bwd_d128)(dqacc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
+        int64_t n = q.size();
+        emu_launch({(unsigned)((n + 255) / 256)}, {256}, [&] { attention_bwd_dq_convert(dq.data(), dqacc.data(), n); });
+    } else {
+        emu_launch({(unsigned)((s.tq * s.heads + 3) / 4), (unsigned)s.batch}, {128}, [&] { attention_bwd_dq_generic(dq.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv, D); });
+        emu_launch({(unsigned)((s.cap * s.kv + 3) / 4), (unsigned)s.batch}, {128}, [&] { attention_bwd_dkdv_generic(dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv, D); });
+    }
+    check("dq", f32(dq), rdq, 2e-2);
+    check("dk", f32(dk), rdk, 2e-2);
+    check("dv", f32(dv), rdv, 2e-2);
+}
+
+static void test_decode(int batch, std::vector<int> lens, int cap, int heads, int kv, int D, int chunk) {
+    int splits = 0; for (int l : lens) splits = std::max(splits, (l + chunk - 1) / chunk);
+    printf("decode D=%d heads=%d kv=%d cap=%d chunk=%d splits=%d lens", D, heads, kv, cap, chunk, splits); for (int l : lens) printf(" %d", l); printf("\n");
+    auto q = rand_bf16((size_t)batch * heads * D, 2.0f), k = rand_bf16((size_t)batch * cap * kv * D, 2.0f), v = rand_bf16(k.size(), 1.0f);
+    for (int b = 0; b < batch; b++) for (int j = lens[b]; j < cap; j++) for (int x = 0; x < kv * D; x++) { k[((size_t)b * cap + j) * kv * D + x] = BNAN; v[((size_t)b * cap + j) * kv * D + x] = BNAN; }
+    std::vector<bf16> out(q.size(), BNAN); std::vector<float> lse((size_t)batch * heads, NAN);
+    std::vector<float> po((size_t)splits * batch * heads * D, NAN), pml((size_t)splits * batch * heads * 2, NAN);
+    int group = heads / kv, hch = (group + 7) / 8;
+    emu_launch({(unsigned)splits, (unsigned)(kv * hch), (unsigned)batch}, {128}, [&] { attention_decode(out.data(), lse.data(), po.data(), pml.data(), q.data(), k.data(), v.data(), lens.data(), cap, heads, kv, D, chunk); });
+    if (splits > 1) emu_launch({(unsigned)heads, (unsigned)batch}, {128}, [&] { attention_decode_combine(out.data(), lse.data(), po.data(), pml.data(), splits, heads, D); });
+    std::vector<double> ro, rl;
+    for (int b = 0; b < batch; b++) {
+        Shape s = {1, 1, lens[b], cap, heads, kv, D};
+        auto kb = f32(std::vector<bf16>(k.begin() + (size_t)b * cap * kv * D, k.begin() + (size_t)(b + 1) * cap * kv * D));
+        auto vb = f32(std::vector<bf16>(v.begin() + (size_t)b * cap * kv * D, v.begin() + (size_t)(b + 1) * cap * kv * D));
+        std::vector<float> qf((size_t)heads * D); for (size_t i = 0; i < qf.size(); i++) qf[i] = ld((bf16 *)&q[(size_t)b * heads * D + i]);
+        std::vector<double> o1, l1; ref_fwd(o1, l1, qf, zero_garbage(kb, s), zero_garbage(vb, s), s);
+        ro.insert(ro.end(), o1.begin(), o1.end()); rl.insert(rl.end(), l1.begin(), l1.end());
+    }
+    check("out", f32(out), ro, 1.5e-2);
+    check("lse", lse, rl, 1e-4);
+}
+
+static void test_kv_write() {
+    int batch = 2, cap = 10, pos0 = 3, tq = 4, row = 24;
+    auto cache = rand_bf16((size_t)batch * cap * row, 1.f), src = rand_bf16((size_t)batch * tq * row, 1.f);
+    auto want = cache;
+    for (int b = 0; b < batch; b++) for (int i = 0; i < tq * row; i++) want[((size_t)b * cap + pos0) * row + i] = src[(size_t)b * tq * row + i];
+    int64_t n = (int64_t)batch * tq * row;
+    emu_launch({(unsigned)((n + 255) / 256)}, {256}, [&] { kv_write(cache.data(), src.data(), batch, cap, pos0, tq, row); });
+    bool ok = memcmp(cache.data(), want.data(), cache.size() * 2) == 0;
+    if (!ok) fails++;
+    printf("kv_write %s\n", ok ? "ok" : "FAIL");
+}
+
+int main(int argc, char **argv) {
+    test_kv_write();
+    for (int D : {64, 128}) {
+        test_attention({2, 70, 70, 75, 4, 2, D}, true);    // training shape, ragged tiles, GQA, cap > tk
+        test_attention({1, 20, 100, 130, 3, 1, D}, true);  // chunked prefill
+        test_attention({1, 1, 65, 65, 2, 1, D}, true);     // one query
+        test_attention({1, 128, 128, 128, 2, 2, D}, true); // exact tiles
+    }
+    for (int D : {8, 24, 40})
+        test_attention({2, 37, 50, 53, 6, 2, D}, false);
+    for (int D : {64, 128, 24}) {
+        test_decode(3, {1, 37, 150}, 160, 14, 2, D, 1024);
+        test_decode(3, {1, 37, 150}, 160, 14, 2, D, 48);
+    }
+    test_decode(2, {70, 9}, 80, 10, 1, 64, 32);  // group 10: two head chunks
+    printf("ldmatrix calls %ld, bank-conflicting phases %ld\n", g_ldsm, g_conflicts);
+    printf(fails ? "%d FAILED\n" : "all ok\n", fails);
+    return fails != 0;
+}

@@ -1,0 +1,58 @@
+#!/usr/bin/env bash
+# One lease, one call: check every kernel against the CPU reference, then time ours and PyTorch's
+# side by side. Run on the GPU machine from the repository root, with the stripped binaries built
+# here (see README "On a GPU"):
+#
+#   strip -o .gpu/empo-engine target/release/empo-engine
+#   strip -o .gpu/kernels-bench target/release/deps/kernels-<hash>
+#   tools/gpu-run.sh [check|bench|criterion|all]...
+#
+# Logs go to $OUT (or ./gpu-out), and a short summary is printed last.
+set -uo pipefail
+OUT=${OUT:-gpu-out}
+mkdir -p "$OUT"
+BIN=${BIN:-.gpu/empo-engine}
+steps=${*:-all}
+
+# cudarc loads libcublas/libcublasLt/libnvrtc by name; the machine's PyTorch wheel and CUDA
+# install both carry CUDA 13 copies.
+for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
+    d=$(find /usr/local/cuda*/ /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
+    [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
+done
+export LD_LIBRARY_PATH
+echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
+nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
+"$BIN" info | tail -4
+
+has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
+
+if has check; then
+    echo "== check-kernels"
+    timeout 280 "$BIN" check-kernels --device cuda >"$OUT/check.txt" 2>&1
+    echo "check-kernels exit $?" | tee -a "$OUT/check.txt"
+fi
+if has sanitize; then
+    echo "== compute-sanitizer (quick checks)"
+    timeout 300 compute-sanitizer --print-limit 20 "$BIN" check-kernels --device cuda --quick \
+        >"$OUT/sanitize.txt" 2>&1
+    echo "sanitize exit $?" | tee -a "$OUT/sanitize.txt"
+fi
+if has bench; then
+    echo "== bench"
+    timeout 150 "$BIN" bench --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
+    echo "bench exit $?" | tee -a "$OUT/bench.txt"
+    PYTHONUNBUFFERED=1 timeout 120 python3 tools/bench_torch_gpu.py --ours "$OUT/bench.json" \
+        >"$OUT/torch.txt" 2>&1
+    echo "torch exit $?" | tee -a "$OUT/torch.txt"
+fi
+if has criterion; then
+    echo "== cargo bench (criterion executable)"
+    timeout 240 .gpu/kernels-bench --bench --warm-up-time 1 --measurement-time 3 \
+        >"$OUT/criterion.txt" 2>&1
+    echo "criterion exit $?" | tee -a "$OUT/criterion.txt"
+fi
+
+for f in check sanitize bench torch criterion; do
+    [ -f "$OUT/$f.txt" ] && { echo "---- $f"; tail -n 60 "$OUT/$f.txt"; }
+done
