@@ -20,9 +20,11 @@
 //   whose logit is at least some value". Logits are bf16: 65536 possible values, ordered by a
 //   16-bit key. An 8-bit radix select (high byte, then low byte; at most three histogram passes
 //   over the row) finds that threshold exactly, with no sort.
-// * Ties at the threshold are all kept. The CPU's stable sort keeps the lowest-index tokens of a
-//   tie up to k (top-k) or stops inside a tie (top-p). The distributions differ only when tokens
-//   with exactly the threshold logit straddle the cut; −0 and +0 count as one logit.
+// * Ties at the threshold: bf16 logits tie often (a 152064-token row has a few thousand distinct
+//   values), and the CPU's stable sort keeps the lowest-index tokens of a tie up to k (top-k) or
+//   until the mass reaches the cut (top-p). So the plan also says how many tokens with exactly
+//   the threshold key to keep, and the draw keeps that many, lowest index first, counting them
+//   in index order across the warps' segments. −0 and +0 count as one logit.
 // * The inverse CDF walks the kept tokens in index order. Without truncation that is the CPU's
 //   order, so the same uniform draws the same token (up to rounding at the edges of a token's
 //   interval); with truncation the CPU walks in sorted order, so only the distribution agrees.
@@ -180,7 +182,8 @@ __device__ ArgMax block_argmax(const bf16 *r, int vocab) {
 // Decisions taken by thread 0 between passes, read by the whole block. The deciding functions
 // are __host__ so tools/cuda_host_checks can test them against truncated_distribution.
 struct Plan {
-    uint32_t thr;    // keep tokens with ordered_key >= thr
+    uint32_t thr;    // keep tokens with ordered_key > thr, and tie_keep of those == thr
+    uint32_t tie_keep; // the lowest-index tokens with key thr that are kept (TIE_ALL: every one)
     int hb, lb;      // top-k threshold key = hb << 8 | lb (hb = -1: no top-k)
     uint32_t above;  // tokens above bin hb
     uint32_t kk_cnt; // tokens with the top-k threshold key that top-k keeps: k − tokens above it
@@ -194,8 +197,11 @@ struct Plan {
     uint32_t tok;
 };
 
+constexpr uint32_t TIE_ALL = 0xffffffffu;
+
 __host__ __device__ inline void plan_init(Plan *pl) {
     pl->thr = 0;
+    pl->tie_keep = TIE_ALL;
     pl->hb = -1;
     pl->lb = 0;
     pl->above = 0;
@@ -233,6 +239,7 @@ __host__ __device__ inline void plan_topk_lo(Plan *pl, const uint32_t *cnt_lo, c
     pl->thr = (uint32_t)(pl->hb << 8 | pl->lb);
     pl->kk_cnt = (uint32_t)k - above;
     pl->kk_mass = mass_lo[pl->lb] / cnt_lo[pl->lb] * pl->kk_cnt;
+    pl->tie_keep = pl->kk_cnt;
 }
 
 // Top-p over the high digits: finds the bin hp holding the last kept logit. Bin hb (top-k's)
@@ -272,18 +279,56 @@ __host__ __device__ inline void plan_topp_hi(Plan *pl, const uint32_t *cnt_hi, c
     pl->pass_c = pl->hp >= 0 && pl->hp != hb;
 }
 
-// Top-p within bin hp (cnt_lo/mass_lo: its low digits), logit by logit as truncated_distribution
-// goes token by token: kept while the mass before it is under the cut; the first always is.
+// Top-p within bin hp (cnt_lo/mass_lo: its low digits), token by token as truncated_distribution
+// goes: a token is kept while the mass before it is under the cut; the first always is. Inside
+// the bin where the cut falls, tokens of one key share one mass w, so the kept count of that key
+// is arithmetic. In top-k's bin, its threshold key holds only the kk_cnt tokens top-k kept.
 __host__ __device__ inline void plan_topp_lo(Plan *pl, const uint32_t *cnt_lo, const u64 *mass_lo) {
     if (pl->hp < 0) return;
-    const int lmin = pl->hp == pl->hb ? pl->lb : 0;
+    const bool in_k = pl->hp == pl->hb;
+    const int lmin = in_k ? pl->lb : 0;
     u64 before = pl->before;
     for (int l = 255; l >= lmin; l--) {
-        if (cnt_lo[l] == 0) continue;
+        const bool kth = in_k && l == pl->lb;
+        const uint32_t c = kth ? pl->kk_cnt : cnt_lo[l];
+        if (c == 0) continue;
         if (before != 0 && !((double)before < pl->cut)) break;
+        const u64 w = (kth ? pl->kk_mass : mass_lo[l]) / c;
+        // Tokens of this key kept: the j-th (0-based) is kept while before + j·w < cut.
+        uint32_t n = c;
+        if (w > 0 && (double)(before + (u64)c * w) >= pl->cut) {
+            const double need = (pl->cut - (double)before) / (double)w;  // j < need
+            double nn = need <= 0.0 ? 1.0 : (double)(uint64_t)need + ((double)(uint64_t)need < need ? 1.0 : 0.0);
+            n = nn < 1.0 ? 1u : nn > (double)c ? c : (uint32_t)nn;
+            // Guard the float division: recheck the edge the CPU decides token by token.
+            while (n < c && (double)(before + (u64)n * w) < pl->cut) n++;
+            while (n > 1 && !((double)(before + (u64)(n - 1) * w) < pl->cut)) n--;
+        }
         pl->thr = (uint32_t)(pl->hp << 8 | l);
-        before += mass_lo[l];
+        pl->tie_keep = n == c && !kth ? TIE_ALL : n;
+        before += (u64)n * w;
+        if (n < c) break;
     }
+}
+
+// Token j's fixed-point mass if the plan keeps it, else 0; called by a whole warp for 32
+// consecutive tokens, in index order: rank counts the threshold-key tokens seen so far.
+__device__ __forceinline__ u64 kept_mass(const bf16 *r, int j, int end, uint32_t thr, uint32_t tie_keep,
+                                         uint32_t &rank, float m, float inv_t) {
+    const int lane = threadIdx.x & 31;
+    uint32_t key = 0;
+    float x = 0.0f;
+    if (j < end) {
+        const bf16 b = r[j];
+        key = ordered_key(b);
+        x = __bfloat162float(b);
+    }
+    const bool tie = j < end && key == thr;
+    const unsigned ties = __ballot_sync(0xffffffffu, tie);
+    const uint32_t my_rank = rank + __popc(ties & ((1u << lane) - 1u));
+    rank += __popc(ties);
+    const bool keep = j < end && (key > thr || (tie && (tie_keep == TIE_ALL || my_rank < tie_keep)));
+    return keep ? fixed_prob(x, m, inv_t) : 0ull;
 }
 
 // One draw with temperature 1/inv_t, top-k k (0 or >= vocab: off), top-p p (>= 1: off).
@@ -292,6 +337,7 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
     __shared__ uint32_t cnt_hi[256], cnt_lo[256];
     __shared__ u64 mass_hi[256], mass_lo[256];
     __shared__ u64 wsum[32];
+    __shared__ uint32_t wties[32];
     __shared__ Plan plan;
     const bool use_k = k > 0 && k < vocab, use_p = p < 1.0f;
     const int tid = threadIdx.x;
@@ -316,18 +362,26 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
         }
     }
     __syncthreads();
-    const uint32_t thr = plan.thr;
+    const uint32_t thr = plan.thr, tie_keep = plan.tie_keep;
 
     // Inverse CDF in index order: each warp owns a contiguous segment of the row (coalesced
     // reads), sums its kept mass; the segment holding the target is then walked 32 at a time.
     const int lane = tid & 31, warp = tid >> 5, nwarps = blockDim.x >> 5;
     const int seg = ((vocab + nwarps - 1) / nwarps + 31) & ~31;
     const int beg = warp * seg, end = min(vocab, beg + seg);
-    u64 s = 0;
-    for (int j = beg + lane; j < end; j += 32) {
-        const bf16 x = r[j];
-        if (ordered_key(x) >= thr) s += fixed_prob(__bfloat162float(x), m, inv_t);
+    // Threshold-key tokens before this warp's segment, when only the first tie_keep count.
+    uint32_t rank0 = 0;
+    if (tie_keep != TIE_ALL) {
+        uint32_t c = 0;
+        for (int j = beg + lane; j < end; j += 32) c += ordered_key(r[j]) == thr;
+        for (int o = 16; o > 0; o >>= 1) c += __shfl_xor_sync(0xffffffffu, c, o);
+        if (lane == 0) wties[warp] = c;
+        __syncthreads();
+        for (int w = 0; w < warp; w++) rank0 += wties[w];
     }
+    uint32_t rank = rank0;
+    u64 s = 0;
+    for (int base = beg; base < end; base += 32) s += kept_mass(r, base + lane, end, thr, tie_keep, rank, m, inv_t);
     s = warp_sum_u64(s);
     if (lane == 0) wsum[warp] = s;
     __syncthreads();
@@ -349,13 +403,10 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
     if (warp == plan.warp) {
         const u64 rem = plan.rem;
         u64 acc = 0;
+        rank = rank0;
         for (int base = beg; base < end; base += 32) {
             const int j = base + lane;
-            u64 v = 0;
-            if (j < end) {
-                const bf16 x = r[j];
-                if (ordered_key(x) >= thr) v = fixed_prob(__bfloat162float(x), m, inv_t);
-            }
+            u64 v = kept_mass(r, j, end, thr, tie_keep, rank, m, inv_t);
             for (int o = 1; o < 32; o <<= 1) {  // inclusive scan
                 const u64 t = __shfl_up_sync(0xffffffffu, v, o);
                 if (lane >= o) v += t;

@@ -99,6 +99,24 @@ pub fn time<B: Backend>(be: &B, iters: usize, mut f: impl FnMut()) -> Result<f64
     Ok(t.elapsed().as_secs_f64() / iters as f64)
 }
 
+/// Uniform random values in [-scale, scale], a fresh stream per call: never time on constants
+/// or zeros (a GEMM on constant data runs about 10% faster than on random data).
+pub fn rnd(n: usize, scale: f32) -> Vec<f32> {
+    use std::sync::atomic::{AtomicU64, Ordering};
+    static STREAM: AtomicU64 = AtomicU64::new(0x9e37_79b9_7f4a_7c15);
+    let base = STREAM.fetch_add(0x9e37_79b9_7f4a_7c15, Ordering::Relaxed);
+    (0..n as u64)
+        .map(|i| {
+            // splitmix64: cheap enough for the 512M values of the copy ceiling
+            let mut z = base.wrapping_add(i.wrapping_mul(0x9e37_79b9_7f4a_7c15));
+            z = (z ^ (z >> 30)).wrapping_mul(0xbf58_476d_1ce4_e5b9);
+            z = (z ^ (z >> 27)).wrapping_mul(0x94d0_49bb_1331_11eb);
+            z ^= z >> 31;
+            ((z >> 40) as f32 / (1u64 << 23) as f32 - 1.0) * scale
+        })
+        .collect()
+}
+
 /// The ceilings: (copy GB/s, bf16 GEMM TFLOP/s).
 pub fn ceilings(rows: &[BenchRow]) -> (f64, f64) {
     let find = |op: &str| {
@@ -127,7 +145,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
 
     // Ceilings.
     let n = s.copy_bytes / 2;
-    let src = be.alloc(n)?;
+    let src = be.upload(&rnd(n, 1.0))?;
     let mut dst = be.alloc(n)?;
     let t = time(be, iters, || be.copy(&mut dst, &src))?;
     push(
@@ -139,10 +157,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     );
     drop((src, dst));
     let g = s.gemm;
-    let (a, w) = (
-        be.upload(&vec![0.01; g * g])?,
-        be.upload(&vec![0.01; g * g])?,
-    );
+    let (a, w) = (be.upload(&rnd(g * g, 0.01))?, be.upload(&rnd(g * g, 0.01))?);
     let mut out = be.alloc(g * g)?;
     let t = time(be, iters, || be.matmul(&mut out, &a, &w, None, g, g, g))?;
     push(
@@ -156,13 +171,13 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
 
     // Linear layers at `tokens` rows.
     let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
-    let x = be.upload(&vec![0.01; m * i.max(h)])?;
+    let x = be.upload(&rnd(m * i.max(h), 0.01))?;
     for (name, k, nn) in [
         ("matmul qkv", h, (s.heads + 2 * s.kv_heads) * s.head_dim),
         ("matmul gate/up", h, i),
         ("matmul down", i, h),
     ] {
-        let wt = be.upload(&vec![0.01; nn * k])?;
+        let wt = be.upload(&rnd(nn * k, 0.01))?;
         let mut o = be.alloc(m * nn)?;
         let t = time(be, iters, || be.matmul(&mut o, &x, &wt, None, m, k, nn))?;
         push(
@@ -176,9 +191,9 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     drop(x);
 
     // Memory-bound ops over [tokens, hidden] and [tokens, inter].
-    let xa = be.upload(&vec![0.5; m * h])?;
-    let mut xb = be.upload(&vec![0.25; m * h])?;
-    let wn = be.upload(&vec![1.0; h])?;
+    let xa = be.upload(&rnd(m * h, 0.5))?;
+    let mut xb = be.upload(&rnd(m * h, 0.25))?;
+    let wn = be.upload(&rnd(h, 1.0))?;
     let mut rstd = be.alloc_f32(m)?;
     let t = time(be, iters, || be.add(&mut xb, &xa))?;
     push(
@@ -212,7 +227,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     let ids: Vec<u32> = (0..m as u32).map(|t| (t * 7919) % v as u32).collect();
-    let table = be.alloc(v * h)?;
+    let table = be.upload(&rnd(v * h, 0.05))?;
     let t = time(be, iters, || be.embedding(&mut out, &table, &ids, h))?;
     push(
         "embedding",
@@ -223,7 +238,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     );
     drop((xa, xb, out, dx, dw, table));
 
-    let mut q = be.upload(&vec![0.5; m * s.heads * s.head_dim])?;
+    let mut q = be.upload(&rnd(m * s.heads * s.head_dim, 0.5))?;
     let t = time(be, iters, || {
         be.rope(&mut q, 1, m, s.heads, s.head_dim, 0, 1e6, false)
     })?;
@@ -236,7 +251,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     );
     drop(q);
 
-    let (gate, up) = (be.upload(&vec![0.5; m * i])?, be.upload(&vec![0.5; m * i])?);
+    let (gate, up) = (be.upload(&rnd(m * i, 0.5))?, be.upload(&rnd(m * i, 0.5))?);
     let mut hh = be.alloc(m * i)?;
     let t = time(be, iters, || be.swiglu(&mut hh, &gate, &up))?;
     push(
@@ -274,9 +289,9 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         let nq = t_len * s.heads * s.head_dim;
         let nkv = t_len * s.kv_heads * s.head_dim;
         let (q, k, vv) = (
-            be.upload(&vec![0.1; nq])?,
-            be.upload(&vec![0.1; nkv])?,
-            be.upload(&vec![0.1; nkv])?,
+            be.upload(&rnd(nq, 1.0))?,
+            be.upload(&rnd(nkv, 1.0))?,
+            be.upload(&rnd(nkv, 1.0))?,
         );
         let (mut o, mut lse) = (be.alloc(nq)?, be.alloc_f32(t_len * s.heads)?);
         let flops = 2.0 * (t_len as f64).powi(2) * s.head_dim as f64 * s.heads as f64;
@@ -314,9 +329,9 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     };
     let nkv = batch * ctx * s.kv_heads * s.head_dim;
     let (q, k, vv) = (
-        be.alloc(batch * s.heads * s.head_dim)?,
-        be.alloc(nkv)?,
-        be.alloc(nkv)?,
+        be.upload(&rnd(batch * s.heads * s.head_dim, 1.0))?,
+        be.upload(&rnd(nkv, 1.0))?,
+        be.upload(&rnd(nkv, 1.0))?,
     );
     let (mut o, mut lse) = (
         be.alloc(batch * s.heads * s.head_dim)?,
@@ -337,7 +352,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     // Softmax statistics over the vocabulary: one read of the logits forward, one read and
     // one write backward.
     let rows_v = (s.tokens / 4).max(1);
-    let logits = be.upload(&vec![0.1; rows_v * v])?;
+    let logits = be.upload(&rnd(rows_v * v, 4.0))?;
     let targets: Vec<u32> = (0..rows_v as u32).collect();
     let t = time(be, iters, || {
         let _ = be.softmax_stats(&logits, rows_v, v, &targets, 0.7);
@@ -365,8 +380,8 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
 
     // AdamW over one large tensor: bf16 param read+write, f32 grad read, f32 m and v read+write.
     let np = s.copy_bytes / 8;
-    let mut p = be.alloc(np)?;
-    let gr = be.alloc_f32(np)?;
+    let mut p = be.upload(&rnd(np, 0.05))?;
+    let gr = be.upload_f32(&rnd(np, 1e-3))?;
     let (mut mm, mut vm) = (be.alloc_f32(np)?, be.alloc_f32(np)?);
     let mut step = 0;
     let t = time(be, iters, || {
@@ -390,8 +405,222 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     drop((p, gr, mm, vm));
+    rows.extend(optimizer_rows(be, s, iters)?);
+    rows.extend(sampling_rows(be, s, iters)?);
     rows.extend(lm_head_rows(be, s, iters)?);
     Ok(rows)
+}
+
+/// The parameter tensors of one decoder layer (shapes as in a Qwen2 checkpoint).
+pub fn layer_tensors(s: &BenchShapes) -> Vec<usize> {
+    let (h, i, kv) = (s.hidden, s.inter, s.kv_heads * s.head_dim);
+    vec![
+        h * h,
+        h,
+        kv * h,
+        kv,
+        kv * h,
+        kv,
+        h * h,
+        i * h,
+        i * h,
+        h * i,
+        h,
+        h,
+    ]
+}
+
+/// One whole optimizer step over the tensors of one decoder layer: the global gradient norm,
+/// clipping folded into the update, and the update, as `optim.rs` calls it. Bytes: the norm
+/// reads the f32 gradients once; the update reads them again, reads and writes the bf16
+/// parameters and (AdamW) both moments.
+pub fn optimizer_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    use crate::backend::OptimizerStep;
+    let sizes = layer_tensors(s);
+    let total: usize = sizes.iter().sum();
+    let mut params = sizes
+        .iter()
+        .map(|&n| be.upload(&rnd(n, 0.05)))
+        .collect::<Result<Vec<_>>>()?;
+    let grads = sizes
+        .iter()
+        .map(|&n| be.upload_f32(&rnd(n, 1e-3)))
+        .collect::<Result<Vec<_>>>()?;
+    let adamw = AdamWStep {
+        lr: 1e-6,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        step: 1,
+        grad_scale: 1.0,
+    };
+    let shape = format!("1 layer: {} tensors, {total} params", sizes.len());
+    let mut rows = Vec::new();
+    let gref: Vec<&B::Buf> = grads.iter().collect();
+    for (name, moment_bytes) in [
+        ("optimizer step: sgd", 0.0),
+        ("optimizer step: adamw, f32 moments", 4.0),
+        ("optimizer step: adamw, bf16 moments", 2.0),
+    ] {
+        let mut moments = match moment_bytes {
+            0.0 => (Vec::new(), Vec::new()),
+            mb => {
+                let mk = |n| {
+                    if mb == 4.0 {
+                        be.alloc_f32(n)
+                    } else {
+                        be.alloc(n)
+                    }
+                };
+                (
+                    sizes.iter().map(|&n| mk(n)).collect::<Result<Vec<_>>>()?,
+                    sizes.iter().map(|&n| mk(n)).collect::<Result<Vec<_>>>()?,
+                )
+            }
+        };
+        let h = OptimizerStep {
+            adamw: (moment_bytes > 0.0).then_some(adamw),
+            lr: 1e-6,
+            max_norm: 1.0,
+        };
+        let mut err = None;
+        let t = time(be, iters, || {
+            let mut pref: Vec<&mut B::Buf> = params.iter_mut().collect();
+            let r = if moment_bytes > 0.0 {
+                let mut m: Vec<&mut B::Buf> = moments.0.iter_mut().collect();
+                let mut v: Vec<&mut B::Buf> = moments.1.iter_mut().collect();
+                be.optimizer_step(&mut pref, &gref, Some((&mut m, &mut v)), &h)
+            } else {
+                be.optimizer_step(&mut pref, &gref, None, &h)
+            };
+            if let Err(e) = r {
+                err = Some(e);
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        rows.push(BenchRow {
+            op: name.into(),
+            shape: shape.clone(),
+            unit: Unit::Bytes,
+            work: total as f64 * (4.0 + 4.0 + 4.0 + 4.0 * moment_bytes),
+            seconds: t,
+            extra_bytes: None,
+        });
+    }
+    Ok(rows)
+}
+
+/// Sampling the next token of 64 sequences over the full vocabulary, through the backend's
+/// `sample` as rollouts call it (the sequence ids go up, the tokens come back). Bytes: one read
+/// of the bf16 logits, although truncation makes up to four passes over each row.
+pub fn sampling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    use crate::sampling::SamplingParams;
+    let (rows_n, v) = (64, s.vocab);
+    let logits = be.upload(&rnd(rows_n * v, 6.0))?;
+    let seq_ids: Vec<u64> = (0..rows_n as u64).collect();
+    let mut out = Vec::new();
+    for (name, sp) in [
+        (
+            "sample (T 0.7)",
+            SamplingParams {
+                temperature: 0.7,
+                top_k: 0,
+                top_p: 1.0,
+            },
+        ),
+        (
+            "sample (T 1, top-p 0.9)",
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 0,
+                top_p: 0.9,
+            },
+        ),
+        (
+            "sample (T 1, top-k 50)",
+            SamplingParams {
+                temperature: 1.0,
+                top_k: 50,
+                top_p: 1.0,
+            },
+        ),
+    ] {
+        let mut step = 0;
+        let mut err = None;
+        let t = time(be, iters, || {
+            step += 1;
+            if let Err(e) = be.sample(&logits, rows_n, v, &sp, 7, &seq_ids, step) {
+                err = Some(e);
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.push(BenchRow {
+            op: name.into(),
+            shape: format!("[{rows_n}, {v}]"),
+            unit: Unit::Bytes,
+            work: (rows_n * v) as f64 * 2.0,
+            seconds: t,
+            extra_bytes: None,
+        });
+    }
+    Ok(out)
+}
+
+/// The GPU policy loss (cuda/policy_loss.cu) for 256 sequences of 1024 tokens, as one call of
+/// `cuda_rl::policy_loss` including its host transfers. Bytes: logπ, logπ_old and the
+/// advantages read, d(loss)/dlogπ written, f32 each.
+pub fn policy_loss_rows_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
+    use crate::rl::{ClipConfig, LossAgg, PolicyLoss, SeqSpan};
+    let (seqs, len) = (256usize, 1024usize);
+    let n = seqs * len;
+    let logp: Vec<f32> = rnd(n, 1.0).iter().map(|x| x - 2.0).collect();
+    let old: Vec<f32> = logp.iter().zip(rnd(n, 0.3)).map(|(a, d)| a + d).collect();
+    let adv = rnd(seqs, 1.0);
+    let spans: Vec<SeqSpan> = (0..seqs)
+        .map(|i| SeqSpan {
+            start: i * len,
+            len,
+            advantage: adv[i],
+        })
+        .collect();
+    let mut out = Vec::new();
+    for kind in [PolicyLoss::Grpo, PolicyLoss::Gspo] {
+        let c = ClipConfig {
+            kind,
+            eps_low: 0.2,
+            eps_high: 0.28,
+            dual_clip: Some(3.0),
+            agg: LossAgg::TokenMean,
+        };
+        let mut err = None;
+        let t = time(be, iters, || {
+            if let Err(e) =
+                crate::backend::cuda_rl::policy_loss(be, &logp, &old, &spans, &c, n, seqs)
+            {
+                err = Some(e);
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        out.push(BenchRow {
+            op: format!("policy loss {kind:?} (with transfers)"),
+            shape: format!("{seqs} seqs × {len} tokens"),
+            unit: Unit::Bytes,
+            work: n as f64 * 16.0,
+            seconds: t,
+            extra_bytes: None,
+        });
+    }
+    Ok(out)
 }
 
 /// lm_head + entropy/log-prob, forward and backward, over 4·tokens rows: the full [N, V]
@@ -399,8 +628,8 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
 /// chunked backward recomputes its logits, a fourth), so the rates compare times.
 pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let (n, h, v) = (s.tokens * 4, s.hidden, s.vocab);
-    let x = be.upload(&vec![0.01; n * h])?;
-    let w = be.upload(&vec![0.01; v * h])?;
+    let x = be.upload(&rnd(n * h, 1.0))?;
+    let w = be.upload(&rnd(v * h, 0.05))?;
     let mut dx = be.alloc(n * h)?;
     let mut dw = be.alloc_f32(v * h)?;
     let targets: Vec<u32> = (0..n as u32).map(|i| i % v as u32).collect();

@@ -828,7 +828,11 @@ fn bench(a: &BenchArgs) -> Result<()> {
             }
         };
         println!("bench: {}", empo_engine::backend::Backend::name(&be));
-        run_all(&be, &shapes, iters)?
+        let mut rows = run_all(&be, &shapes, iters)?;
+        rows.extend(empo_engine::kernel_bench::policy_loss_rows_cuda(
+            &be, iters,
+        )?);
+        rows
     };
     print!("{}", format_table(&rows));
     if let Some(path) = &a.json {

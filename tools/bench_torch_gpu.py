@@ -138,12 +138,89 @@ def main():
     del logits, zr, ent, lpt, loss
 
     npar = (1 << 30) // 8
-    p = torch.zeros(npar, dtype=bf, device=dev, requires_grad=True)
-    p.grad = torch.zeros(npar, dtype=bf, device=dev)
+    p = (torch.randn(npar, dtype=bf, device=dev) * 0.05).requires_grad_(True)
+    p.grad = torch.randn(npar, dtype=bf, device=dev) * 1e-3
     for fused in (False, True):
         opt = torch.optim.AdamW([p], lr=1e-5, weight_decay=0.0, fused=fused, foreach=None if fused else True)
         name = "adamw (per tensor)" if not fused else "adamw (torch fused)"
         push(name, f"{npar} params", "Bytes", npar * (2 * 2 + 4 + 16.0), timed(opt.step, it))
+    del p, opt
+
+    # One optimizer step over one decoder layer's tensors: clip_grad_norm_ then the update, as
+    # a PyTorch trainer does. PyTorch keeps the moments in the parameter dtype, so its
+    # fp32-moment row runs on fp32 parameters. Bytes are counted for what each side moves,
+    # so the GB/s compare.
+    kvd = KV * D
+    sizes = [H * H, H, kvd * H, kvd, kvd * H, kvd, H * H, I * H, I * H, H * I, H, H]
+    total = sum(sizes)
+    shape = f"1 layer: {len(sizes)} tensors, {total} params"
+    for name, dtype, per in [("optimizer step: sgd", torch.float32, 4 + 4 + 4 + 4.0),
+                             ("optimizer step: adamw, f32 moments", torch.float32, 4 + 4 + 4 + 4 + 16.0),
+                             ("optimizer step: adamw, bf16 moments", bf, 2 + 2 + 2 + 2 + 8.0)]:
+        ps = [(torch.randn(n, dtype=dtype, device=dev) * 0.05).requires_grad_(True) for n in sizes]
+        for q_ in ps:
+            q_.grad = torch.randn_like(q_) * 1e-3
+        if "sgd" in name:
+            opt = torch.optim.SGD(ps, lr=1e-6, foreach=True)
+        else:
+            opt = torch.optim.AdamW(ps, lr=1e-6, weight_decay=0.01, fused=True)
+
+        def step():
+            torch.nn.utils.clip_grad_norm_(ps, 1.0, foreach=True)
+            opt.step()
+
+        push(name, shape, "Bytes", total * per, timed(step, it))
+        del ps, opt
+
+    # Sampling 64 rows over the vocabulary: softmax at T, then HF-style top-k / top-p by sort,
+    # then torch.multinomial; bytes: one read of the bf16 logits.
+    rows_s = 64
+    lg = torch.randn(rows_s, V, dtype=bf, device=dev) * 3.5
+
+    def sample(t, k, p_):
+        z = lg.float() / t
+        if k:
+            kth = torch.topk(z, k, dim=-1).values[:, -1:]
+            z = z.masked_fill(z < kth, float("-inf"))
+        if p_ < 1.0:
+            zs, idx = torch.sort(z, descending=True)
+            cum = zs.softmax(-1).cumsum(-1)
+            drop = cum - zs.softmax(-1) >= p_
+            zs = zs.masked_fill(drop, float("-inf"))
+            z = torch.empty_like(z).scatter_(-1, idx, zs)
+        return torch.multinomial(z.softmax(-1), 1)[:, 0].tolist()
+
+    for name, t, k, p_ in [("sample (T 0.7)", 0.7, 0, 1.0), ("sample (T 1, top-p 0.9)", 1.0, 0, 0.9),
+                           ("sample (T 1, top-k 50)", 1.0, 50, 1.0)]:
+        push(name, f"[{rows_s}, {V}]", "Bytes", rows_s * V * 2.0, timed(lambda: sample(t, k, p_), it))
+    del lg
+
+    # The clipped policy loss and its gradient, token-mean, with the dual clip; host arrays go
+    # up and the gradient comes back, as ours does.
+    seqs, ln = 256, 1024
+    n_tok = seqs * ln
+    lp_h = (torch.rand(n_tok) * 2 - 3).numpy()
+    old_h = lp_h + (torch.rand(n_tok).numpy() * 0.6 - 0.3)
+    adv_h = torch.rand(seqs).numpy() * 2 - 1
+
+    def ppo(gspo):
+        lp = torch.from_numpy(lp_h).to(dev).requires_grad_(True)
+        old = torch.from_numpy(old_h).to(dev)
+        adv = torch.from_numpy(adv_h).to(dev).repeat_interleave(ln)
+        lr_ = lp - old
+        if gspo:
+            lr_ = lr_.view(seqs, ln).mean(-1).repeat_interleave(ln) + lp - lp.detach()
+        ratio = lr_.exp()
+        o1, o2 = ratio * adv, ratio.clamp(0.8, 1.28) * adv
+        obj = torch.minimum(o1, o2)
+        obj = torch.where(adv < 0, torch.maximum(obj, 3.0 * adv), obj)
+        loss = -obj.mean()
+        (g,) = torch.autograd.grad(loss, lp)
+        return g.cpu()
+
+    for kind, gspo in [("Grpo", False), ("Gspo", True)]:
+        push(f"policy loss {kind} (with transfers)", f"{seqs} seqs × {ln} tokens", "Bytes", n_tok * 16.0,
+             timed(lambda: ppo(gspo), it))
 
     ceil = {r["op"]: r for r in rows}
     copy_bw = ceil["ceiling: copy"]["work"] / ceil["ceiling: copy"]["seconds"] / 1e9

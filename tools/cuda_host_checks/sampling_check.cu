@@ -3,8 +3,8 @@
 //   2. sampling::uniform against values printed by the Rust sampling::uniform,
 //   3. the top-k/top-p threshold decisions (the Plan functions draw() runs on thread 0), fed
 //      with histograms built here, against a port of sampling::truncated_distribution: the kept
-//      set must be exactly "every token whose logit is >= the smallest logit the CPU keeps"
-//      (ties at the threshold are kept whole).
+//      set (every token above the threshold key, and the first tie_keep tokens with that key, in
+//      index order, as draw() walks them) must be exactly the CPU's.
 // Build and run from the repository root:
 //   .cuda/nvidia/cu13/bin/nvcc -O3 -std=c++17 -arch=sm_80 -I cuda -L .cuda/nvidia/cu13/lib \
 //       tools/cuda_host_checks/sampling_check.cu -o /tmp/sampling_check && /tmp/sampling_check
@@ -13,6 +13,7 @@
 #include "../../cuda/sampling.cu"
 
 #include <algorithm>
+#include <iterator>
 #include <cmath>
 #include <cstdio>
 #include <cstring>
@@ -100,8 +101,8 @@ static void host_hist(uint32_t *cnt, sampling::u64 *mass, const std::vector<uint
     }
 }
 
-// The threshold key draw() would compute, following its sequence of passes.
-static uint32_t gpu_threshold(const std::vector<uint16_t> &row, float t, int k, float p) {
+// The plan draw() would compute, following its sequence of passes.
+static sampling::Plan gpu_plan(const std::vector<uint16_t> &row, float t, int k, float p) {
     const int vocab = (int)row.size();
     float m = -INFINITY;
     for (uint16_t b : row) m = std::max(m, bf16_value(b));
@@ -124,7 +125,19 @@ static uint32_t gpu_threshold(const std::vector<uint16_t> &row, float t, int k, 
             sampling::plan_topp_lo(&pl, cnt_lo, mass_lo);
         }
     }
-    return pl.thr;
+    return pl;
+}
+
+// The tokens draw() keeps under a plan: keys above thr, and the first tie_keep with key thr.
+static std::vector<int> gpu_kept(const std::vector<uint16_t> &row, const sampling::Plan &pl) {
+    std::vector<int> kept;
+    uint32_t rank = 0;
+    for (int i = 0; i < (int)row.size(); i++) {
+        const uint32_t key = sampling::ordered_key_bits(row[i]);
+        if (key > pl.thr) kept.push_back(i);
+        else if (key == pl.thr && (pl.tie_keep == sampling::TIE_ALL || rank++ < pl.tie_keep)) kept.push_back(i);
+    }
+    return kept;
 }
 
 // sampling::truncated_distribution's kept tokens (f64, stable sort).
@@ -162,7 +175,7 @@ static void check_thresholds() {
     const int ks[] = {0, 1, 2, 5, 40, 999, 4999, 6000};
     const float ps[] = {0.0f, 0.05f, 0.3f, 0.7f, 0.9f, 0.95f, 0.999f, 1.0f};
     const float ts[] = {0.3f, 1.0f, 1.7f};
-    int cases = 0, truncated = 0, tied = 0;
+    int cases = 0, truncated = 0, tied = 0, near_cut = 0;
     for (int vocab : vocabs)
         for (int dist = 0; dist < 4; dist++) {
             // Logits: wide normal, narrow normal (many bf16 ties), one spiked token, and a
@@ -185,26 +198,38 @@ static void check_thresholds() {
                 for (float p : ps)
                     for (float t : ts) {
                         cases++;
-                        const uint32_t thr = gpu_threshold(row, t, k, p);
-                        const std::vector<int> kept = cpu_kept(row, t, k, p);
+                        const sampling::Plan pl = gpu_plan(row, t, k, p);
+                        std::vector<int> kept = cpu_kept(row, t, k, p);
                         uint32_t min_key = 0xffffffffu;
                         for (int i : kept) min_key = std::min(min_key, sampling::ordered_key_bits(row[i]));
-                        int n_gpu = 0, n_want = 0;
-                        for (uint16_t b : row) {
-                            n_gpu += sampling::ordered_key_bits(b) >= thr;
-                            n_want += sampling::ordered_key_bits(b) >= min_key;
-                        }
-                        truncated += n_want < vocab;
+                        int n_want = 0;
+                        for (uint16_t b : row) n_want += sampling::ordered_key_bits(b) >= min_key;
+                        truncated += (int)kept.size() < vocab;
                         tied += n_want > (int)kept.size();
-                        if (n_gpu != n_want) {
+                        std::sort(kept.begin(), kept.end());
+                        const std::vector<int> got = gpu_kept(row, pl);
+                        // The GPU sums fixed-point masses (2^-40 of the max each, rounded down), the
+                        // CPU f64: at a top-p cut among tiny tail tokens the two may disagree on
+                        // one token. Allowed only when the tokens in dispute carry under 1e-6 of
+                        // the mass, far below what a χ² test of a draw could see.
+                        std::vector<int> diff;
+                        std::set_symmetric_difference(got.begin(), got.end(), kept.begin(), kept.end(),
+                                                      std::back_inserter(diff));
+                        double mx = -INFINITY, total = 0.0, disputed = 0.0;
+                        for (uint16_t b : row) mx = std::max(mx, (double)bf16_value(b));
+                        for (uint16_t b : row) total += std::exp(((double)bf16_value(b) - mx) / t);
+                        for (int i : diff) disputed += std::exp(((double)bf16_value(row[i]) - mx) / t);
+                        near_cut += !diff.empty();
+                        if (disputed > 1e-6 * total) {
                             CHECK(false,
-                                  "threshold vocab %d dist %d k %d p %g t %g: gpu key %04x (%d kept), "
-                                  "cpu %04x (%zu kept, %d with ties)",
-                                  vocab, dist, k, p, t, thr, n_gpu, min_key, kept.size(), n_want);
+                                  "kept set vocab %d dist %d k %d p %g t %g: gpu key %04x tie_keep %u (%zu kept), "
+                                  "cpu %04x (%zu kept)",
+                                  vocab, dist, k, p, t, pl.thr, pl.tie_keep, got.size(), min_key, kept.size());
                         }
                     }
         }
-    std::printf("threshold cases: %d (%d truncated, %d with a tie across the cut)\n", cases, truncated, tied);
+    std::printf("threshold cases: %d (%d truncated, %d with a tie across the cut, %d differing by a <1e-6 token)\n",
+                cases, truncated, tied, near_cut);
 }
 
 int main() {
