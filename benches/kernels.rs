@@ -6,7 +6,7 @@
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use empo_engine::backend::cpu::CpuBackend;
 use empo_engine::backend::{AttnShape, Backend};
-use empo_engine::kernel_bench::BenchShapes;
+use empo_engine::kernel_bench::{rnd, BenchShapes};
 use std::time::{Duration, Instant};
 
 fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
@@ -23,8 +23,8 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
         t.elapsed()
     };
 
-    let x = be.upload(&vec![0.5; m * h]).unwrap();
-    let w = be.upload(&vec![1.0; h]).unwrap();
+    let x = be.upload(&rnd(m * h, 0.5)).unwrap();
+    let w = be.upload(&rnd(h, 1.0)).unwrap();
     let (mut out, mut rstd) = (be.alloc(m * h).unwrap(), be.alloc_f32(m).unwrap());
     g.throughput(Throughput::Bytes((2 * m * h * 2) as u64));
     g.bench_function(format!("rmsnorm [{m}, {h}]"), |b| {
@@ -36,8 +36,8 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
     });
 
     let (gate, up) = (
-        be.upload(&vec![0.5; m * i]).unwrap(),
-        be.upload(&vec![0.5; m * i]).unwrap(),
+        be.upload(&rnd(m * i, 0.5)).unwrap(),
+        be.upload(&rnd(m * i, 0.5)).unwrap(),
     );
     let mut hh = be.alloc(m * i).unwrap();
     g.throughput(Throughput::Bytes((3 * m * i * 2) as u64));
@@ -45,7 +45,7 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
         b.iter_custom(|n| timed(n, &mut || be.swiglu(&mut hh, &gate, &up)))
     });
 
-    let wt = be.upload(&vec![0.01; i * h]).unwrap();
+    let wt = be.upload(&rnd(i * h, 0.01)).unwrap();
     let mut o = be.alloc(m * i).unwrap();
     g.throughput(Throughput::Elements((2 * m * h * i) as u64));
     g.bench_function(
@@ -54,7 +54,7 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
     );
 
     let rows = (m / 4).max(1);
-    let logits = be.upload(&vec![0.1; rows * v]).unwrap();
+    let logits = be.upload(&rnd(rows * v, 4.0)).unwrap();
     let targets: Vec<u32> = (0..rows as u32).collect();
     let mut dl = be.alloc(rows * v).unwrap();
     let (ca, cb) = (vec![1.0; rows], vec![1.0; rows]);
@@ -86,10 +86,10 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
         head_dim: s.head_dim,
     };
     let (nq, nkv) = (t * s.heads * s.head_dim, t * s.kv_heads * s.head_dim);
-    let q = be.upload(&vec![0.1; nq]).unwrap();
+    let q = be.upload(&rnd(nq, 1.0)).unwrap();
     let (k, vv) = (
-        be.upload(&vec![0.1; nkv]).unwrap(),
-        be.upload(&vec![0.1; nkv]).unwrap(),
+        be.upload(&rnd(nkv, 1.0)).unwrap(),
+        be.upload(&rnd(nkv, 1.0)).unwrap(),
     );
     let (mut ao, mut lse) = (be.alloc(nq).unwrap(), be.alloc_f32(t * s.heads).unwrap());
     let flops = 2 * t * t * s.head_dim * s.heads;
