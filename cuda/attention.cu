@@ -3,7 +3,7 @@
 // CPU oracles: cpu::attention, cpu::attention_bwd, cpu::kv_write (src/backend/cpu.rs).
 //
 // Layouts (row-major): q, out, dout, dq: [batch, tq, heads, D]; k, v, dk, dv: [batch, cap,
-// kv_heads, D], rows 0..tk valid; lse, delta: [batch, tq, heads] float. Query i sits at absolute
+// kv_heads, D], rows 0..tk valid; lse: [batch, tq, heads] float. Query i sits at absolute
 // position tk - tq + i and sees keys 0..=that position; head h reads kv head h / (heads /
 // kv_heads); scale 1/sqrt(D). lse is the natural-log logsumexp of the scaled scores (cpu: m + ln l).
 // Every pointer must be 16-byte aligned (the tiles move 16-byte chunks); D is a multiple of 8.
@@ -13,33 +13,51 @@
 //   other D, D % 8 == 0, <= 256 -> attention_fwd_generic, attention_bwd_{dq,dkdv}_generic
 //   kv_write takes any D % 8 == 0, D <= 256.
 //
-// Kernel signatures (all extern "C" __global__, bf16 = __nv_bfloat16):
+// Kernel signatures (all extern "C" __global__, bf16 = __nv_bfloat16) and launch geometry:
 //   void attention_fwd_d64(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
 //                          int tq, int tk, int cap, int heads, int kv_heads)
+//     grid (batch * heads, ceil(tq / 128)), block 128, dynamic smem 512 * D = 32768 bytes
 //   void attention_fwd_d128(same as attention_fwd_d64)
+//     same grid and block, dynamic smem 65536 bytes (needs the > 48 KB opt-in)
 //   void attention_fwd_generic(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
 //                              int tq, int tk, int cap, int heads, int kv_heads, int head_dim)
-//   void attention_bwd_preprocess(float *delta, float *dq_accum, const bf16 *dout, const bf16 *out,
-//                                 int64_t rows, int head_dim)
-//   void attention_bwd_d64(float *dq_accum, bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse,
-//                          const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
-//                          int tq, int tk, int cap, int heads, int kv_heads)
+//     grid (ceil(tq * heads / 4), batch), block 128, no dynamic smem
+//   void attention_bwd_preprocess(float *delta, float *lse2, float *dq_accum, float *dkv_accum,
+//                                 const bf16 *dout, const bf16 *out, const float *lse,
+//                                 int batch, int tq, int heads, int head_dim, int64_t nkv2)
+//     grid ceil(batch * heads * tqp / 4), block 128, no smem (tqp = tq rounded up to 64)
+//   void attention_bwd_d64(float *dq_accum, float *dkv_accum, bf16 *dk, bf16 *dv, const bf16 *dout,
+//                          const float *lse2, const float *delta, const bf16 *q, const bf16 *k,
+//                          const bf16 *v, int tq, int tk, int cap, int heads, int kv_heads)
+//     grid (batch * heads, ceil(n / 128)) with n = tk when dkv_accum != NULL, else cap;
+//     block 256, dynamic smem 99328 bytes (opt-in)
 //   void attention_bwd_d128(same as attention_bwd_d64)
-//   void attention_bwd_dq_convert(bf16 *dq, const float *dq_accum, int64_t n)
+//     same grid and block, dynamic smem 164864 bytes (opt-in; one block per SM)
+//   void attention_bwd_convert(bf16 *dq, bf16 *dk, bf16 *dv, const float *dq_accum,
+//                              const float *dkv_accum, int64_t nq, int64_t nkv)
+//     grid ceil((nq + (dkv_accum ? 2 * nkv : 0)) / 1024), block 256, no smem
 //   void attention_bwd_dq_generic(bf16 *dq, const bf16 *dout, const float *lse, const float *delta,
 //                                 const bf16 *q, const bf16 *k, const bf16 *v,
 //                                 int tq, int tk, int cap, int heads, int kv_heads, int head_dim)
+//     grid (ceil(tq * heads / 4), batch), block 128, no dynamic smem
 //   void attention_bwd_dkdv_generic(bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse,
 //                                   const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
 //                                   int tq, int tk, int cap, int heads, int kv_heads, int head_dim)
+//     grid (ceil(cap * kv_heads / 4), batch), block 128, no dynamic smem
 //   void kv_write(bf16 *cache, const bf16 *src, int batch, int cap, int pos0, int tq, int row)
+//     grid ceil(batch * tq * row / 256), block 256, no smem
 //
-// Backward sequence, fast path: attention_bwd_preprocess (writes delta, zeroes dq_accum) ->
-// attention_bwd_d{64,128} -> attention_bwd_dq_convert. Fallback: attention_bwd_preprocess with
-// dq_accum = NULL -> attention_bwd_dq_generic and attention_bwd_dkdv_generic (either order).
-// Scratch: delta float[batch*tq*heads]; dq_accum float[batch*tq*heads*D] (fast path only). Neither
-// needs zeroing by the caller. GQA: one backward block owns a kv head and loops over its q heads,
-// so dk, dv need no scratch and are written (=) once, rows tk..cap as zeros.
+// Backward sequence, fast path: attention_bwd_preprocess (writes delta and lse2 = lse * log2(e),
+// zeroes dq_accum and, with GQA, dkv_accum) -> attention_bwd_d{64,128} (adds dq into dq_accum
+// with atomics; with GQA the q heads of a group add dk, dv into dkv_accum, without it the kernel
+// writes dk, dv itself, rows tk..cap as zeros) -> attention_bwd_convert (dq, and dk, dv from
+// dkv_accum when given). Fallback: attention_bwd_preprocess with lse2 = dq_accum = dkv_accum =
+// NULL -> attention_bwd_dq_generic and attention_bwd_dkdv_generic (either order).
+// Scratch (none needs zeroing by the caller): delta float[batch * heads * tqp] (both paths);
+// fast path only: lse2 float[batch * heads * tqp], dq_accum float[batch * tq * heads * D],
+// and with GQA (heads > kv_heads) dkv_accum float[2 * batch * cap * kv_heads * D] (dk then dv).
+// delta and lse2 are laid out [batch, heads, tqp] so a query tile's values are contiguous; rows
+// tq..tqp hold 0.
 #include "common.cuh"
 
 namespace attn {
@@ -74,14 +92,14 @@ __device__ __forceinline__ void cp_async_wait() {
 
 // Four 8x8 matrices; lane l gives the address of row l % 8 of matrix l / 8, and register j
 // receives matrix j's (row g, cols 2t..2t+1), or with .trans its (rows 2t..2t+1, col g).
-__device__ __forceinline__ void ldsm4(uint32_t r[4], const bf16 *p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+// a: a shared-window address (smem_u32).
+__device__ __forceinline__ uint32_t smem_u32(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+__device__ __forceinline__ void ldsm4(uint32_t r[4], uint32_t a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
 }
-__device__ __forceinline__ void ldsm4t(uint32_t r[4], const bf16 *p) {
-    const unsigned a = (unsigned)__cvta_generic_to_shared(p);
+__device__ __forceinline__ void ldsm4t(uint32_t r[4], uint32_t a) {
     asm volatile("ldmatrix.sync.aligned.m8n8.x4.trans.shared.b16 {%0,%1,%2,%3}, [%4];\n"
                  : "=r"(r[0]), "=r"(r[1]), "=r"(r[2]), "=r"(r[3])
                  : "r"(a));
@@ -92,6 +110,14 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
         "{%0,%1,%2,%3};\n"
         : "+f"(c[0]), "+f"(c[1]), "+f"(c[2]), "+f"(c[3])
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
+}
+
+// 2^x on the MUFU unit, without exp2f's rescaling for denormal results (those flush to 0, which
+// a softmax never misses); -inf gives 0.
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
 }
 
 __device__ __forceinline__ uint32_t pack(float lo, float hi) {
@@ -114,359 +140,520 @@ __device__ __forceinline__ int swz(int row, int col) {
     return row * W + ((((col >> 3) ^ (row & 7))) << 3) + (col & 7);
 }
 
-// Lane address offsets for ldmatrix, tile-relative (row0, col0 = 16-aligned origin):
-// A operand from a row-major [m][k] tile (a 16x16 block).
+// ldmatrix addresses. Lane l gives row l % 8 of matrix l / 8; a fragment with origin (row0, col0)
+// of a tile (row0 a multiple of 8, col0 of 16 and < W) sits at
+//   swz(row0 + r, col0 + c) = row0 * W + (swz(r, c) ^ col0),
+// so each thread keeps one shared address per (tile, pattern), the tile base plus the lane part
+// below (in bytes), and every fragment address is one XOR with a constant plus a constant offset
+// that folds into the instruction. The XOR acts on address bits 5..7, which the tile bases
+// (multiples of 1 KB off a 1 KB-aligned window) leave clear.
+// A operand from a row-major [m][k] tile (a 16x16 block): origin (m0, k0).
 template <int W>
-__device__ __forceinline__ const bf16 *a_addr(const bf16 *s, int row0, int col0, int lane) {
-    return s + swz<W>(row0 + (lane & 15), col0 + (lane >> 4) * 8);
+__device__ __forceinline__ uint32_t a_lane(int lane) {
+    return 2 * swz<W>(lane & 15, (lane >> 4) * 8);
 }
-// B operands of two n-tiles (rows n0..n0+15) from a [n][k] tile: regs {0,1} -> n0, {2,3} -> n0+8.
+// B operands of two n-tiles (rows n0..n0+15) from a [n][k] tile: origin (n0, k0); regs {0,1} ->
+// n0, {2,3} -> n0+8.
 template <int W>
-__device__ __forceinline__ const bf16 *bn_addr(const bf16 *s, int n0, int k0, int lane) {
-    return s + swz<W>(n0 + (lane & 7) + (lane >> 4) * 8, k0 + ((lane >> 3) & 1) * 8);
+__device__ __forceinline__ uint32_t bn_lane(int lane) {
+    return 2 * swz<W>((lane & 7) + (lane >> 4) * 8, ((lane >> 3) & 1) * 8);
 }
-// B operands of two n-tiles (cols n0..n0+15) from a [k][n] tile via .trans: {0,1} -> n0, {2,3} -> n0+8.
+// B operands of two n-tiles (cols n0..n0+15) from a [k][n] tile via .trans: origin (k0, n0);
+// {0,1} -> n0, {2,3} -> n0+8.
 template <int W>
-__device__ __forceinline__ const bf16 *bk_addr(const bf16 *s, int k0, int n0, int lane) {
-    return s + swz<W>(k0 + (lane & 7) + ((lane >> 3) & 1) * 8, n0 + (lane >> 4) * 8);
+__device__ __forceinline__ uint32_t bk_lane(int lane) {
+    return 2 * swz<W>((lane & 7) + ((lane >> 3) & 1) * 8, (lane >> 4) * 8);
+}
+// A operand (16 m x 16 k) via .trans from a [k][m] tile, i.e. the transpose of what is stored:
+// origin (k0, m0); matrices {0,1,2,3} = (k 0-7, m 0-7), (k 0-7, m 8-15), (k 8-15, m 0-7),
+// (k 8-15, m 8-15).
+template <int W>
+__device__ __forceinline__ uint32_t at_lane(int lane) {
+    return 2 * swz<W>((lane & 7) + ((lane >> 4) & 1) * 8, ((lane >> 3) & 1) * 8);
+}
+// The fragment at (row0, col0) of a tile whose lane address is la.
+template <int W>
+__device__ __forceinline__ uint32_t frag(uint32_t la, int row0, int col0) {
+    return (la ^ (uint32_t)(2 * col0)) + (uint32_t)(2 * W * row0);
+}
+
+// p[0] += a, p[1] += b (p 8-byte aligned): one vector reduction on sm_90, two before.
+__device__ __forceinline__ void atomic_add2(float *p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2 *>(p), float2{a, b});
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
 }
 
 // rows row0..row0+ROWS of a strided global matrix (row r at g + r * stride) into a swizzled
 // tile; rows >= nvalid become zeros, so garbage past tk (or past tq) never reaches the math.
-template <int D, int ROWS>
+template <int D, int ROWS, int THREADS>
 __device__ __forceinline__ void load_tile(bf16 *s, const bf16 *g, int64_t stride, int row0, int nvalid) {
-    constexpr int CH = D / 8;
-    for (int idx = threadIdx.x; idx < ROWS * CH; idx += blockDim.x) {
-        const int r = idx / CH, c = idx % CH;
-        const bool ok = row0 + r < nvalid;
-        const bf16 *src = g + (ok ? (int64_t)(row0 + r) * stride : 0) + c * 8;
-        cp_async16(s + swz<D>(r, c * 8), src, ok);
+    constexpr int CH = D / 8, STEP = THREADS / CH;  // each pass covers STEP whole rows
+    static_assert(THREADS % CH == 0 && ROWS % STEP == 0, "whole rows per pass");
+    const int r = threadIdx.x / CH, c = threadIdx.x % CH;
+    const bf16 *src = g + (int64_t)(row0 + r) * stride + c * 8;
+    bf16 *dst = s + swz<D>(r, c * 8);
+    const int64_t gstep = (int64_t)STEP * stride;
+    // One pointer walks the rows (not unrolled: unrolled, the compiler keeps every pass's global
+    // address live across the caller's loop).
+#pragma unroll 1
+    for (int rr = r; rr < ROWS; rr += STEP, src += gstep, dst += STEP * D) {
+        const bool ok = row0 + rr < nvalid;
+        cp_async16(dst, ok ? src : g, ok);  // g: a valid address that is never read
     }
 }
 
 // ---- forward, FlashAttention-2 style ----
-// A block owns 64 query rows of one head (16 per warp) and streams 64-key tiles of K and V
-// through shared memory. Q lives in registers; S = QK^T stays in registers, becomes P in place,
-// and feeds PV directly. The next K tile is fetched while PV runs on the current V tile.
-constexpr int FWD_BM = 64, FWD_BN = 64;
+// A block owns BM = 128 query rows of one head (4 warps x 32 rows, two m16 tiles each, so every
+// K and V fragment read from shared memory feeds two mma) and streams 64-key tiles of K and V
+// through shared memory: V_j lands while S = Q K_j^T runs, K_{j+1} while O += P V_j runs. S stays
+// in registers, becomes P in place and feeds PV directly. Q stays in shared memory for D = 128
+// (O and S already take 192 registers) and in registers for D = 64. Grid x = batch * heads,
+// y = row tile with y = 0 the longest rows, so the heavy causal tiles are dispatched first and the
+// tail is short. A warp skips the tiles its rows cannot see, and O is rescaled only when some
+// row maximum of the warp moved.
+constexpr int FWD_BM = 128, FWD_BN = 64, FWD_THREADS = 128;
 
 template <int D>
 __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int tq,
                                     int tk, int cap, int heads, int kv_heads) {
-    constexpr int BM = FWD_BM, BN = FWD_BN, NT = D / 8, KT = BN / 8;
-    extern __shared__ __align__(16) unsigned char attn_smem[];
-    bf16 *Ks = reinterpret_cast<bf16 *>(attn_smem), *Vs = Ks + BN * D;
+    constexpr int BM = FWD_BM, BN = FWD_BN, TH = FWD_THREADS, NT = D / 8, KT = BN / 8, MT = 2;
+    constexpr bool QREG = D <= 64;
+    extern __shared__ __align__(1024) unsigned char attn_smem[];
+    bf16 *Qs = reinterpret_cast<bf16 *>(attn_smem), *Ks = Qs + BM * D, *Vs = Ks + BN * D;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int m0 = (gridDim.x - 1 - blockIdx.x) * BM;  // longest rows first: causal load balance
-    const int h = blockIdx.y, b = blockIdx.z;
+    const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
     const int kvh = h / (heads / kv_heads), off = tk - tq;
     const int64_t qstride = (int64_t)heads * D, kvstride = (int64_t)kv_heads * D;
     const bf16 *qh = q + (int64_t)b * tq * qstride + h * D;
     const bf16 *kh = k + (int64_t)b * cap * kvstride + kvh * D;
     const bf16 *vh = v + (int64_t)b * cap * kvstride + kvh * D;
     const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
-
-    // Q passes through the V buffer on its way to registers.
-    load_tile<D, BM>(Vs, qh, qstride, m0, tq);
-    cp_async_commit();
-    cp_async_wait<0>();
-    __syncthreads();
-    uint32_t qf[D / 16][4];
-#pragma unroll
-    for (int kc = 0; kc < D / 16; kc++) ldsm4(qf[kc], a_addr<D>(Vs, warp * 16, kc * 16, lane));
-    __syncthreads();
-
-    const int r0 = m0 + warp * 16 + g;  // this thread's rows: r0 (c0, c1) and r0 + 8 (c2, c3)
+    const int wr = warp * 16 * MT;  // this warp's rows: m0 + wr + mt * 16 + g (c0, c1) and + 8 (c2, c3)
+    const bool wlive = m0 + wr < tq;
+    const int wlast = off + min(m0 + wr + 16 * MT, tq) - 1;  // position of the warp's last live row
     const int ntiles = (off + min(m0 + BM, tq) + BN - 1) / BN;  // keys past the last row's position are never needed
-    float o[NT][4] = {};
-    float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // mx in raw (unscaled) score units
 
-    load_tile<D, BN>(Ks, kh, kvstride, 0, tk);
+    load_tile<D, BM, TH>(Qs, qh, qstride, m0, tq);
+    load_tile<D, BN, TH>(Ks, kh, kvstride, 0, tk);
     cp_async_commit();
+
+    uint32_t qf[QREG ? MT : 1][QREG ? D / 16 : 1][4];
+    float o[MT][NT][4] = {};
+    float mx[MT][2], l[MT][2];  // mx in raw (unscaled) score units; l per thread (quad-reduced at the end)
+#pragma unroll
+    for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) mx[mt][hr] = -INFINITY, l[mt][hr] = 0.0f;
+
     for (int j = 0; j < ntiles; j++) {
         const int n0 = j * BN;
-        load_tile<D, BN>(Vs, vh, kvstride, n0, tk);
+        // Opaque per iteration: keeps the compiler from hoisting every fragment address out of
+        // the loop (some 24 live registers, which spill next to O and S).
+        int ln = lane;
+        asm volatile("" : "+r"(ln));
+        const uint32_t qa = smem_u32(Qs) + a_lane<D>(ln), kb = smem_u32(Ks) + bn_lane<D>(ln);
+        const uint32_t vb = smem_u32(Vs) + bk_lane<D>(ln);
+        cp_async_wait<0>();
+        __syncthreads();  // K_j (and Q) visible; every warp is done with V_{j-1}
+        load_tile<D, BN, TH>(Vs, vh, kvstride, n0, tk);
         cp_async_commit();
-        cp_async_wait<1>();  // K_j has landed, V_j may still be in flight
-        __syncthreads();
-
-        float s[KT][4] = {};
+        if (QREG && j == 0) {
 #pragma unroll
-        for (int kc = 0; kc < D / 16; kc++) {
+            for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int np = 0; np < BN / 16; np++) {
-                uint32_t bk[4];
-                ldsm4(bk, bn_addr<D>(Ks, np * 16, kc * 16, lane));
-                mma(s[2 * np], qf[kc], bk[0], bk[1]);
-                mma(s[2 * np + 1], qf[kc], bk[2], bk[3]);
+                for (int kc = 0; kc < D / 16; kc++)
+                    ldsm4(qf[QREG ? mt : 0][QREG ? kc : 0], frag<D>(qa, wr + mt * 16, kc * 16));
+        }
+        const bool active = wlive && n0 <= wlast;  // some row of the warp sees some key of the tile
+        uint32_t pa[BN / 16][MT][4];  // P in bf16 A fragments: 32 registers where S took 64
+        if (active) {
+            float s[MT][KT][4];
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int nt = 0; nt < KT; nt++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) s[mt][nt][e] = 0.0f;
+#pragma unroll
+            for (int kc = 0; kc < D / 16; kc++) {
+                uint32_t a[MT][4];
+#pragma unroll
+                for (int mt = 0; mt < MT; mt++) {
+                    if constexpr (QREG) {
+#pragma unroll
+                        for (int x = 0; x < 4; x++) a[mt][x] = qf[QREG ? mt : 0][QREG ? kc : 0][x];
+                    } else {
+                        ldsm4(a[mt], frag<D>(qa, wr + mt * 16, kc * 16));
+                    }
+                }
+#pragma unroll
+                for (int np = 0; np < BN / 16; np++) {
+                    uint32_t bk[4];
+                    ldsm4(bk, frag<D>(kb, np * 16, kc * 16));
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma(s[mt][2 * np], a[mt], bk[0], bk[1]);
+                        mma(s[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                    }
+                }
             }
-        }
-        if (n0 + BN - 1 > off + m0) {  // the tile reaches past the diagonal (or past tk)
+            if (n0 + BN - 1 > off + m0 + wr) {  // the tile reaches past the diagonal of some row (or past tk)
 #pragma unroll
-            for (int nt = 0; nt < KT; nt++)
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = n0 + nt * 8 + 2 * t + (e & 1), row = r0 + (e >> 1) * 8;
-                    if (key > off + row) s[nt][e] = -INFINITY;
+                    for (int nt = 0; nt < KT; nt++)
+#pragma unroll
+                        for (int e = 0; e < 4; e++) {
+                            const int key = n0 + nt * 8 + 2 * t + (e & 1);
+                            const int row = m0 + wr + mt * 16 + g + (e >> 1) * 8;
+                            if (key > off + row) s[mt][nt][e] = -INFINITY;
+                        }
+            }
+            // Online softmax; the 4 threads of a quad share a row, so partial sums stay per thread
+            // (every rescale is row-uniform) and are reduced once at the end.
+            float corr[MT][2];
+            bool moved = false;
+#pragma unroll
+            for (int mt = 0; mt < MT; mt++)
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    float tmax = -INFINITY;
+#pragma unroll
+                    for (int nt = 0; nt < KT; nt++)
+                        tmax = fmaxf(tmax, fmaxf(s[mt][nt][2 * hr], s[mt][nt][2 * hr + 1]));
+                    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+                    tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+                    const float mnew = fmaxf(mx[mt][hr], tmax);
+                    const float base = mnew == -INFINITY ? 0.0f : mnew * sl2;  // a row with nothing visible yet
+                    corr[mt][hr] = mnew == mx[mt][hr] ? 1.0f : ex2(mx[mt][hr] * sl2 - base);
+                    moved |= mnew != mx[mt][hr];
+                    mx[mt][hr] = mnew;
+                    float rs = 0.0f;
+#pragma unroll
+                    for (int nt = 0; nt < KT; nt++)
+#pragma unroll
+                        for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                            s[mt][nt][e] = ex2(fmaf(s[mt][nt][e], sl2, -base));
+                            rs += s[mt][nt][e];
+                        }
+                    l[mt][hr] = l[mt][hr] * corr[mt][hr] + rs;
                 }
-        }
-        // Online softmax; the 4 threads of a quad share a row, so partial sums stay per thread
-        // (every rescale is row-uniform) and are reduced once at the end.
-        float corr[2];
+            if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
-        for (int hr = 0; hr < 2; hr++) {
-            float tmax = -INFINITY;
+                for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-            for (int nt = 0; nt < KT; nt++) tmax = fmaxf(tmax, fmaxf(s[nt][2 * hr], s[nt][2 * hr + 1]));
-            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-            tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-            const float mnew = fmaxf(mx[hr], tmax);
-            const float base = mnew == -INFINITY ? 0.0f : mnew * sl2;  // a row with nothing visible yet
-            corr[hr] = exp2f(mx[hr] * sl2 - base);
-            mx[hr] = mnew;
-            float rs = 0.0f;
+                    for (int nt = 0; nt < NT; nt++) {
+                        o[mt][nt][0] *= corr[mt][0];
+                        o[mt][nt][1] *= corr[mt][0];
+                        o[mt][nt][2] *= corr[mt][1];
+                        o[mt][nt][3] *= corr[mt][1];
+                    }
+            }
 #pragma unroll
-            for (int nt = 0; nt < KT; nt++)
+            for (int kc = 0; kc < BN / 16; kc++)
 #pragma unroll
-                for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                    s[nt][e] = exp2f(fmaf(s[nt][e], sl2, -base));
-                    rs += s[nt][e];
-                }
-            l[hr] = l[hr] * corr[hr] + rs;
-        }
-#pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            o[nt][0] *= corr[0];
-            o[nt][1] *= corr[0];
-            o[nt][2] *= corr[1];
-            o[nt][3] *= corr[1];
+                for (int mt = 0; mt < MT; mt++) c_to_a(pa[kc][mt], s[mt][2 * kc], s[mt][2 * kc + 1]);
         }
 
         cp_async_wait<0>();
         __syncthreads();  // V_j visible; every warp is done with K_j
-        if (j + 1 < ntiles) {
-            load_tile<D, BN>(Ks, kh, kvstride, n0 + BN, tk);
-            cp_async_commit();
-        }
-#pragma unroll
-        for (int kc = 0; kc < BN / 16; kc++) {
-            uint32_t pa[4];
-            c_to_a(pa, s[2 * kc], s[2 * kc + 1]);
+        if (j + 1 < ntiles) load_tile<D, BN, TH>(Ks, kh, kvstride, n0 + BN, tk);
+        cp_async_commit();
+        if (active) {
+            // Column blocks of V outer: one V address live at a time.
 #pragma unroll
             for (int dp = 0; dp < D / 16; dp++) {
-                uint32_t bv[4];
-                ldsm4t(bv, bk_addr<D>(Vs, kc * 16, dp * 16, lane));
-                mma(o[2 * dp], pa, bv[0], bv[1]);
-                mma(o[2 * dp + 1], pa, bv[2], bv[3]);
+#pragma unroll
+                for (int kc = 0; kc < BN / 16; kc++) {
+                    uint32_t bv[4];
+                    ldsm4t(bv, frag<D>(vb, kc * 16, dp * 16));
+#pragma unroll
+                    for (int mt = 0; mt < MT; mt++) {
+                        mma(o[mt][2 * dp], pa[kc][mt], bv[0], bv[1]);
+                        mma(o[mt][2 * dp + 1], pa[kc][mt], bv[2], bv[3]);
+                    }
+                }
             }
         }
-        __syncthreads();  // every warp is done with V_j before V_{j+1} overwrites it
     }
 
+    // Epilogue: each warp stages its own 32 rows of O in bf16 over its own rows of the Q tile
+    // (no other warp reads them), then writes them out in whole 16-byte chunks.
+    if (!wlive) return;
+    // Output addresses from scratch (opaque again), rather than kept live through the loop.
+    int bx = blockIdx.x;
+    asm volatile("" : "+r"(bx));
+    bf16 *oh = out + ((int64_t)(bx / heads) * tq + m0) * qstride + (bx % heads) * D;
+    float *lh = lse + ((int64_t)(bx / heads) * tq + m0) * heads + bx % heads;
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        float lsum = l[hr];
-        lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
-        lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
-        const int row = r0 + hr * 8;
-        if (row >= tq) continue;
-        const float inv = 1.0f / lsum;
-        bf16 *orow = out + ((int64_t)b * tq + row) * qstride + h * D;
+    for (int mt = 0; mt < MT; mt++)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++)
-            *reinterpret_cast<__nv_bfloat162 *>(orow + nt * 8 + 2 * t) =
-                __floats2bfloat162_rn(o[nt][2 * hr] * inv, o[nt][2 * hr + 1] * inv);
-        if (t == 0) lse[((int64_t)b * tq + row) * heads + h] = mx[hr] * scale + __logf(lsum);
+        for (int hr = 0; hr < 2; hr++) {
+            float lsum = l[mt][hr];
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+            lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+            const float inv = 1.0f / lsum;
+            const int r = wr + mt * 16 + g + hr * 8;
+#pragma unroll
+            for (int nt = 0; nt < NT; nt++)
+                *reinterpret_cast<uint32_t *>(Qs + swz<D>(r, nt * 8 + 2 * t)) =
+                    pack(o[mt][nt][2 * hr] * inv, o[mt][nt][2 * hr + 1] * inv);
+            if (t == 0 && m0 + r < tq) lh[(int64_t)r * heads] = mx[mt][hr] * scale + __logf(lsum);
+        }
+    __syncwarp();
+    constexpr int CH = D / 8;
+#pragma unroll
+    for (int it = 0; it < 16 * MT * CH / 32; it++) {
+        const int idx = lane + it * 32, r = wr + idx / CH, c = idx % CH;
+        if (m0 + r < tq)
+            *reinterpret_cast<uint4 *>(oh + (int64_t)r * qstride + c * 8) =
+                *reinterpret_cast<const uint4 *>(Qs + swz<D>(r, c * 8));
     }
 }
 
 // ---- backward, FlashAttention-2 style ----
-// A block owns 64 keys of one kv head (16 per warp) and keeps their dK, dV in fp32 registers
-// while it walks every q head of the group and every query tile that can see those keys. Each
-// warp works on the transposed products (keys as rows): S^T = K Q^T, dV += P^T dO,
-// dP^T = V dO^T, dK += dS^T Q, so P^T and dS^T chain as A operands in registers. dQ = dS K needs
-// all 64 keys per query row, so dS goes to shared memory (over the dO tile) and the block
-// computes dQ cooperatively, adding it into dq_accum with float atomics.
-// Query tiles are 32 rows for D = 128 (K, V, Q, dO tiles then fill exactly 48 KB) and 64 for D = 64.
-constexpr int BWD_BN = 64;
+// A block owns BN = 128 keys of one q head (grid x = batch * heads, y = key tile, so the heavy
+// early key tiles of every head are dispatched first) and walks every 64-query tile that can see
+// those keys, with Q, dO (and their lse, delta) double-buffered through cp.async. 8 warps:
+//   phase 1, 2 x 4 warps of 32 queries x 32 keys: S = Q K^T, dP = dO V^T, then P and
+//            dS = P (dP - delta) * scale go to shared memory as bf16 [query][key] tiles;
+//   phase 2, 4 x 2 warps of 32 keys x D/2 columns: dV += P^T dO, dK += dS^T Q (fp32 registers
+//            for the whole block), and 2 x 4 warps of 32 queries x D/4 columns: dQ = dS K, added
+//            into dq_accum with float atomics (v2 on sm_90).
+// Every operand of every product comes from shared memory in 32-row warp tiles, so each ldmatrix
+// feeds two mma. Warps (and 16-row chunks) that the causal mask hides entirely skip their work.
+// GQA: the q heads of a group add their dK, dV into fp32 dkv_accum with atomics (group > 1);
+// with group == 1 the block writes dk, dv directly (rows tk..cap as zeros).
+constexpr int BWD_BN = 128, BWD_BM = 64, BWD_THREADS = 256;
 
 template <int D>
-__device__ __forceinline__ void bwd(float *dq_accum, bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse,
-                                    const float *delta, const bf16 *q, const bf16 *k, const bf16 *v, int tq, int tk,
-                                    int cap, int heads, int kv_heads) {
-    constexpr int BN = BWD_BN, BM = D == 128 ? 32 : 64, NT = D / 8, MT = BM / 8;
-    static_assert(BM * BN <= BM * D, "dS must fit in the dO tile");
-    extern __shared__ __align__(16) unsigned char attn_smem[];
-    bf16 *Ks = reinterpret_cast<bf16 *>(attn_smem), *Vs = Ks + BN * D, *Qs = Vs + BN * D, *Os = Qs + BM * D;
-    bf16 *dSs = Os;  // [BM][BN], written after every warp is done with dO
+__device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk, bf16 *dv, const bf16 *dout,
+                                    const float *lse2, const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
+                                    int tq, int tk, int cap, int heads, int kv_heads) {
+    constexpr int BN = BWD_BN, BM = BWD_BM, TH = BWD_THREADS;
+    constexpr int DV = D / 2;  // dK, dV columns per warp in phase 2
+    constexpr int DQ = D / 4;  // dQ columns per warp in phase 2
+    extern __shared__ __align__(1024) unsigned char attn_smem[];
+    bf16 *Ks = reinterpret_cast<bf16 *>(attn_smem), *Vs = Ks + BN * D;
+    bf16 *Qs = Vs + BN * D, *Os = Qs + 2 * BM * D;  // [2][BM][D] each
+    bf16 *Ps = Os + 2 * BM * D, *dSs = Ps + BM * BN;  // [BM][BN] each
+    float *Ls = reinterpret_cast<float *>(dSs + BM * BN), *Dls = Ls + 2 * BM;  // [2][BM] each
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
-    const int n0 = blockIdx.x * BN, kvh = blockIdx.y, b = blockIdx.z;
-    const int group = heads / kv_heads, off = tk - tq;
+    const int bh = blockIdx.x, b = bh / heads, h = bh % heads, n0 = blockIdx.y * BN;
+    const int group = heads / kv_heads, kvh = h / group, off = tk - tq, tqp = (tq + BM - 1) / BM * BM;
     const int64_t qstride = (int64_t)heads * D, kvstride = (int64_t)kv_heads * D;
-    const int64_t kvbase = (int64_t)b * cap * kvstride + kvh * D;
+    const int64_t qbase = (int64_t)b * tq * qstride + h * D, kvbase = (int64_t)b * cap * kvstride + kvh * D;
+    const float *lse2h = lse2 + (int64_t)bh * tqp, *deltah = delta + (int64_t)bh * tqp;
     const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
-    const int kw = warp * 16;  // this warp's keys within the tile: rows kw + g and kw + g + 8
+    const int sq = (warp & 1) * 32, sk = (warp >> 1) * 32;  // phase 1 tile (queries, keys)
+    const int kk = (warp & 3) * 32, kd = (warp >> 2) * DV;  // phase 2 dK, dV tile (keys, columns)
+    const int qq = (warp & 1) * 32, qd = (warp >> 1) * DQ;  // phase 2 dQ tile (queries, columns)
 
-    load_tile<D, BN>(Ks, k + kvbase, kvstride, n0, tk);
-    load_tile<D, BN>(Vs, v + kvbase, kvstride, n0, tk);
+    load_tile<D, BN, TH>(Ks, k + kvbase, kvstride, n0, tk);
+    load_tile<D, BN, TH>(Vs, v + kvbase, kvstride, n0, tk);
+    // lse2, delta rows up to tqp exist (the preprocess pads them with zeros); query rows past tq
+    // load as zeros, so their S is 0, P finite and their dV, dK, dS contributions exactly 0.
+    auto load_q = [&](int i0, int bf) {
+        load_tile<D, BM, TH>(Qs + bf * BM * D, q + qbase, qstride, i0, tq);
+        load_tile<D, BM, TH>(Os + bf * BM * D, dout + qbase, qstride, i0, tq);
+        const int c = threadIdx.x;
+        if (c < BM / 4)
+            cp_async16(Ls + bf * BM + 4 * c, lse2h + i0 + 4 * c, true);
+        else if (c < BM / 2)
+            cp_async16(Dls + bf * BM + 4 * (c - BM / 4), deltah + i0 + 4 * (c - BM / 4), true);
+    };
+    // Query i sees key n0 from i = n0 - off on; a tile past tk sees no query.
+    const int i_first = n0 >= tk ? tq : max(0, n0 - off) / BM * BM;
+    if (i_first < tq) load_q(i_first, 0);
     cp_async_commit();
 
-    float dka[NT][4] = {}, dva[NT][4] = {};
-    // Query i sees key n0 from i = n0 - off on; a tile past tk has no query and writes zeros.
-    const int i_first = max(0, n0 - off) / BM * BM;
-    for (int gi = 0; gi < group; gi++) {
-        const int h = kvh * group + gi;
-        const int64_t qbase = (int64_t)b * tq * qstride + h * D;
-        for (int i0 = i_first; i0 < tq; i0 += BM) {
-            load_tile<D, BM>(Qs, q + qbase, qstride, i0, tq);
-            load_tile<D, BM>(Os, dout + qbase, qstride, i0, tq);
-            cp_async_commit();
-            // lse (log2 units) and delta of the query columns this thread's fragments hold;
-            // rows past tq get lse = +inf, so their P, and with it dS, is exactly 0.
-            float l2[MT][2], dl[MT][2];
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-                for (int e = 0; e < 2; e++) {
-                    const int i = i0 + nt * 8 + 2 * t + e;
-                    const int64_t li = ((int64_t)b * tq + i) * heads + h;
-                    l2[nt][e] = i < tq ? lse[li] * LOG2E : INFINITY;
-                    dl[nt][e] = i < tq ? delta[li] : 0.0f;
-                }
-            cp_async_wait<0>();
-            __syncthreads();
+    float dka[2][DV / 8][4] = {}, dva[2][DV / 8][4] = {};
+    int buf = 0;
+    for (int i0 = i_first; i0 < tq; i0 += BM, buf ^= 1) {
+        int ln = lane;  // opaque per iteration, as in fwd: fragment addresses are not hoisted
+        asm volatile("" : "+r"(ln));
+        cp_async_wait<0>();
+        __syncthreads();  // tile i0 visible; every warp is done with the previous tile, P and dS
+        if (i0 + BM < tq) load_q(i0 + BM, buf ^ 1);  // lands while this tile computes
+        cp_async_commit();
+        const bf16 *Qb = Qs + buf * BM * D, *Ob = Os + buf * BM * D;
+        const float *Lb = Ls + buf * BM, *Db = Dls + buf * BM;
+        const uint32_t qa = smem_u32(Qb) + a_lane<D>(ln), oa = smem_u32(Ob) + a_lane<D>(ln);  // phase 1 A
+        const uint32_t kn = smem_u32(Ks) + bn_lane<D>(ln), vn = smem_u32(Vs) + bn_lane<D>(ln);  // phase 1 B
+        const uint32_t pt = smem_u32(Ps) + at_lane<BN>(ln), st = smem_u32(dSs) + at_lane<BN>(ln);  // 2a A
+        const uint32_t ob = smem_u32(Ob) + bk_lane<D>(ln), qb = smem_u32(Qb) + bk_lane<D>(ln);  // 2a B
+        const uint32_t sa_ = smem_u32(dSs) + a_lane<BN>(ln), kb = smem_u32(Ks) + bk_lane<D>(ln);  // 2b
 
-            // S^T = K_w Q^T, then P^T in place
-            float s[MT][4] = {};
+        // phase 1: P and dS of this warp's 32 x 32 tile
+        {
+            float p[2][4][4] = {}, ds[2][4][4] = {};
+            if (n0 + sk <= off + i0 + sq + 31) {  // some key of the tile is visible to some query
 #pragma unroll
-            for (int kc = 0; kc < D / 16; kc++) {
-                uint32_t a[4];
-                ldsm4(a, a_addr<D>(Ks, kw, kc * 16, lane));
+                for (int kc = 0; kc < D / 16; kc++) {
+                    uint32_t a[2][4];
+                    ldsm4(a[0], frag<D>(qa, sq, kc * 16));
+                    ldsm4(a[1], frag<D>(qa, sq + 16, kc * 16));
 #pragma unroll
-                for (int np = 0; np < BM / 16; np++) {
-                    uint32_t bq[4];
-                    ldsm4(bq, bn_addr<D>(Qs, np * 16, kc * 16, lane));
-                    mma(s[2 * np], a, bq[0], bq[1]);
-                    mma(s[2 * np + 1], a, bq[2], bq[3]);
+                    for (int np = 0; np < 2; np++) {
+                        uint32_t bk[4];
+                        ldsm4(bk, frag<D>(kn, sk + np * 16, kc * 16));
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            mma(p[mt][2 * np], a[mt], bk[0], bk[1]);
+                            mma(p[mt][2 * np + 1], a[mt], bk[2], bk[3]);
+                        }
+                    }
                 }
-            }
-            const bool need_mask = off + i0 < n0 + BN - 1;
 #pragma unroll
-            for (int nt = 0; nt < MT; nt++)
+                for (int kc = 0; kc < D / 16; kc++) {
+                    uint32_t a[2][4];
+                    ldsm4(a[0], frag<D>(oa, sq, kc * 16));
+                    ldsm4(a[1], frag<D>(oa, sq + 16, kc * 16));
 #pragma unroll
-                for (int e = 0; e < 4; e++) {
-                    const int key = n0 + kw + g + (e >> 1) * 8, i = i0 + nt * 8 + 2 * t + (e & 1);
-                    const float p = exp2f(fmaf(s[nt][e], sl2, -l2[nt][e & 1]));
-                    s[nt][e] = need_mask && key > off + i ? 0.0f : p;
+                    for (int np = 0; np < 2; np++) {
+                        uint32_t bv[4];
+                        ldsm4(bv, frag<D>(vn, sk + np * 16, kc * 16));
+#pragma unroll
+                        for (int mt = 0; mt < 2; mt++) {
+                            mma(ds[mt][2 * np], a[mt], bv[0], bv[1]);
+                            mma(ds[mt][2 * np + 1], a[mt], bv[2], bv[3]);
+                        }
+                    }
                 }
-
-            // dV += P^T dO
+                const bool need_mask = n0 + sk + 31 > off + i0 + sq;
 #pragma unroll
-            for (int kq = 0; kq < BM / 16; kq++) {
-                uint32_t pa[4];
-                c_to_a(pa, s[2 * kq], s[2 * kq + 1]);
+                for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int dp = 0; dp < D / 16; dp++) {
-                    uint32_t bo[4];
-                    ldsm4t(bo, bk_addr<D>(Os, kq * 16, dp * 16, lane));
-                    mma(dva[2 * dp], pa, bo[0], bo[1]);
-                    mma(dva[2 * dp + 1], pa, bo[2], bo[3]);
-                }
-            }
-
-            // dP^T = V_w dO^T, then dS^T = P^T (dP^T - delta) * scale in place
-            float ds[MT][4] = {};
+                    for (int hr = 0; hr < 2; hr++) {
+                        const int row = sq + mt * 16 + g + hr * 8;
+                        const float l2 = Lb[row], dl = Db[row];
 #pragma unroll
-            for (int kc = 0; kc < D / 16; kc++) {
-                uint32_t a[4];
-                ldsm4(a, a_addr<D>(Vs, kw, kc * 16, lane));
+                        for (int nt = 0; nt < 4; nt++)
 #pragma unroll
-                for (int np = 0; np < BM / 16; np++) {
-                    uint32_t bo[4];
-                    ldsm4(bo, bn_addr<D>(Os, np * 16, kc * 16, lane));
-                    mma(ds[2 * np], a, bo[0], bo[1]);
-                    mma(ds[2 * np + 1], a, bo[2], bo[3]);
-                }
+                            for (int e = 0; e < 2; e++) {
+                                const int key = n0 + sk + nt * 8 + 2 * t + e;
+                                float pv = ex2(fmaf(p[mt][nt][2 * hr + e], sl2, -l2));
+                                if (need_mask && key > off + i0 + row) pv = 0.0f;
+                                p[mt][nt][2 * hr + e] = pv;
+                                ds[mt][nt][2 * hr + e] = pv * (ds[mt][nt][2 * hr + e] - dl) * scale;
+                            }
+                    }
             }
 #pragma unroll
-            for (int nt = 0; nt < MT; nt++)
+            for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-                for (int e = 0; e < 4; e++) ds[nt][e] = s[nt][e] * (ds[nt][e] - dl[nt][e & 1]) * scale;
+                for (int hr = 0; hr < 2; hr++)
+#pragma unroll
+                    for (int nt = 0; nt < 4; nt++) {
+                        const int o = swz<BN>(sq + mt * 16 + g + hr * 8, sk + nt * 8 + 2 * t);
+                        *reinterpret_cast<uint32_t *>(Ps + o) = pack(p[mt][nt][2 * hr], p[mt][nt][2 * hr + 1]);
+                        *reinterpret_cast<uint32_t *>(dSs + o) = pack(ds[mt][nt][2 * hr], ds[mt][nt][2 * hr + 1]);
+                    }
+        }
+        __syncthreads();  // P, dS visible; every warp is done reading Q, dO of this tile in phase 1
 
-            // dK += dS^T Q
+        // phase 2a: dV += P^T dO, dK += dS^T Q over the tile's 64 queries
 #pragma unroll
-            for (int kq = 0; kq < BM / 16; kq++) {
-                uint32_t da[4];
-                c_to_a(da, ds[2 * kq], ds[2 * kq + 1]);
+        for (int kq = 0; kq < BM / 16; kq++) {
+            if (n0 + kk > off + i0 + kq * 16 + 15) continue;  // these 16 queries see none of the warp's keys
+            uint32_t pa[2][4], sa[2][4];
 #pragma unroll
-                for (int dd = 0; dd < D / 16; dd++) {
-                    uint32_t bq[4];
-                    ldsm4t(bq, bk_addr<D>(Qs, kq * 16, dd * 16, lane));
-                    mma(dka[2 * dd], da, bq[0], bq[1]);
-                    mma(dka[2 * dd + 1], da, bq[2], bq[3]);
+            for (int mt = 0; mt < 2; mt++) {
+                ldsm4t(pa[mt], frag<BN>(pt, kq * 16, kk + mt * 16));
+                ldsm4t(sa[mt], frag<BN>(st, kq * 16, kk + mt * 16));
+            }
+#pragma unroll
+            for (int dp = 0; dp < DV / 16; dp++) {
+                uint32_t bo[4], bq[4];
+                ldsm4t(bo, frag<D>(ob, kq * 16, kd + dp * 16));
+                ldsm4t(bq, frag<D>(qb, kq * 16, kd + dp * 16));
+#pragma unroll
+                for (int mt = 0; mt < 2; mt++) {
+                    mma(dva[mt][2 * dp], pa[mt], bo[0], bo[1]);
+                    mma(dva[mt][2 * dp + 1], pa[mt], bo[2], bo[3]);
+                    mma(dka[mt][2 * dp], sa[mt], bq[0], bq[1]);
+                    mma(dka[mt][2 * dp + 1], sa[mt], bq[2], bq[3]);
                 }
             }
-            __syncthreads();  // every warp is done reading dO: its tile now takes dS
-#pragma unroll
-            for (int nt = 0; nt < MT; nt++)
-#pragma unroll
-                for (int e = 0; e < 4; e++)
-                    dSs[swz<BN>(nt * 8 + 2 * t + (e & 1), kw + g + (e >> 1) * 8)] = to_bf16(ds[nt][e]);
-            __syncthreads();
+        }
 
-            // dQ (BM x D) = dS (BM x BN) K (BN x D): warps split it into 16-row x DW-column blocks.
-            constexpr int WR = BM / 16, WC = 4 / WR, DW = D / WC;
-            const int wr = warp % WR, wc = warp / WR;
-            uint32_t sa[BN / 16][4];
+        // phase 2b: dQ = dS K for this warp's 32 queries x D/4 columns
+        {
+            float acc[2][DQ / 8][4] = {};
 #pragma unroll
-            for (int kc = 0; kc < BN / 16; kc++) ldsm4(sa[kc], a_addr<BN>(dSs, wr * 16, kc * 16, lane));
-            const int qi = i0 + wr * 16 + g;  // rows qi (c0, c1) and qi + 8 (c2, c3)
-            float *dq0 = dq_accum + (((int64_t)b * tq + qi) * heads + h) * D + wc * DW + 2 * t;
-            float *dq1 = dq0 + (int64_t)8 * qstride;
+            for (int kc = 0; kc < BN / 16; kc++) {
+                if (n0 + kc * 16 > off + i0 + qq + 31) continue;  // keys invisible to every row of the warp
+                uint32_t a[2][4];
+                ldsm4(a[0], frag<BN>(sa_, qq, kc * 16));
+                ldsm4(a[1], frag<BN>(sa_, qq + 16, kc * 16));
 #pragma unroll
-            for (int dp = 0; dp < DW / 16; dp++) {
-                float acc[2][4] = {};
-#pragma unroll
-                for (int kc = 0; kc < BN / 16; kc++) {
+                for (int np = 0; np < DQ / 16; np++) {
                     uint32_t bk[4];
-                    ldsm4t(bk, bk_addr<D>(Ks, kc * 16, wc * DW + dp * 16, lane));
-                    mma(acc[0], sa[kc], bk[0], bk[1]);
-                    mma(acc[1], sa[kc], bk[2], bk[3]);
-                }
+                    ldsm4t(bk, frag<D>(kb, kc * 16, qd + np * 16));
 #pragma unroll
-                for (int hf = 0; hf < 2; hf++) {
-                    const int col = dp * 16 + hf * 8;
-                    if (qi < tq) {
-                        atomicAdd(dq0 + col, acc[hf][0]);
-                        atomicAdd(dq0 + col + 1, acc[hf][1]);
-                    }
-                    if (qi + 8 < tq) {
-                        atomicAdd(dq1 + col, acc[hf][2]);
-                        atomicAdd(dq1 + col + 1, acc[hf][3]);
+                    for (int mt = 0; mt < 2; mt++) {
+                        mma(acc[mt][2 * np], a[mt], bk[0], bk[1]);
+                        mma(acc[mt][2 * np + 1], a[mt], bk[2], bk[3]);
                     }
                 }
             }
-            __syncthreads();  // Qs and Os are free for the next tile
+#pragma unroll
+            for (int mt = 0; mt < 2; mt++)
+#pragma unroll
+                for (int hr = 0; hr < 2; hr++) {
+                    const int i = i0 + qq + mt * 16 + g + hr * 8;
+                    if (i >= tq) continue;
+                    float *dst = dq_accum + (((int64_t)b * tq + i) * heads + h) * D + qd + 2 * t;
+#pragma unroll
+                    for (int nt = 0; nt < DQ / 8; nt++)
+                        atomic_add2(dst + nt * 8, acc[mt][nt][2 * hr], acc[mt][nt][2 * hr + 1]);
+                }
         }
     }
 
     cp_async_wait<0>();  // a tile past tk ran no query tile: its K, V copies must land before exit
 
-    // Rows past tk accumulated exact zeros (their keys are masked for every query).
+    // Output addresses from scratch (opaque again), rather than kept live through the loop.
+    int bx = blockIdx.x, nh = heads;
+    asm volatile("" : "+r"(bx), "+r"(nh));
+    const int64_t nkv = (int64_t)(gridDim.x / nh) * cap * kvstride;
+    const int64_t obase = (int64_t)(bx / nh) * cap * kvstride + (bx % nh) / (nh / kv_heads) * D;
 #pragma unroll
-    for (int hr = 0; hr < 2; hr++) {
-        const int key = n0 + kw + g + hr * 8;
-        if (key >= cap) continue;
-        const int64_t base = kvbase + (int64_t)key * kvstride + 2 * t;
+    for (int mt = 0; mt < 2; mt++)
 #pragma unroll
-        for (int nt = 0; nt < NT; nt++) {
-            *reinterpret_cast<__nv_bfloat162 *>(dk + base + nt * 8) =
-                __floats2bfloat162_rn(dka[nt][2 * hr], dka[nt][2 * hr + 1]);
-            *reinterpret_cast<__nv_bfloat162 *>(dv + base + nt * 8) =
-                __floats2bfloat162_rn(dva[nt][2 * hr], dva[nt][2 * hr + 1]);
+        for (int hr = 0; hr < 2; hr++) {
+            const int key = n0 + kk + mt * 16 + g + hr * 8;
+            const int64_t base = obase + (int64_t)key * kvstride + kd + 2 * t;
+            if (dkv_accum) {
+                if (key >= tk) continue;  // the accumulator rows stay zero
+#pragma unroll
+                for (int nt = 0; nt < DV / 8; nt++) {
+                    atomic_add2(dkv_accum + base + nt * 8, dka[mt][nt][2 * hr], dka[mt][nt][2 * hr + 1]);
+                    atomic_add2(dkv_accum + nkv + base + nt * 8, dva[mt][nt][2 * hr], dva[mt][nt][2 * hr + 1]);
+                }
+            } else {
+                if (key >= cap) continue;  // rows tk..cap accumulated exact zeros (masked for every query)
+#pragma unroll
+                for (int nt = 0; nt < DV / 8; nt++) {
+                    *reinterpret_cast<__nv_bfloat162 *>(dk + base + nt * 8) =
+                        __floats2bfloat162_rn(dka[mt][nt][2 * hr], dka[mt][nt][2 * hr + 1]);
+                    *reinterpret_cast<__nv_bfloat162 *>(dv + base + nt * 8) =
+                        __floats2bfloat162_rn(dva[mt][nt][2 * hr], dva[mt][nt][2 * hr + 1]);
+                }
+            }
         }
-    }
 }
+
+template <int D>
+constexpr int bwd_smem_bytes() {
+    return (2 * BWD_BN * D + 4 * BWD_BM * D + 2 * BWD_BM * BWD_BN) * 2 + 4 * BWD_BM * 4;
+}
+static_assert(bwd_smem_bytes<128>() == 164864 && bwd_smem_bytes<64>() == 99328, "header comment");
 
 // ---- scalar helpers for the fallback kernels ----
 __device__ __forceinline__ void ld8(const bf16 *p, float f[8]) {
@@ -516,15 +703,17 @@ __device__ __forceinline__ void store_pairs(bf16 *row, const float acc[PAIRS][2]
 
 }  // namespace attn
 
-// grid (ceil(tq / 64), heads, batch), block 128, dynamic smem 256 * D bytes (16 KB for D = 64,
-// 32 KB for D = 128). Matches cpu::attention.
-extern "C" __global__ void attention_fwd_d64(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
-                                             int tq, int tk, int cap, int heads, int kv_heads) {
+// grid (batch * heads, ceil(tq / 128), 1), block 128, dynamic smem 512 * D bytes (32768 for D = 64,
+// 65536 for D = 128: opt-in above 48 KB), two blocks per SM. Matches cpu::attention.
+extern "C" __global__ void __launch_bounds__(128, 2)
+    attention_fwd_d64(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int tq, int tk, int cap,
+                      int heads, int kv_heads) {
     attn::fwd<64>(out, lse, q, k, v, tq, tk, cap, heads, kv_heads);
 }
-// Same geometry as attention_fwd_d64 (dynamic smem 32768 bytes).
-extern "C" __global__ void attention_fwd_d128(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v,
-                                              int tq, int tk, int cap, int heads, int kv_heads) {
+// Same geometry as attention_fwd_d64 (dynamic smem 65536 bytes).
+extern "C" __global__ void __launch_bounds__(128, 2)
+    attention_fwd_d128(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int tq, int tk, int cap,
+                       int heads, int kv_heads) {
     attn::fwd<128>(out, lse, q, k, v, tq, tk, cap, heads, kv_heads);
 }
 
@@ -566,43 +755,91 @@ extern "C" __global__ void attention_fwd_generic(bf16 *out, float *lse, const bf
     if (lane == 0) lse[row * heads + h] = m * LN2 + __logf(l);
 }
 
-// delta[r] = dout[r] . out[r] per (row, head) r, and dq_accum[r] = 0 when dq_accum is not NULL,
-// so the caller never memsets it. rows = batch * tq * heads.
-// grid ceil(rows / 4), block 128, no smem. Matches big_d in cpu::attention_bwd.
-extern "C" __global__ void attention_bwd_preprocess(float *delta, float *dq_accum, const bf16 *dout, const bf16 *out,
-                                                    int64_t rows, int head_dim) {
+// Backward preprocess. Rows r = (b * heads + h) * tqp + i over [batch, heads, tqp], tqp = tq rounded
+// up to 64: delta[r] = dout . out of (b, i, h), and, when not NULL, lse2[r] = lse * log2(e);
+// padding rows i >= tq get 0 in both. When not NULL it also zeroes the row of dq_accum
+// ([batch, tq, heads, D]) and all nkv2 floats of dkv_accum, so the caller never memsets them.
+// grid ceil(batch * heads * tqp / 4), block 128, no smem. Matches big_d in cpu::attention_bwd.
+extern "C" __global__ void attention_bwd_preprocess(float *delta, float *lse2, float *dq_accum, float *dkv_accum,
+                                                    const bf16 *dout, const bf16 *out, const float *lse, int batch,
+                                                    int tq, int heads, int head_dim, int64_t nkv2) {
+    if (dkv_accum) {
+        const int64_t stride = (int64_t)gridDim.x * blockDim.x;
+        for (int64_t j = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; j < nkv2 / 4; j += stride)
+            reinterpret_cast<float4 *>(dkv_accum)[j] = float4{0.0f, 0.0f, 0.0f, 0.0f};
+    }
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+    const int tqp = (tq + 63) / 64 * 64;
     const int64_t r = (int64_t)blockIdx.x * 4 + warp;
-    if (r >= rows) return;
-    const bf16 *a = dout + r * head_dim, *o = out + r * head_dim;
+    if (r >= (int64_t)batch * heads * tqp) return;
+    const int i = (int)(r % tqp);
+    const int64_t bh = r / tqp;
+    if (i >= tq) {
+        if (lane == 0) {
+            delta[r] = 0.0f;
+            if (lse2) lse2[r] = 0.0f;
+        }
+        return;
+    }
+    const int64_t row = ((bh / heads) * tq + i) * heads + bh % heads;  // (b, i, h)
+    const bf16 *a = dout + row * head_dim, *o = out + row * head_dim;
     float acc = 0.0f;
-    for (int d = lane; d < head_dim; d += 32) acc += ld(a + d) * ld(o + d);
+    for (int d = 2 * lane; d < head_dim; d += 64) {
+        const float2 x = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(a + d));
+        const float2 y = __bfloat1622float2(*reinterpret_cast<const __nv_bfloat162 *>(o + d));
+        acc += x.x * y.x + x.y * y.y;
+    }
     acc = warp_sum(acc);
-    if (lane == 0) delta[r] = acc;
+    if (lane == 0) {
+        delta[r] = acc;
+        if (lse2) lse2[r] = lse[row] * attn::LOG2E;
+    }
     if (dq_accum)
-        for (int d = lane; d < head_dim; d += 32) dq_accum[r * head_dim + d] = 0.0f;
+        for (int d = 4 * lane; d < head_dim; d += 128)
+            *reinterpret_cast<float4 *>(dq_accum + row * head_dim + d) = float4{0.0f, 0.0f, 0.0f, 0.0f};
 }
 
-// grid (ceil(cap / 64), kv_heads, batch), block 128, dynamic smem 49152 bytes for D = 128 (exactly
-// 48 KB, no opt-in needed) and 32768 bytes for D = 64. Needs delta and a zeroed dq_accum from
-// attention_bwd_preprocess; writes dk, dv (=) in full, rows tk..cap as zeros, and adds dq into
-// dq_accum; attention_bwd_dq_convert then writes dq. Matches cpu::attention_bwd.
-extern "C" __global__ void attention_bwd_d64(float *dq_accum, bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse,
-                                             const float *delta, const bf16 *q, const bf16 *k, const bf16 *v, int tq,
-                                             int tk, int cap, int heads, int kv_heads) {
-    attn::bwd<64>(dq_accum, dk, dv, dout, lse, delta, q, k, v, tq, tk, cap, heads, kv_heads);
+// grid (batch * heads, ceil(n / 128), 1) with n = tk when dkv_accum is given (GQA, heads >
+// kv_heads) and n = cap when it is NULL (heads == kv_heads); block 256; dynamic smem
+// bwd_smem_bytes<D>(): 164864 bytes for D = 128, 99328 for D = 64 (opt-in above 48 KB), one
+// block per SM. Needs delta, lse2 and zeroed dq_accum (and dkv_accum) from
+// attention_bwd_preprocess. Adds dq into dq_accum; adds dk, dv into dkv_accum (dk then dv, each
+// [batch, cap, kv_heads, D]) or, without it, writes dk, dv (=) in full, rows tk..cap as zeros;
+// attention_bwd_convert finishes. Matches cpu::attention_bwd.
+extern "C" __global__ void __launch_bounds__(256, 1)
+    attention_bwd_d64(float *dq_accum, float *dkv_accum, bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse2,
+                      const float *delta, const bf16 *q, const bf16 *k, const bf16 *v, int tq, int tk, int cap,
+                      int heads, int kv_heads) {
+    attn::bwd<64>(dq_accum, dkv_accum, dk, dv, dout, lse2, delta, q, k, v, tq, tk, cap, heads, kv_heads);
 }
-// Same geometry as attention_bwd_d64 (dynamic smem 49152 bytes).
-extern "C" __global__ void attention_bwd_d128(float *dq_accum, bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse,
-                                              const float *delta, const bf16 *q, const bf16 *k, const bf16 *v, int tq,
-                                              int tk, int cap, int heads, int kv_heads) {
-    attn::bwd<128>(dq_accum, dk, dv, dout, lse, delta, q, k, v, tq, tk, cap, heads, kv_heads);
+// Same geometry as attention_bwd_d64 (dynamic smem 164864 bytes).
+extern "C" __global__ void __launch_bounds__(256, 1)
+    attention_bwd_d128(float *dq_accum, float *dkv_accum, bf16 *dk, bf16 *dv, const bf16 *dout, const float *lse2,
+                       const float *delta, const bf16 *q, const bf16 *k, const bf16 *v, int tq, int tk, int cap,
+                       int heads, int kv_heads) {
+    attn::bwd<128>(dq_accum, dkv_accum, dk, dv, dout, lse2, delta, q, k, v, tq, tk, cap, heads, kv_heads);
 }
 
-// dq = dq_accum in bf16; n = batch * tq * heads * D. grid ceil(n / 256), block 256, no smem.
-extern "C" __global__ void attention_bwd_dq_convert(bf16 *dq, const float *dq_accum, int64_t n) {
-    const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (i < n) dq[i] = to_bf16(dq_accum[i]);
+// dq = bf16(dq_accum) (nq values), and when dkv_accum is not NULL dk, dv = bf16 of its two halves
+// (nkv values each). nq, nkv multiples of 4. grid ceil((nq + 2 nkv) / 1024), block 256, no smem.
+extern "C" __global__ void attention_bwd_convert(bf16 *dq, bf16 *dk, bf16 *dv, const float *dq_accum,
+                                                 const float *dkv_accum, int64_t nq, int64_t nkv) {
+    const int64_t i = ((int64_t)blockIdx.x * blockDim.x + threadIdx.x) * 4;
+    const float *src;
+    bf16 *dst;
+    if (i < nq) {
+        src = dq_accum + i;
+        dst = dq + i;
+    } else if (dkv_accum && i < nq + 2 * nkv) {
+        src = dkv_accum + (i - nq);
+        dst = i < nq + nkv ? dk + (i - nq) : dv + (i - nq - nkv);
+    } else {
+        return;
+    }
+    const float4 x = *reinterpret_cast<const float4 *>(src);
+    __nv_bfloat162 *d2 = reinterpret_cast<__nv_bfloat162 *>(dst);
+    d2[0] = __floats2bfloat162_rn(x.x, x.y);
+    d2[1] = __floats2bfloat162_rn(x.z, x.w);
 }
 
 // Fallback dq for any D % 8 == 0, D <= 256: one warp per (query row, head), 32 keys at a time.
@@ -626,7 +863,8 @@ extern "C" __global__ void attention_bwd_dq_generic(bf16 *dq, const bf16 *dout, 
         dw[d] = ld(dout + qoff + d);
     }
     __syncwarp();
-    const float lse2 = lse[row * heads + h] * LOG2E, dl = delta[row * heads + h];
+    const int tqp = (tq + 63) / 64 * 64;
+    const float lse2 = lse[row * heads + h] * LOG2E, dl = delta[((int64_t)b * heads + h) * tqp + i];
     const int pos = tk - tq + i;
     float acc[PAIRS][2] = {};
     for (int j0 = 0; j0 <= pos; j0 += 32) {
@@ -655,7 +893,7 @@ extern "C" __global__ void attention_bwd_dkdv_generic(bf16 *dk, bf16 *dv, const 
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
     const int w = blockIdx.x * 4 + warp, b = blockIdx.y;
     if (w >= cap * kv_heads) return;
-    const int j = w / kv_heads, kvh = w % kv_heads, D = head_dim, group = heads / kv_heads;
+    const int j = w / kv_heads, kvh = w % kv_heads, D = head_dim, group = heads / kv_heads, tqp = (tq + 63) / 64 * 64;
     const float scale = rsqrtf((float)D);
     const int64_t kvstride = (int64_t)kv_heads * D, qstride = (int64_t)heads * D;
     const int64_t kvoff = ((int64_t)b * cap + j) * kvstride + kvh * D;
@@ -677,7 +915,7 @@ extern "C" __global__ void attention_bwd_dkdv_generic(bf16 *dk, bf16 *dv, const 
                 if (i < tq) {
                     const int64_t li = ((int64_t)b * tq + i) * heads + h;
                     p = exp2f(dot_sg(kw, qh + i * qstride, D) - lse[li] * LOG2E);
-                    ds = p * (dot_sg(vw, doh + i * qstride, D) - delta[li]) * scale;
+                    ds = p * (dot_sg(vw, doh + i * qstride, D) - delta[((int64_t)b * heads + h) * tqp + i]) * scale;
                 }
                 const int ni = min(32, tq - i0);
                 for (int ii = 0; ii < ni; ii++) {

@@ -7,23 +7,143 @@
 // extern "C" instance per (output, input) dtype pair, named op_<out>_<in>.
 #include "common.cuh"
 
-// Grid-stride loops keep the launch geometry independent of n: grid = min(ceil(n/256), 4·SMs).
+// Grid-stride loops keep the launch geometry independent of n: grid = min(ceil(n/256), 8·SMs).
 #define EW_LOOP(i, n) for (int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x; i < (n); \
                            i += (int64_t)gridDim.x * blockDim.x)
 
+// The memory-bound ops (add, axpy, convert, SwiGLU, embedding) move 16-byte packs of 8 values:
+// with 2-byte loads the residual add reached 49% of the H100's copy bandwidth. Each thread loads
+// EW_U packs of every operand before it stores any, so EW_U 16-byte requests per operand are in
+// flight per thread; the compiler would not hoist the next load above a store by itself (as far
+// as it knows, y may alias x). Packs need 16-byte aligned pointers (buffers are, but copy_range
+// hands in offsets): anything else, and the n % 8 tail, takes the scalar loop.
 namespace ew {
+constexpr int EW_U = 2;
+
+__device__ __forceinline__ int64_t first() { return (int64_t)blockIdx.x * blockDim.x + threadIdx.x; }
+__device__ __forceinline__ int64_t stride() { return (int64_t)gridDim.x * blockDim.x; }
+
+template <typename... T> __device__ __forceinline__ bool aligned16(const T *...p) {
+    return ((reinterpret_cast<uintptr_t>(p) | ...) & 15) == 0;
+}
+
+// 8 consecutive values widened to fp32: one 16-byte access for bf16, two for f32.
+struct Pack {
+    float v[8];
+};
+__device__ __forceinline__ Pack unpack(uint4 raw) {
+    Pack r;
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 f = __bfloat1622float2(h[e]);
+        r.v[2 * e] = f.x;
+        r.v[2 * e + 1] = f.y;
+    }
+    return r;
+}
+__device__ __forceinline__ uint4 pack_bf16(const Pack &x) {
+    uint4 raw;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(x.v[2 * e], x.v[2 * e + 1]);
+    return raw;
+}
+__device__ __forceinline__ Pack load8(const bf16 *p) { return unpack(*reinterpret_cast<const uint4 *>(p)); }
+__device__ __forceinline__ Pack load8(const float *p) {
+    const float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];
+    return {{a.x, a.y, a.z, a.w, b.x, b.y, b.z, b.w}};
+}
+__device__ __forceinline__ void store8(bf16 *p, const Pack &x) { *reinterpret_cast<uint4 *>(p) = pack_bf16(x); }
+__device__ __forceinline__ void store8(float *p, const Pack &x) {
+    reinterpret_cast<float4 *>(p)[0] = make_float4(x.v[0], x.v[1], x.v[2], x.v[3]);
+    reinterpret_cast<float4 *>(p)[1] = make_float4(x.v[4], x.v[5], x.v[6], x.v[7]);
+}
+
+// y[i] = f(y[i], x[i]) for i < n (f(0, x[i]) when !ReadY: y is only written).
+template <bool ReadY, typename Y, typename X, typename F> __device__ void update(Y *y, const X *x, int64_t n, F f) {
+    int64_t done = 0;
+    if (aligned16(y, x)) {
+        const int64_t nv = n / 8, s = stride();
+        for (int64_t v = first(); v < nv; v += EW_U * s) {
+            Pack a[EW_U], b[EW_U];
+#pragma unroll
+            for (int k = 0; k < EW_U; k++)
+                if (v + k * s < nv) {
+                    b[k] = load8(x + 8 * (v + k * s));
+                    if (ReadY) a[k] = load8(y + 8 * (v + k * s));
+                }
+#pragma unroll
+            for (int k = 0; k < EW_U; k++)
+                if (v + k * s < nv) {
+#pragma unroll
+                    for (int e = 0; e < 8; e++) a[k].v[e] = f(ReadY ? a[k].v[e] : 0.0f, b[k].v[e]);
+                    store8(y + 8 * (v + k * s), a[k]);
+                }
+        }
+        done = nv * 8;
+    }
+    for (int64_t i = done + first(); i < n; i += stride()) st(y + i, f(ReadY ? ld(y + i) : 0.0f, ld(x + i)));
+}
+
+// out[o][i] = f(in[0][i], …)[o] over bf16 operands: NI inputs, NO outputs, n values each.
+template <int NO, int NI, typename F>
+__device__ void map_bf16(bf16 *const (&out)[NO], const bf16 *const (&in)[NI], int64_t n, F f) {
+    bool vec = true;
+    for (int o = 0; o < NO; o++) vec &= aligned16(out[o]);
+    for (int j = 0; j < NI; j++) vec &= aligned16(in[j]);
+    int64_t done = 0;
+    if (vec) {
+        const int64_t nv = n / 8, s = stride();
+        for (int64_t v = first(); v < nv; v += EW_U * s) {
+            uint4 raw[EW_U][NI];
+#pragma unroll
+            for (int k = 0; k < EW_U; k++)
+                if (v + k * s < nv)
+#pragma unroll
+                    for (int j = 0; j < NI; j++) raw[k][j] = reinterpret_cast<const uint4 *>(in[j])[v + k * s];
+#pragma unroll
+            for (int k = 0; k < EW_U; k++)
+                if (v + k * s < nv) {
+                    Pack x[NI], y[NO];
+#pragma unroll
+                    for (int j = 0; j < NI; j++) x[j] = unpack(raw[k][j]);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        float xi[NI], yo[NO];
+#pragma unroll
+                        for (int j = 0; j < NI; j++) xi[j] = x[j].v[e];
+                        f(yo, xi);
+#pragma unroll
+                        for (int o = 0; o < NO; o++) y[o].v[e] = yo[o];
+                    }
+#pragma unroll
+                    for (int o = 0; o < NO; o++) reinterpret_cast<uint4 *>(out[o])[v + k * s] = pack_bf16(y[o]);
+                }
+        }
+        done = nv * 8;
+    }
+    for (int64_t i = done + first(); i < n; i += stride()) {
+        float xi[NI], yo[NO];
+        for (int j = 0; j < NI; j++) xi[j] = ld(in[j] + i);
+        f(yo, xi);
+        for (int o = 0; o < NO; o++) out[o][i] = to_bf16(yo[o]);
+    }
+}
+
 template <typename Y, typename X> __device__ void add(Y *y, const X *x, int64_t n) {
-    EW_LOOP(i, n) st(y + i, ld(y + i) + ld(x + i));
+    update<true>(y, x, n, [](float a, float b) { return a + b; });
 }
 template <typename Y, typename X> __device__ void axpy(Y *y, float a, const X *x, int64_t n) {
-    EW_LOOP(i, n) st(y + i, ld(y + i) + a * ld(x + i));
+    update<true>(y, x, n, [a](float yi, float xi) { return yi + a * xi; });
 }
 template <typename Y, typename X> __device__ void convert(Y *y, const X *x, int64_t n) {
-    EW_LOOP(i, n) st(y + i, ld(x + i));
+    update<false>(y, x, n, [](float, float xi) { return xi; });
 }
 }  // namespace ew
 
-// grid: grid-stride, block 256, no shared memory (all of the add/axpy/convert family).
+// grid: grid-stride over packs of 8, block 256, no shared memory (the add/axpy/convert family):
+// min(⌈n / (8·EW_U·256)⌉, blocks resident on the GPU), see launch_ew_vec in src/backend/cuda.rs.
 extern "C" __global__ void add_bf16_bf16(bf16 *y, const bf16 *x, int64_t n) { ew::add(y, x, n); }
 extern "C" __global__ void add_f32_f32(float *y, const float *x, int64_t n) { ew::add(y, x, n); }
 extern "C" __global__ void add_f32_bf16(float *y, const bf16 *x, int64_t n) { ew::add(y, x, n); }
@@ -56,29 +176,50 @@ extern "C" __global__ void bias_bwd(float *dbias, const bf16 *dout, int64_t rows
     }
 }
 
-// out = silu(gate) * up. grid-stride, block 256.
+// out = silu(gate) * up. Grid-stride over packs of 8, geometry as add.
 extern "C" __global__ void swiglu_fwd(bf16 *out, const bf16 *gate, const bf16 *up, int64_t n) {
-    EW_LOOP(i, n) {
-        const float g = ld(gate + i), s = 1.0f / (1.0f + __expf(-g));
-        out[i] = to_bf16(g * s * ld(up + i));
-    }
+    bf16 *const outs[1] = {out};
+    const bf16 *const ins[2] = {gate, up};
+    ew::map_bf16(outs, ins, n, [](float (&o)[1], const float (&x)[2]) {
+        const float g = x[0], s = 1.0f / (1.0f + __expf(-g));
+        o[0] = g * s * x[1];
+    });
 }
 
-// dgate = dout * up * silu'(gate), dup = dout * silu(gate). grid-stride, block 256.
+// dgate = dout * up * silu'(gate), dup = dout * silu(gate). Grid-stride over packs of 8, as add.
 extern "C" __global__ void swiglu_bwd(bf16 *dgate, bf16 *dup, const bf16 *dout, const bf16 *gate,
                                       const bf16 *up, int64_t n) {
-    EW_LOOP(i, n) {
-        const float g = ld(gate + i), d = ld(dout + i), s = 1.0f / (1.0f + __expf(-g));
-        dup[i] = to_bf16(d * g * s);
-        dgate[i] = to_bf16(d * ld(up + i) * s * (1.0f + g * (1.0f - s)));
-    }
+    bf16 *const outs[2] = {dgate, dup};
+    const bf16 *const ins[3] = {dout, gate, up};
+    ew::map_bf16(outs, ins, n, [](float (&o)[2], const float (&x)[3]) {
+        const float d = x[0], g = x[1], s = 1.0f / (1.0f + __expf(-g));
+        o[1] = d * g * s;
+        o[0] = d * x[2] * s * (1.0f + g * (1.0f - s));
+    });
 }
 
-// out[t] = table[ids[t]]. grid (rows), block 256.
+// out[t] = table[ids[t]]. grid (rows), block min(256, ⌈dim/16⌉ rounded up to a warp): rows of
+// dim % 8 == 0 with aligned buffers copy EW_U 16-byte packs per thread, loads before stores.
 extern "C" __global__ void embedding_fwd(bf16 *out, const bf16 *table, const uint32_t *ids, int dim) {
     const int64_t row = blockIdx.x;
     const bf16 *src = table + (int64_t)ids[row] * dim;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) out[row * dim + j] = src[j];
+    bf16 *dst = out + row * dim;
+    if ((dim & 7) == 0 && ew::aligned16(table, out)) {
+        const uint4 *s = reinterpret_cast<const uint4 *>(src);
+        uint4 *d = reinterpret_cast<uint4 *>(dst);
+        const int nv = dim / 8, b = blockDim.x;
+        for (int q = threadIdx.x; q < nv; q += ew::EW_U * b) {
+            uint4 r[ew::EW_U];
+#pragma unroll
+            for (int k = 0; k < ew::EW_U; k++)
+                if (q + k * b < nv) r[k] = s[q + k * b];
+#pragma unroll
+            for (int k = 0; k < ew::EW_U; k++)
+                if (q + k * b < nv) d[q + k * b] = r[k];
+        }
+        return;
+    }
+    for (int j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = src[j];
 }
 
 // dtable[ids[t]] += dout[t] in fp32; atomics because an id may repeat within a batch.

@@ -13,7 +13,9 @@
 // softmax_stats_bwd must find lse and E[z] with a full pass over the row before its gradient
 // pass; the forward already saved them (stats = lse, entropy, logprob; E[z] = lse − entropy), so
 // this kernel reads each logit once and writes it once: 2 of softmax_stats_bwd's 3 passes over a
-// [chunk, V] matrix, the memory-bound part of the loop.
+// [chunk, V] matrix, the memory-bound part of the loop. (On sm_90 softmax_stats_bwd_cluster in
+// softmax_entropy.cu already makes those 2 passes without the saved stats: its row stays in
+// registers between the statistics and the gradient; this kernel is not launched yet.)
 //
 // Chunk size: the only extra memory is the [chunk, V] bf16 logits (reused as dlogits), chunk ·
 // V · 2 bytes. For 16K tokens × V = 152064 under 2 GB: chunk = 4096 rows → 1.16 GiB (4 chunks;

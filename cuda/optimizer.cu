@@ -25,10 +25,16 @@
 //   offset 40  first_block  int64  Σ over earlier tensors of ceil(n / OPTIM_CHUNK)
 // Rust mirror: #[repr(C)] struct OptimTensor { param: u64, grad: u64, m: u64, v: u64, n: i64,
 // first_block: i64 } (no padding: every field is 8 bytes).
-// Block b works on chunk b − first_block[t] (OPTIM_CHUNK = 16384 elements) of the tensor t with
-// the largest first_block <= b, found by binary search; grid = Σ ceil(n / OPTIM_CHUNK) blocks
-// (an empty tensor has no blocks and is skipped), block 256. The same descriptor array serves
-// all four kernels.
+// Global chunk c (OPTIM_CHUNK = 16384 elements) is chunk c − first_block[t] of the tensor t with
+// the largest first_block <= c, found by binary search. Update-kernel block b works on chunk b,
+// multi_grad_sumsq block b on chunk grid − 1 − b; grid = Σ ceil(n / OPTIM_CHUNK) blocks (an empty
+// tensor has no chunks and is skipped), block 256. The same descriptor array serves all four
+// kernels. Within a chunk a thread takes groups of 4 consecutive elements as one 16-byte (f32)
+// or 8-byte (bf16) access, so the vector path wants param/m/v/grad 16-byte aligned (f32) or
+// 8-byte aligned (bf16), as cudaMalloc'd buffers are; a tensor with a pointer that is not goes
+// element by element, as does the last n % 4 of each tensor; the results are the same.
+// Element i of chunk c rounds with element_bits(mix of seed and step, c, i): bits 0-15 for the
+// param, 16-31 for m and 32-47 for v (bf16 moments only).
 //
 // Clipping, as optim.rs: norm = sqrt(*sumsq); scale = max_norm / (norm + 1e-6) when max_norm > 0
 // and norm > max_norm, else 1; the gradient is multiplied by scale. A null sumsq means no
@@ -40,6 +46,10 @@
 
 namespace optim {
 
+// ChunkBits relies on chunk · OPTIM_CHUNK + i == chunk · OPTIM_CHUNK ^ i for 0 <= i < OPTIM_CHUNK.
+static_assert((OPTIM_CHUNK & (OPTIM_CHUNK - 1)) == 0 && OPTIM_CHUNK <= (1 << 30),
+              "OPTIM_CHUNK must be a power of two no larger than 2^30");
+
 struct Tensor {
     void *param;
     const float *grad;
@@ -50,13 +60,18 @@ struct Tensor {
 };
 static_assert(sizeof(Tensor) == 48, "the Rust side mirrors this layout");
 
-// The tensor whose chunks include this block: the last descriptor with first_block <= blockIdx.x.
-__device__ __forceinline__ int find_tensor(const Tensor *ts, int n_tensors) {
-    const int64_t b = blockIdx.x;
+// Groups of four consecutive elements whose loads one thread keeps in flight together, per
+// loop iteration: the update kernels and multi_grad_sumsq are pure streams, and several 16-byte
+// loads per thread keep enough bytes in flight to cover the DRAM latency.
+constexpr int kUpdateUnroll = 2;
+constexpr int kSumsqUnroll = 4;
+
+// The tensor whose chunks include chunk c: the last descriptor with first_block <= c.
+__device__ __forceinline__ int find_tensor(const Tensor *ts, int n_tensors, int64_t c) {
     int lo = 0, hi = n_tensors - 1;
     while (lo < hi) {
         const int mid = (lo + hi + 1) >> 1;
-        if (ts[mid].first_block <= b) lo = mid;
+        if (ts[mid].first_block <= c) lo = mid;
         else hi = mid - 1;
     }
     return lo;
@@ -81,21 +96,52 @@ __device__ double block_sum_d(double v) {
     return warp_sum_d(v);
 }
 
+constexpr uint64_t kMix1 = 0xBF58476D1CE4E5B9ull, kMix2 = 0x94D049BB133111EBull;
+
 // splitmix64's finalizer: a bijection that scatters nearby inputs.
-__device__ __forceinline__ uint64_t mix64(uint64_t z) {
-    z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
-    z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+__host__ __device__ inline uint64_t mix64(uint64_t z) {
+    z = (z ^ (z >> 30)) * kMix1;
+    z = (z ^ (z >> 27)) * kMix2;
     return z ^ (z >> 31);
 }
 
-// 64 random bits for element `i` of this block's chunk: distinct elements of one launch hash
-// distinct inputs (block · OPTIM_CHUNK + i is unique over all tensors).
-__device__ __forceinline__ uint64_t element_bits(uint64_t key, int64_t i) {
-    return mix64(key ^ ((uint64_t)blockIdx.x * OPTIM_CHUNK + (uint64_t)i));
+// The definition of the random bits: 64 of them for element i of chunk `chunk` (the update
+// kernels' blockIdx.x); distinct elements of one launch hash distinct inputs (chunk ·
+// OPTIM_CHUNK + i is unique over all tensors). The kernels compute it through ChunkBits.
+__host__ __device__ inline uint64_t element_bits(uint64_t key, uint64_t chunk, int64_t i) {
+    return mix64(key ^ (chunk * OPTIM_CHUNK + (uint64_t)i));
 }
+
+// element_bits(key, chunk, i) for every i of one chunk, bit for bit, with the part that does
+// not depend on i done once: OPTIM_CHUNK is a power of two and 0 <= i < OPTIM_CHUNK, so the
+// input is k ^ i with k = key ^ chunk · OPTIM_CHUNK; i < 2^30 leaves (k ^ i) >> 30 = k >> 30, so
+// mix64's first step gives (k ^ (k >> 30)) ^ i, whose upper 32 bits are the chunk's. Checked
+// against element_bits in tools/cuda_host_checks/rl_optim_check.cu.
+struct ChunkBits {
+    uint32_t lo;  // low half of k ^ (k >> 30)
+    uint64_t hi;  // its high half times kMix1, mod 2^64: the product's part that i cannot change
+    __host__ __device__ ChunkBits(uint64_t key, uint64_t chunk) {
+        const uint64_t k = key ^ (chunk * OPTIM_CHUNK), z = k ^ (k >> 30);
+        lo = (uint32_t)z;
+        hi = (uint64_t)((uint32_t)(z >> 32) * (uint32_t)kMix1) << 32;
+    }
+    __host__ __device__ uint64_t operator()(uint32_t i) const {
+        uint64_t x = (uint64_t)(lo ^ i) * kMix1 + hi;  // ((z ^ i) * kMix1) mod 2^64
+        x = (x ^ (x >> 27)) * kMix2;
+        return x ^ (x >> 31);
+    }
+};
 
 __device__ __forceinline__ uint64_t launch_key(uint64_t seed, uint64_t step) {
     return mix64(seed ^ mix64(step + 0x9E3779B97F4A7C15ull));
+}
+
+// This block's ChunkBits, held in registers: left to itself the compiler recomputes the launch
+// key (three mix64) inside the element loops to shorten live ranges.
+__device__ __forceinline__ ChunkBits block_bits(uint64_t seed, uint64_t step, uint64_t chunk) {
+    ChunkBits b(launch_key(seed, step), chunk);
+    asm volatile("" : "+r"(b.lo), "+l"(b.hi));
+    return b;
 }
 
 // bf16 bits of the f32 with bits u, rounded up or down with probability proportional to
@@ -104,16 +150,58 @@ __device__ __forceinline__ uint64_t launch_key(uint64_t seed, uint64_t step) {
 // NaN stays NaN (truncating a NaN's low payload could turn it into inf). __host__ for
 // tools/cuda_host_checks.
 __host__ __device__ inline uint16_t round_stochastic_bits(uint32_t u, uint32_t bits) {
-    if ((u & 0x7f800000u) == 0x7f800000u) return (uint16_t)((u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u));
-    return (uint16_t)((u + (bits & 0xffffu)) >> 16);
+    // Branch-free, so a warp's hashes and roundings stay one straight stream. Only NaN needs
+    // its own case: inf has 16 zero bits below the kept ones, so adding bits cannot carry.
+    const bool nan = (u & 0x7fffffffu) > 0x7f800000u;
+    return (uint16_t)(nan ? (u >> 16) | 0x40u : (u + (bits & 0xffffu)) >> 16);
 }
 
 __device__ __forceinline__ bf16 round_stochastic(float x, uint32_t bits) {
     return __ushort_as_bfloat16(round_stochastic_bits(__float_as_uint(x), bits));
 }
 
+// Two stochastically rounded bf16 in one word, a in the low half.
+__device__ __forceinline__ uint32_t round_stochastic2(float a, uint32_t bits_a, float b, uint32_t bits_b) {
+    return (uint32_t)round_stochastic_bits(__float_as_uint(a), bits_a) |
+           (uint32_t)round_stochastic_bits(__float_as_uint(b), bits_b) << 16;
+}
+
 __device__ __forceinline__ void store_moment(float *p, float x, uint32_t) { *p = x; }
 __device__ __forceinline__ void store_moment(bf16 *p, float x, uint32_t bits) { *p = round_stochastic(x, bits); }
+
+// Four consecutive elements as one aligned access: float4 for f32, 8 bytes for bf16. The update
+// kernels touch every byte once per step, so their loads and stores stream (.cs, evict first);
+// that also leaves the gradients multi_grad_sumsq read last in L2 for the update's first blocks.
+__device__ __forceinline__ void load4(const float *p, float (&x)[4]) {
+    const float4 r = __ldcs(reinterpret_cast<const float4 *>(p));
+    x[0] = r.x;
+    x[1] = r.y;
+    x[2] = r.z;
+    x[3] = r.w;
+}
+__device__ __forceinline__ void load4(const bf16 *p, float (&x)[4]) {
+    const uint2 r = __ldcs(reinterpret_cast<const uint2 *>(p));
+    x[0] = __uint_as_float(r.x << 16);
+    x[1] = __uint_as_float(r.x & 0xffff0000u);
+    x[2] = __uint_as_float(r.y << 16);
+    x[3] = __uint_as_float(r.y & 0xffff0000u);
+}
+// bf16 is stochastically rounded with the low 16 bits of bits[e]; f32 ignores bits.
+__device__ __forceinline__ void store4(float *p, const float (&x)[4], const uint32_t (&)[4]) {
+    __stcs(reinterpret_cast<float4 *>(p), make_float4(x[0], x[1], x[2], x[3]));
+}
+__device__ __forceinline__ void store4(bf16 *p, const float (&x)[4], const uint32_t (&bits)[4]) {
+    __stcs(reinterpret_cast<uint2 *>(p),
+           make_uint2(round_stochastic2(x[0], bits[0], x[1], bits[1]), round_stochastic2(x[2], bits[2], x[3], bits[3])));
+}
+
+// Whether four T from p on are one aligned access. Chunks start at multiples of OPTIM_CHUNK
+// elements, so this is the alignment of the tensor's base pointer (separate allocations are
+// 256-byte aligned; a misaligned one takes the scalar path).
+template <typename T>
+__device__ __forceinline__ bool aligned4(const T *p) {
+    return ((uintptr_t)p & (4 * sizeof(T) - 1)) == 0;
+}
 
 // The gradient's multiplier, or −1 when the gradient is not finite (then nothing may be written).
 __device__ __forceinline__ float clip_scale(const double *sumsq, float max_norm) {
@@ -124,70 +212,155 @@ __device__ __forceinline__ float clip_scale(const double *sumsq, float max_norm)
     return max_norm > 0.0f && norm > (double)max_norm ? (float)((double)max_norm / (norm + 1e-6)) : 1.0f;
 }
 
-// This block's element range [beg, end) of tensor t.
-__device__ __forceinline__ void chunk_range(const Tensor &t, int64_t *beg, int64_t *end) {
-    *beg = ((int64_t)blockIdx.x - t.first_block) * OPTIM_CHUNK;
-    *end = min(t.n, *beg + (int64_t)OPTIM_CHUNK);
+// Chunk c of tensor t: its first element and its length (OPTIM_CHUNK but for a tensor's last).
+__device__ __forceinline__ void chunk_range(const Tensor &t, int64_t c, int64_t *beg, int *n) {
+    *beg = (c - t.first_block) * OPTIM_CHUNK;
+    *n = (int)min(t.n - *beg, (int64_t)OPTIM_CHUNK);
 }
 
 // cpu::adamw per element, in the same order: scale the gradient, decay the weight, update the
-// moments, then the bias-corrected step.
+// moments, then the bias-corrected step. Block b updates chunk b; thread x takes groups of four
+// elements x, x + blockDim.x, ... (kUpdateUnroll groups' loads in flight at once), the last
+// n % 4 elements of a tensor and any tensor with a misaligned pointer go one element at a time.
 template <typename M>
-__device__ void adamw(const Tensor *ts, int n_tensors, const double *sumsq, float max_norm, float decay, float b1,
-                      float b2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step) {
+__device__ __forceinline__ void adamw(const Tensor *ts, int n_tensors, const double *sumsq, float max_norm,
+                                      float decay, float b1, float b2, float eps, float step_size, float bc2_sqrt,
+                                      uint64_t seed, uint64_t step) {
     const float scale = clip_scale(sumsq, max_norm);
     if (scale < 0.0f) return;
-    const Tensor t = ts[find_tensor(ts, n_tensors)];
-    int64_t beg, end;
-    chunk_range(t, &beg, &end);
-    bf16 *p = (bf16 *)t.param;
-    M *m = (M *)t.m, *v = (M *)t.v;
-    const uint64_t key = launch_key(seed, step);
-    for (int64_t i = beg + threadIdx.x; i < end; i += blockDim.x) {
-        const float g = t.grad[i] * scale;
-        float w = ld(p + i) * decay;
-        const float mi = b1 * ld(m + i) + (1.0f - b1) * g;
-        const float vi = b2 * ld(v + i) + (1.0f - b2) * g * g;
+    const int64_t c = blockIdx.x;
+    const Tensor t = ts[find_tensor(ts, n_tensors, c)];
+    int64_t beg;
+    int n;
+    chunk_range(t, c, &beg, &n);
+    bf16 *p = (bf16 *)t.param + beg;
+    const float *g = t.grad + beg;
+    M *m = (M *)t.m + beg, *v = (M *)t.v + beg;
+    const ChunkBits bits = block_bits(seed, step, (uint64_t)c);
+    // gi, w, mi, vi: the gradient, weight and moments in; w, mi, vi: the new ones out.
+    const auto update = [=](float gi, float &w, float &mi, float &vi) {
+        gi *= scale;
+        w *= decay;
+        mi = b1 * mi + (1.0f - b1) * gi;
+        vi = b2 * vi + (1.0f - b2) * gi * gi;
         w -= step_size * mi / (sqrtf(vi) / bc2_sqrt + eps);
-        const uint64_t bits = element_bits(key, i - beg);
-        store_moment(m + i, mi, (uint32_t)(bits >> 16));
-        store_moment(v + i, vi, (uint32_t)(bits >> 32));
-        p[i] = round_stochastic(w, (uint32_t)bits);
+    };
+    int done = 0;
+    if (aligned4(p) && aligned4(g) && aligned4(m) && aligned4(v)) {
+        const int groups = n >> 2, stride = blockDim.x;
+        for (int q0 = threadIdx.x; q0 < groups; q0 += kUpdateUnroll * stride) {
+            float gx[kUpdateUnroll][4], px[kUpdateUnroll][4], mx[kUpdateUnroll][4], vx[kUpdateUnroll][4];
+#pragma unroll
+            for (int u = 0; u < kUpdateUnroll; u++) {
+                const int j = 4 * (q0 + u * stride);
+                if (j < 4 * groups) {
+                    load4(g + j, gx[u]);
+                    load4(p + j, px[u]);
+                    load4(m + j, mx[u]);
+                    load4(v + j, vx[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kUpdateUnroll; u++) {
+                const int j = 4 * (q0 + u * stride);
+                if (j >= 4 * groups) break;
+                uint32_t bp[4], bm[4], bv[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    update(gx[u][e], px[u][e], mx[u][e], vx[u][e]);
+                    const uint64_t r = bits((uint32_t)(j + e));
+                    bp[e] = (uint32_t)r;
+                    bm[e] = (uint32_t)(r >> 16);
+                    bv[e] = (uint32_t)(r >> 32);
+                }
+                store4(m + j, mx[u], bm);
+                store4(v + j, vx[u], bv);
+                store4(p + j, px[u], bp);
+            }
+        }
+        done = 4 * groups;
+    }
+    for (int j = done + threadIdx.x; j < n; j += blockDim.x) {
+        float w = ld(p + j), mi = ld(m + j), vi = ld(v + j);
+        update(g[j], w, mi, vi);
+        const uint64_t r = bits((uint32_t)j);
+        store_moment(m + j, mi, (uint32_t)(r >> 16));
+        store_moment(v + j, vi, (uint32_t)(r >> 32));
+        p[j] = round_stochastic(w, (uint32_t)r);
     }
 }
 
 }  // namespace optim
 
 // *sumsq = Σ over every tensor of Σ grad², deterministic: each block writes its chunk's sum to
-// partials[block], and the last block to finish adds the partials in index order.
+// partials[chunk], and the last block to finish adds the partials in a fixed order. Block b reads
+// chunk grid − 1 − b: blocks start roughly in index order, so the gradients read last are those
+// the update launch reads first, and some are still in L2.
 // grid Σ ceil(n / OPTIM_CHUNK), block 256, no dynamic shared memory.
 // Scratch: partials = double[grid] (no zeroing); counter = one uint32 that must be 0 before the
 // first launch (memset once at allocation): the last block resets it, so it stays 0 between
 // launches. *sumsq is overwritten, not accumulated (no zeroing).
 // CPU oracle: Optimizer::grad_norm(...)² (cpu sum_squares: per-element f64).
-extern "C" __global__ void multi_grad_sumsq(double *sumsq, double *partials, unsigned int *counter,
-                                            const optim::Tensor *ts, int n_tensors) {
+extern "C" __global__ void __launch_bounds__(256) multi_grad_sumsq(double *sumsq, double *partials,
+                                                                   unsigned int *counter, const optim::Tensor *ts,
+                                                                   int n_tensors) {
     __shared__ bool last;
-    const optim::Tensor t = ts[optim::find_tensor(ts, n_tensors)];
-    int64_t beg, end;
-    optim::chunk_range(t, &beg, &end);
-    double s = 0.0;
-    for (int64_t i = beg + threadIdx.x; i < end; i += blockDim.x) {
-        const double g = t.grad[i];
-        s += g * g;
+    const int64_t c = (int64_t)gridDim.x - 1 - blockIdx.x;
+    const optim::Tensor t = ts[optim::find_tensor(ts, n_tensors, c)];
+    int64_t beg;
+    int n;
+    optim::chunk_range(t, c, &beg, &n);
+    const float *g = t.grad + beg;
+    // Loads are .cg (L2 only, nothing to reuse in L1) and keep the normal L2 policy: see above.
+    double s = 0.0;  // g² is exact in f64; only the additions round
+    int done = 0;
+    if (optim::aligned4(g)) {
+        const float4 *g4 = reinterpret_cast<const float4 *>(g);
+        const int groups = n >> 2, stride = blockDim.x;
+        for (int q0 = threadIdx.x; q0 < groups; q0 += optim::kSumsqUnroll * stride) {
+            float4 r[optim::kSumsqUnroll];
+#pragma unroll
+            for (int u = 0; u < optim::kSumsqUnroll; u++) {
+                const int q = q0 + u * stride;
+                r[u] = q < groups ? __ldcg(g4 + q) : make_float4(0.0f, 0.0f, 0.0f, 0.0f);
+            }
+#pragma unroll
+            for (int u = 0; u < optim::kSumsqUnroll; u++) {
+                s += (double)r[u].x * r[u].x;
+                s += (double)r[u].y * r[u].y;
+                s += (double)r[u].z * r[u].z;
+                s += (double)r[u].w * r[u].w;
+            }
+        }
+        done = 4 * groups;
+    }
+    for (int j = done + threadIdx.x; j < n; j += blockDim.x) {
+        const double x = __ldcg(g + j);
+        s += x * x;
     }
     s = optim::block_sum_d(s);
     if (threadIdx.x == 0) {
-        partials[blockIdx.x] = s;
+        partials[c] = s;
         __threadfence();  // the partial is visible device-wide before the ticket is taken
         last = atomicAdd(counter, 1u) == gridDim.x - 1;
     }
     __syncthreads();
     if (!last) return;
     __threadfence();
+    // __ldcg reads L2, where the other blocks' partials are, never a stale L1 line; eight loads
+    // in flight per thread, added in a fixed order.
+    constexpr int kBatch = 8;
     double acc = 0.0;
-    // __ldcg reads L2, where the other blocks' partials are, never a stale L1 line.
-    for (unsigned i = threadIdx.x; i < gridDim.x; i += blockDim.x) acc += __ldcg(partials + i);
+    for (unsigned i0 = threadIdx.x; i0 < gridDim.x; i0 += kBatch * blockDim.x) {
+        double x[kBatch];
+#pragma unroll
+        for (int u = 0; u < kBatch; u++) {
+            const unsigned i = i0 + u * blockDim.x;
+            x[u] = i < gridDim.x ? __ldcg(partials + i) : 0.0;
+        }
+#pragma unroll
+        for (int u = 0; u < kBatch; u++) acc += x[u];
+    }
     acc = optim::block_sum_d(acc);
     if (threadIdx.x == 0) {
         *sumsq = acc;
@@ -201,33 +374,67 @@ extern "C" __global__ void multi_grad_sumsq(double *sumsq, double *partials, uns
 // grid Σ ceil(n / OPTIM_CHUNK), block 256, no shared memory, nothing to zero. sumsq: the output
 // of multi_grad_sumsq earlier on the same stream (null: no clipping). max_norm = grad_clip
 // (<= 0: off). CPU oracle: Optimizer::step with cpu::adamw, up to the stochastic rounding of p.
-extern "C" __global__ void multi_adamw_m32(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm,
-                                           float decay, float beta1, float beta2, float eps, float step_size,
-                                           float bc2_sqrt, uint64_t seed, uint64_t step) {
+extern "C" __global__ void __launch_bounds__(256, 4)
+    multi_adamw_m32(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm, float decay,
+                    float beta1, float beta2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step) {
     optim::adamw<float>(ts, n_tensors, sumsq, max_norm, decay, beta1, beta2, eps, step_size, bc2_sqrt, seed, step);
 }
 
 // As multi_adamw_m32 with bf16 moments (descriptor m, v: bf16*), stored with stochastic rounding
 // from independent bits (for when fp32 moments do not fit). Same geometry and arguments.
-extern "C" __global__ void multi_adamw_m16(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm,
-                                           float decay, float beta1, float beta2, float eps, float step_size,
-                                           float bc2_sqrt, uint64_t seed, uint64_t step) {
+extern "C" __global__ void __launch_bounds__(256, 4)
+    multi_adamw_m16(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm, float decay,
+                    float beta1, float beta2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step) {
     optim::adamw<bf16>(ts, n_tensors, sumsq, max_norm, decay, beta1, beta2, eps, step_size, bc2_sqrt, seed, step);
 }
 
 // SGD: p += (−lr · scale) · g with the clip scale above, the alpha optim.rs hands to axpy, then
 // stochastic rounding to bf16. Descriptor m and v are unused. grid Σ ceil(n / OPTIM_CHUNK), block
 // 256, no shared memory, nothing to zero. CPU oracle: Optimizer::step for OptimizerKind::Sgd.
-extern "C" __global__ void multi_sgd(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm,
-                                     float lr, uint64_t seed, uint64_t step) {
-    const float scale = optim::clip_scale(sumsq, max_norm);
+// Same chunk and group layout as the AdamW kernels.
+extern "C" __global__ void __launch_bounds__(256) multi_sgd(const optim::Tensor *ts, int n_tensors,
+                                                            const double *sumsq, float max_norm, float lr,
+                                                            uint64_t seed, uint64_t step) {
+    using namespace optim;
+    const float scale = clip_scale(sumsq, max_norm);
     if (scale < 0.0f) return;
     const float alpha = -lr * scale;
-    const optim::Tensor t = ts[optim::find_tensor(ts, n_tensors)];
-    int64_t beg, end;
-    optim::chunk_range(t, &beg, &end);
-    bf16 *p = (bf16 *)t.param;
-    const uint64_t key = optim::launch_key(seed, step);
-    for (int64_t i = beg + threadIdx.x; i < end; i += blockDim.x)
-        p[i] = optim::round_stochastic(ld(p + i) + alpha * t.grad[i], (uint32_t)optim::element_bits(key, i - beg));
+    const int64_t c = blockIdx.x;
+    const Tensor t = ts[find_tensor(ts, n_tensors, c)];
+    int64_t beg;
+    int n;
+    chunk_range(t, c, &beg, &n);
+    bf16 *p = (bf16 *)t.param + beg;
+    const float *g = t.grad + beg;
+    const ChunkBits bits = block_bits(seed, step, (uint64_t)c);
+    int done = 0;
+    if (aligned4(p) && aligned4(g)) {
+        const int groups = n >> 2, stride = blockDim.x;
+        for (int q0 = threadIdx.x; q0 < groups; q0 += kUpdateUnroll * stride) {
+            float gx[kUpdateUnroll][4], px[kUpdateUnroll][4];
+#pragma unroll
+            for (int u = 0; u < kUpdateUnroll; u++) {
+                const int j = 4 * (q0 + u * stride);
+                if (j < 4 * groups) {
+                    load4(g + j, gx[u]);
+                    load4(p + j, px[u]);
+                }
+            }
+#pragma unroll
+            for (int u = 0; u < kUpdateUnroll; u++) {
+                const int j = 4 * (q0 + u * stride);
+                if (j >= 4 * groups) break;
+                uint32_t bp[4];
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    px[u][e] = px[u][e] + alpha * gx[u][e];
+                    bp[e] = (uint32_t)bits((uint32_t)(j + e));
+                }
+                store4(p + j, px[u], bp);
+            }
+        }
+        done = 4 * groups;
+    }
+    for (int j = done + threadIdx.x; j < n; j += blockDim.x)
+        p[j] = round_stochastic(ld(p + j) + alpha * g[j], (uint32_t)bits((uint32_t)j));
 }

@@ -1,10 +1,98 @@
-// RMSNorm forward and backward, one block per row. CPU oracles: cpu::rmsnorm, cpu::rmsnorm_bwd.
+// RMSNorm forward and backward. CPU oracles: cpu::rmsnorm, cpu::rmsnorm_bwd.
+//
+// A row (dim = 3584 for Qwen2.5-7B: 7 KB of bf16) is read from HBM once and kept in registers
+// between the reduction and the output pass: each thread holds up to RMS_VPT 16-byte packs of it
+// (pack q of the row belongs to thread q % blockDim, in order, so every load is coalesced), and
+// the launcher sizes the block to ⌈dim / (8·RMS_VPT)⌉ threads rounded up to a warp. Rows with
+// dim % 8 ≠ 0, unaligned buffers or too few threads for the row take the scalar path, which
+// reads the row twice.
 #include "common.cuh"
 
+#define RMS_VPT 2
+
+namespace rms {
+template <typename... T> __device__ __forceinline__ bool aligned16(const T *...p) {
+    return ((reinterpret_cast<uintptr_t>(p) | ...) & 15) == 0;
+}
+
+__device__ __forceinline__ void unpack(uint4 raw, float (&f)[8]) {
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 v = __bfloat1622float2(h[e]);
+        f[2 * e] = v.x;
+        f[2 * e + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ uint4 pack(const float (&f)[8]) {
+    uint4 raw;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
+    return raw;
+}
+
+// The pack path's precondition, the same in every thread of the block.
+__device__ __forceinline__ bool packed_rows(int dim, const void *a, const void *b, const void *c,
+                                            const void *d = nullptr) {
+    return (dim & 7) == 0 && dim / 8 <= RMS_VPT * (int)blockDim.x && aligned16(a, b, c, d);
+}
+
+// dw[j..j+8) += a: one 16-byte vector atomic per half on sm_90 (the f32 dw is aligned when its
+// base is, since j is a multiple of 8), eight scalar ones elsewhere.
+__device__ __forceinline__ void add8(float *p, const float (&a)[8]) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    if (aligned16(p)) {
+        atomicAdd(reinterpret_cast<float4 *>(p), make_float4(a[0], a[1], a[2], a[3]));
+        atomicAdd(reinterpret_cast<float4 *>(p + 4), make_float4(a[4], a[5], a[6], a[7]));
+        return;
+    }
+#endif
+    for (int e = 0; e < 8; e++) atomicAdd(p + e, a[e]);
+}
+}  // namespace rms
+
+// out = x · rstd · w, rstd[row] = 1/sqrt(mean(x²) + eps). grid (rows), block as above.
 extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, const bf16 *w, int dim,
                                        float eps) {
     const int64_t row = blockIdx.x;
     const bf16 *xr = x + row * dim;
+    if (rms::packed_rows(dim, out, x, w)) {
+        const int nv = dim / 8, b = blockDim.x, t = threadIdx.x;
+        const uint4 *xp = reinterpret_cast<const uint4 *>(xr), *wp = reinterpret_cast<const uint4 *>(w);
+        uint4 xv[RMS_VPT], wv[RMS_VPT];
+        // Both loads before any use: w comes from L1/L2 (every row reads it) behind x's HBM latency.
+#pragma unroll
+        for (int k = 0; k < RMS_VPT; k++)
+            if (t + k * b < nv) {
+                xv[k] = xp[t + k * b];
+                wv[k] = wp[t + k * b];
+            }
+        float ss = 0.0f;
+#pragma unroll
+        for (int k = 0; k < RMS_VPT; k++)
+            if (t + k * b < nv) {
+                float f[8];
+                rms::unpack(xv[k], f);
+#pragma unroll
+                for (int e = 0; e < 8; e++) ss += f[e] * f[e];
+            }
+        const float r = rsqrtf(block_sum(ss) / dim + eps);
+        if (t == 0) rstd[row] = r;
+        uint4 *op = reinterpret_cast<uint4 *>(out + row * dim);
+#pragma unroll
+        for (int k = 0; k < RMS_VPT; k++)
+            if (t + k * b < nv) {
+                float f[8], g[8];
+                rms::unpack(xv[k], f);
+                rms::unpack(wv[k], g);
+#pragma unroll
+                for (int e = 0; e < 8; e++) f[e] = f[e] * r * g[e];
+                op[t + k * b] = rms::pack(f);
+            }
+        return;
+    }
     float ss = 0.0f;
     for (int j = threadIdx.x; j < dim; j += blockDim.x) {
         float v = ld(xr + j);
@@ -15,18 +103,82 @@ extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, co
     for (int j = threadIdx.x; j < dim; j += blockDim.x) out[row * dim + j] = to_bf16(ld(xr + j) * r * ld(w + j));
 }
 
-// dx += r * (g - x̂ * mean(g * x̂)) with g = dout * w; dw += dout * x̂ (fp32 atomics across rows).
+// dx += r · (g − x̂ · mean(g · x̂)) with g = dout · w; dw += dout · x̂ (fp32).
+// grid (min(rows, resident blocks)), block as above: each block walks rows blockIdx.x,
+// blockIdx.x + gridDim.x, … and a thread always owns the same columns, so it sums its share of
+// dw over all its rows in registers and adds it once at the end. One atomic per column per row
+// (what a block per row costs) piles 4096 adds onto each of dim addresses; this is one per
+// column per block.
 extern "C" __global__ void rmsnorm_bwd(bf16 *dx, float *dw, const bf16 *dout, const bf16 *x, const bf16 *w,
-                                       const float *rstd, int dim) {
-    const int64_t row = blockIdx.x;
-    const bf16 *xr = x + row * dim, *dr = dout + row * dim;
-    const float r = rstd[row];
-    float dot = 0.0f;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) dot += ld(dr + j) * ld(w + j) * ld(xr + j) * r;
-    const float mean = block_sum(dot) / dim;
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) {
-        const float xhat = ld(xr + j) * r, g = ld(dr + j);
-        dx[row * dim + j] = to_bf16(ld(dx + row * dim + j) + r * (g * ld(w + j) - xhat * mean));
-        atomicAdd(dw + j, g * xhat);
+                                       const float *rstd, int64_t rows, int dim) {
+    if (rms::packed_rows(dim, dx, dout, x, w)) {
+        const int nv = dim / 8, b = blockDim.x, t = threadIdx.x;
+        const uint4 *wp = reinterpret_cast<const uint4 *>(w);
+        float acc[RMS_VPT][8];
+#pragma unroll
+        for (int k = 0; k < RMS_VPT; k++)
+#pragma unroll
+            for (int e = 0; e < 8; e++) acc[k][e] = 0.0f;
+        for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+            const uint4 *dp = reinterpret_cast<const uint4 *>(dout + row * dim);
+            const uint4 *xp = reinterpret_cast<const uint4 *>(x + row * dim);
+            uint4 *gp = reinterpret_cast<uint4 *>(dx + row * dim);
+            const float r = rstd[row];
+            uint4 dv[RMS_VPT], xv[RMS_VPT], gv[RMS_VPT], wv[RMS_VPT];
+            // dx's old value is loaded with the rest, so its latency hides behind the reduction;
+            // w is re-read per row from L1 rather than held in registers (occupancy).
+#pragma unroll
+            for (int k = 0; k < RMS_VPT; k++)
+                if (t + k * b < nv) {
+                    dv[k] = dp[t + k * b];
+                    xv[k] = xp[t + k * b];
+                    gv[k] = gp[t + k * b];
+                    wv[k] = wp[t + k * b];
+                }
+            float dot = 0.0f;
+#pragma unroll
+            for (int k = 0; k < RMS_VPT; k++)
+                if (t + k * b < nv) {
+                    float d[8], xf[8], wf[8];
+                    rms::unpack(dv[k], d);
+                    rms::unpack(xv[k], xf);
+                    rms::unpack(wv[k], wf);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) dot += d[e] * wf[e] * xf[e] * r;
+                }
+            const float mean = block_sum(dot) / dim;
+#pragma unroll
+            for (int k = 0; k < RMS_VPT; k++)
+                if (t + k * b < nv) {
+                    float d[8], xf[8], wf[8], g[8];
+                    rms::unpack(dv[k], d);
+                    rms::unpack(xv[k], xf);
+                    rms::unpack(wv[k], wf);
+                    rms::unpack(gv[k], g);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        const float xhat = xf[e] * r;
+                        g[e] = g[e] + r * (d[e] * wf[e] - xhat * mean);
+                        acc[k][e] += d[e] * xhat;
+                    }
+                    gp[t + k * b] = rms::pack(g);
+                }
+        }
+#pragma unroll
+        for (int k = 0; k < RMS_VPT; k++)
+            if (t + k * b < nv) rms::add8(dw + 8 * (t + k * b), acc[k]);
+        return;
+    }
+    for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
+        const bf16 *xr = x + row * dim, *dr = dout + row * dim;
+        const float r = rstd[row];
+        float dot = 0.0f;
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) dot += ld(dr + j) * ld(w + j) * ld(xr + j) * r;
+        const float mean = block_sum(dot) / dim;
+        for (int j = threadIdx.x; j < dim; j += blockDim.x) {
+            const float xhat = ld(xr + j) * r, g = ld(dr + j);
+            dx[row * dim + j] = to_bf16(ld(dx + row * dim + j) + r * (g * ld(w + j) - xhat * mean));
+            atomicAdd(dw + j, g * xhat);
+        }
     }
 }

@@ -1,23 +1,96 @@
 // Rotary embedding, half-split (rotate_half) layout, in place; `inverse` rotates back, which is
-// also the backward pass. CPU oracle: cpu::rope. One thread per (row, head, pair).
+// also the backward pass. CPU oracle: cpu::rope.
+//
+// The angle of pair i depends on (position, i) only, not on the head, so a thread computes the
+// sines and cosines of 8 consecutive pairs once and applies them to ROPE_HG heads: one 16-byte
+// load of x1 = p[i..i+8) and one of x2 = p[half+i..half+i+8) per head, all issued before the
+// trigonometry. Thread index = ((row · groups + head group) · half/8 + pack), so a warp reads
+// whole 128-byte runs of each head. Needs half % 8 == 0 (head_dim 16, 64, 128, …) and a 16-byte
+// aligned x; otherwise one thread per (row, head, pair) as before. Both paths are grid-stride
+// loops, so the result never depends on the grid the launcher picked.
 #include "common.cuh"
 
+#define ROPE_HG 4
+
+namespace rope_k {
+__device__ __forceinline__ void unpack(uint4 raw, float (&f)[8]) {
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 v = __bfloat1622float2(h[e]);
+        f[2 * e] = v.x;
+        f[2 * e + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ uint4 pack(const float (&f)[8]) {
+    uint4 raw;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
+    return raw;
+}
+
+// Same f32 formula as transformers and the CPU oracle: angle = pos · theta^(-2i/d).
+__device__ __forceinline__ void angle(float pos, int i, int head_dim, float theta, int inverse, float *s, float *c) {
+    const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
+    sincosf(pos * inv, s, c);
+    if (inverse) *s = -*s;
+}
+}  // namespace rope_k
+
+// grid-stride; launcher: block 256, grid ⌈rows · ⌈heads/ROPE_HG⌉ · head_dim/16 / 256⌉ for the
+// packed path, ⌈rows · heads · head_dim/2 / 256⌉ otherwise.
 extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int head_dim, int pos0, float theta,
                                 int inverse) {
     const int half = head_dim / 2;
-    const int64_t idx = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
-    if (idx >= rows * heads * half) return;
-    const int i = idx % half;
-    const int64_t rh = idx / half;  // row * heads + head
-    const int64_t row = rh / heads;
-    const float pos = (float)(pos0 + row % seq);
-    // Same f32 formula as transformers and the CPU oracle: theta^(-2i/d).
-    const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
-    float s, c;
-    sincosf(pos * inv, &s, &c);
-    if (inverse) s = -s;
-    bf16 *p = x + rh * head_dim;
-    const float x1 = ld(p + i), x2 = ld(p + i + half);
-    p[i] = to_bf16(x1 * c - x2 * s);
-    p[i + half] = to_bf16(x2 * c + x1 * s);
+    const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+    if ((half & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
+        const int hv = half / 8, groups = (heads + ROPE_HG - 1) / ROPE_HG;
+        for (int64_t idx = first; idx < rows * groups * hv; idx += stride) {
+            const int v = idx % hv;
+            const int64_t rg = idx / hv;  // row * groups + group
+            const int g = rg % groups;
+            const int64_t row = rg / groups;
+            const int nh = min(ROPE_HG, heads - g * ROPE_HG);
+            bf16 *p = x + (row * heads + g * ROPE_HG) * head_dim + 8 * v;
+            uint4 lo[ROPE_HG], hi[ROPE_HG];
+#pragma unroll
+            for (int h = 0; h < ROPE_HG; h++)
+                if (h < nh) {
+                    lo[h] = *reinterpret_cast<const uint4 *>(p + h * head_dim);
+                    hi[h] = *reinterpret_cast<const uint4 *>(p + h * head_dim + half);
+                }
+            const float pos = (float)(pos0 + row % seq);
+            float s[8], c[8];
+#pragma unroll
+            for (int e = 0; e < 8; e++) rope_k::angle(pos, 8 * v + e, head_dim, theta, inverse, &s[e], &c[e]);
+#pragma unroll
+            for (int h = 0; h < ROPE_HG; h++)
+                if (h < nh) {
+                    float x1[8], x2[8], y1[8], y2[8];
+                    rope_k::unpack(lo[h], x1);
+                    rope_k::unpack(hi[h], x2);
+#pragma unroll
+                    for (int e = 0; e < 8; e++) {
+                        y1[e] = x1[e] * c[e] - x2[e] * s[e];
+                        y2[e] = x2[e] * c[e] + x1[e] * s[e];
+                    }
+                    *reinterpret_cast<uint4 *>(p + h * head_dim) = rope_k::pack(y1);
+                    *reinterpret_cast<uint4 *>(p + h * head_dim + half) = rope_k::pack(y2);
+                }
+        }
+        return;
+    }
+    for (int64_t idx = first; idx < rows * heads * half; idx += stride) {
+        const int i = idx % half;
+        const int64_t rh = idx / half;  // row * heads + head
+        const int64_t row = rh / heads;
+        float s, c;
+        rope_k::angle((float)(pos0 + row % seq), i, head_dim, theta, inverse, &s, &c);
+        bf16 *p = x + rh * head_dim;
+        const float x1 = ld(p + i), x2 = ld(p + i + half);
+        p[i] = to_bf16(x1 * c - x2 * s);
+        p[i + half] = to_bf16(x2 * c + x1 * s);
+    }
 }

@@ -6,8 +6,12 @@
 use crate::backend::{Backend, RowStats};
 use anyhow::{bail, Result};
 
-/// Rows per chunk. 1024 rows × 152064 × bf16 is 311 MB; the backward holds two such buffers.
-pub const LM_HEAD_CHUNK: usize = 1024;
+/// Rows per chunk. 2048 rows × 152064 × bf16 is 623 MB and the chunk holds two such buffers
+/// (logits, dlogits): 1.25 GB at Qwen2.5's vocabulary, under the 2 GB budget. Bigger chunks are
+/// fewer passes of the dlm_head GEMM over its f32 [V, H] output (beta = 1 reads and writes all
+/// 2.2 GB of it once per chunk, as long as the GEMM's own math at K = 1024 rows) and fewer
+/// host round trips for the statistics.
+pub const LM_HEAD_CHUNK: usize = 2048;
 
 /// The chunk buffers, allocated once per (rows, hidden, vocab).
 pub struct Chunks<T> {

@@ -120,6 +120,8 @@ pub struct CudaBackend {
     blas: CudaBlas,
     module: Arc<CudaModule>,
     funcs: RefCell<HashMap<String, CudaFunction>>,
+    /// Blocks per SM of (kernel, threads per block), for the grids sized to what is resident.
+    occupancy: RefCell<HashMap<(String, u32), u32>>,
     staging: RefCell<[Option<CudaSlice<u32>>; 4]>,
     /// The host values last staged in the KvLen slot: every layer of a decode step passes the
     /// same lengths, so only the first copies them.
@@ -133,6 +135,27 @@ pub struct CudaBackend {
 
 /// Threads per block of the elementwise kernels; they loop over n with a grid stride.
 const EW_BLOCK: u32 = 256;
+/// Packs of 8 values each thread of the packed elementwise kernels has in flight (EW_U in
+/// cuda/elementwise.cu).
+const EW_U: u64 = 2;
+/// 16-byte packs of a row each thread of the RMSNorm kernels holds (RMS_VPT in cuda/rmsnorm.cu).
+const RMS_VPT: usize = 2;
+/// Heads each thread of the packed RoPE path rotates (ROPE_HG in cuda/rope.cu).
+const ROPE_HG: usize = 4;
+/// CTAs per row, 16-byte packs per thread and the most threads per CTA of the softmax-statistics
+/// cluster kernels (SME_CL, SME_VPT, SME_MAX_THREADS in cuda/softmax_entropy.cu).
+const SME_CL: usize = 8;
+const SME_VPT: usize = 8;
+const SME_MAX_THREADS: usize = 512;
+
+/// Threads for a block that holds a row of `dim` bf16 values in registers, `vpt` 16-byte packs
+/// per thread, rounded up to a warp; 256 for rows the kernels take on the scalar path.
+fn row_block(dim: usize, vpt: usize) -> u32 {
+    if !dim.is_multiple_of(8) || dim / 8 > vpt * 1024 {
+        return 256;
+    }
+    ((dim / 8).div_ceil(vpt).next_multiple_of(32)).clamp(32, 1024) as u32
+}
 
 impl CudaBackend {
     /// Opens GPU `ordinal`, loads the embedded kernels and a cuBLAS handle. Every way this can
@@ -178,6 +201,7 @@ impl CudaBackend {
             blas,
             module,
             funcs: RefCell::new(HashMap::new()),
+            occupancy: RefCell::new(HashMap::new()),
             staging: RefCell::new([None, None, None, None]),
             kv_len_staged: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
@@ -197,6 +221,14 @@ impl CudaBackend {
 
     pub fn sm_count(&self) -> u32 {
         self.sm_count
+    }
+
+    /// The most dynamic shared memory one block may opt into (227 KB on sm_90, 163 KB on
+    /// sm_80, 99 KB on sm_86/89); 48 KB if the driver does not say.
+    pub fn max_smem_optin(&self) -> u32 {
+        self.ctx
+            .attribute(cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MAX_SHARED_MEMORY_PER_BLOCK_OPTIN)
+            .map_or(48 * 1024, |v| v as u32)
     }
 
     pub fn stream(&self) -> &Arc<CudaStream> {
@@ -259,7 +291,32 @@ impl CudaBackend {
             return;
         }
         let Some(f) = self.func(name) else { return };
-        let mut b = self.stream.launch_builder(&f);
+        // Past 48 KB of dynamic shared memory a kernel must opt in, or the launch is refused.
+        if smem > 48 * 1024 {
+            use cudarc::driver::sys::CUfunction_attribute_enum as A;
+            let attr = A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
+            if let Err(e) = f.set_attribute(attr, smem as i32) {
+                self.fail(format!(
+                    "{name}: opting into {smem} B of shared memory: {e:?}"
+                ));
+                return;
+            }
+        }
+        if let Err(e) = self.launch_func(&f, grid, block, smem, args) {
+            self.fail(format!("launching {name}: {e}"));
+        }
+    }
+
+    /// Launches `f`, returning the launch error (a bad configuration, say) instead of keeping it.
+    fn launch_func(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> std::result::Result<(), String> {
+        let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
                 Arg::P(p) | Arg::U(p) => b.arg(p),
@@ -275,9 +332,9 @@ impl CudaBackend {
         };
         // SAFETY: argument lists are written against each kernel's C signature (listed in
         // its .cu file), and every pointer is a live buffer checked for dtype and length.
-        if let Err(e) = unsafe { b.launch(cfg) } {
-            self.fail(format!("launching {name}: {e:?}"));
-        }
+        unsafe { b.launch(cfg) }
+            .map(|_| ())
+            .map_err(|e| format!("{e:?}"))
     }
 
     /// A grid-stride elementwise launch over n values.
@@ -286,6 +343,70 @@ impl CudaBackend {
             .div_ceil(EW_BLOCK as u64)
             .min(self.sm_count as u64 * 8) as u32;
         self.launch(name, (blocks, 1, 1), (EW_BLOCK, 1, 1), 0, args);
+    }
+
+    /// Blocks of `block` threads of kernel `name` that fit on one SM at once (registers, shared
+    /// memory, threads), at least 1.
+    fn blocks_per_sm(&self, name: &str, block: u32) -> u32 {
+        let key = (name.to_string(), block);
+        if let Some(&n) = self.occupancy.borrow().get(&key) {
+            return n;
+        }
+        let n = self
+            .func(name)
+            .and_then(|f| {
+                f.occupancy_max_active_blocks_per_multiprocessor(block, 0, None)
+                    .ok()
+            })
+            .unwrap_or(1)
+            .max(1);
+        self.occupancy.borrow_mut().insert(key, n);
+        n
+    }
+
+    /// The elementwise kernels that move 16-byte packs of 8 values, EW_U packs per thread
+    /// (cuda/elementwise.cu): a grid-stride loop over n/8 packs whose grid is what fits on the
+    /// GPU at once, so that no block starts after the others have finished.
+    fn launch_ew_vec(&self, name: &str, n: usize, args: &[Arg]) {
+        let per_block = 8 * EW_U * EW_BLOCK as u64;
+        let resident = self.sm_count as u64 * self.blocks_per_sm(name, EW_BLOCK) as u64;
+        let blocks = (n as u64).div_ceil(per_block).clamp(1, resident) as u32;
+        self.launch(name, (blocks, 1, 1), (EW_BLOCK, 1, 1), 0, args);
+    }
+
+    /// Launches softmax_stats_fwd or _bwd (`name`) over rows of `vocab` logits, whose buffers
+    /// start at `ptrs`. On sm_90 with vocab % 8 == 0, aligned buffers and a row that fits the
+    /// registers of SME_CL CTAs, the cluster kernel `name`_cluster: SME_CL CTAs per row, each
+    /// thread holding up to SME_VPT packs of its CTA's share (320 threads at vocab 152064). Else,
+    /// or when that launch is refused, the block-per-row kernel. EMPO_NO_CLUSTER=1 forces the
+    /// latter (to check it on an H100).
+    fn launch_softmax(&self, name: &str, rows: usize, vocab: usize, ptrs: &[u64], args: &[Arg]) {
+        let per_cta = (vocab / 8).div_ceil(SME_CL);
+        let threads = per_cta.div_ceil(SME_VPT).next_multiple_of(32).max(32);
+        let cluster = self.compute_capability().0 >= 9
+            && vocab.is_multiple_of(8)
+            && ptrs.iter().all(|p| p.is_multiple_of(16))
+            && threads <= SME_MAX_THREADS
+            && rows > 0
+            && rows * SME_CL <= i32::MAX as usize
+            && std::env::var_os("EMPO_NO_CLUSTER").is_none_or(|v| v.is_empty() || v == "0");
+        if cluster {
+            let grid = ((rows * SME_CL) as u32, 1, 1);
+            let cname = format!("{name}_cluster");
+            match self.func(&cname) {
+                Some(f) => match self.launch_func(&f, grid, (threads as u32, 1, 1), 0, args) {
+                    Ok(()) => return,
+                    Err(e) => {
+                        static WARNED: std::sync::Once = std::sync::Once::new();
+                        WARNED.call_once(|| {
+                            eprintln!("warning: {cname} could not be launched ({e}); using the block-per-row kernel")
+                        });
+                    }
+                },
+                None => return,
+            }
+        }
+        self.launch(name, (rows as u32, 1, 1), (512, 1, 1), 0, args);
     }
 
     /// Checks an operand: its dtype and that it holds at least `n` values.
@@ -639,7 +760,7 @@ impl Backend for CudaBackend {
             self.memcpy_dtod(dst.ptr, src.ptr, n * width(src.dtype()));
         } else {
             let name = format!("convert_{}_{}", dst.dtype().suffix(), src.dtype().suffix());
-            self.launch_ew(
+            self.launch_ew_vec(
                 &name,
                 n,
                 &[Arg::P(dst.ptr), Arg::P(src.ptr), Arg::L(n as i64)],
@@ -671,7 +792,7 @@ impl Backend for CudaBackend {
             self.memcpy_dtod(d, s, n * dw);
         } else {
             let name = format!("convert_{}_{}", dst.dtype().suffix(), src.dtype().suffix());
-            self.launch_ew(&name, n, &[Arg::P(d), Arg::P(s), Arg::L(n as i64)]);
+            self.launch_ew_vec(&name, n, &[Arg::P(d), Arg::P(s), Arg::L(n as i64)]);
         }
     }
 
@@ -685,7 +806,7 @@ impl Backend for CudaBackend {
             self.fail("add: a bf16 buffer cannot accumulate an f32 one");
             return;
         }
-        self.launch_ew(
+        self.launch_ew_vec(
             &name,
             y.len,
             &[Arg::P(y.ptr), Arg::P(x.ptr), Arg::L(y.len as i64)],
@@ -698,7 +819,7 @@ impl Backend for CudaBackend {
             return;
         }
         let name = format!("axpy_{}_{}", y.dtype().suffix(), x.dtype().suffix());
-        self.launch_ew(
+        self.launch_ew_vec(
             &name,
             y.len,
             &[
@@ -780,10 +901,12 @@ impl Backend for CudaBackend {
         let Some(ids_ptr) = self.stage_u32(Slot::Ids, ids) else {
             return;
         };
+        // EW_U packs of 8 per thread cover the row: 224 threads for dim 3584.
+        let block = ((dim / 8).div_ceil(EW_U as usize).next_multiple_of(32)).clamp(32, 256) as u32;
         self.launch(
             "embedding_fwd",
             (ids.len() as u32, 1, 1),
-            (256, 1, 1),
+            (block, 1, 1),
             0,
             &[
                 Arg::P(out.ptr),
@@ -958,7 +1081,7 @@ impl Backend for CudaBackend {
         self.launch(
             "rmsnorm_fwd",
             (rows as u32, 1, 1),
-            (256, 1, 1),
+            (row_block(dim, RMS_VPT), 1, 1),
             0,
             &[
                 Arg::P(out.ptr),
@@ -992,10 +1115,15 @@ impl Backend for CudaBackend {
         {
             return;
         }
+        // Each block walks rows with a stride of the grid and adds its share of dw once, so the
+        // grid is what fits on the GPU at once, split evenly: ⌈rows / resident⌉ rows per block.
+        let block = row_block(dim, RMS_VPT);
+        let resident = (self.sm_count * self.blocks_per_sm("rmsnorm_bwd", block)) as usize;
+        let blocks = rows.div_ceil(rows.div_ceil(resident.max(1)).max(1));
         self.launch(
             "rmsnorm_bwd",
-            (rows as u32, 1, 1),
-            (256, 1, 1),
+            (blocks as u32, 1, 1),
+            (block, 1, 1),
             0,
             &[
                 Arg::P(dx.ptr),
@@ -1004,6 +1132,7 @@ impl Backend for CudaBackend {
                 Arg::P(x.ptr),
                 Arg::P(w.ptr),
                 Arg::P(rstd.ptr),
+                Arg::L(rows as i64),
                 Arg::I(dim as i32),
             ],
         );
@@ -1024,10 +1153,16 @@ impl Backend for CudaBackend {
         if !self.want("rope", "x", x, Dtype::Bf16, rows * heads * head_dim) {
             return;
         }
-        let pairs = rows * heads * (head_dim / 2);
+        // The packed path (cuda/rope.cu): one thread per (row, ROPE_HG heads, 8 pairs); the
+        // kernel is a grid-stride loop, so this only sizes the grid.
+        let threads = if (head_dim / 2).is_multiple_of(8) && x.ptr.is_multiple_of(16) {
+            rows * heads.div_ceil(ROPE_HG) * (head_dim / 16)
+        } else {
+            rows * heads * (head_dim / 2)
+        };
         self.launch(
             "rope",
-            (pairs.div_ceil(256) as u32, 1, 1),
+            (threads.div_ceil(256).min(i32::MAX as usize) as u32, 1, 1),
             (256, 1, 1),
             0,
             &[
@@ -1093,7 +1228,7 @@ impl Backend for CudaBackend {
         {
             return;
         }
-        self.launch_ew(
+        self.launch_ew_vec(
             "swiglu_fwd",
             n,
             &[
@@ -1122,7 +1257,7 @@ impl Backend for CudaBackend {
         {
             return;
         }
-        self.launch_ew(
+        self.launch_ew_vec(
             "swiglu_bwd",
             n,
             &[
@@ -1154,19 +1289,14 @@ impl Backend for CudaBackend {
         let Some(t) = self.stage_u32(Slot::Ids, targets) else {
             return self.sync().map(|_| vec![]);
         };
-        self.launch(
-            "softmax_stats_fwd",
-            (rows as u32, 1, 1),
-            (512, 1, 1),
-            0,
-            &[
-                Arg::P(stats.ptr),
-                Arg::P(logits.ptr),
-                Arg::P(t),
-                Arg::I(vocab as i32),
-                Arg::F(temperature),
-            ],
-        );
+        let args = [
+            Arg::P(stats.ptr),
+            Arg::P(logits.ptr),
+            Arg::P(t),
+            Arg::I(vocab as i32),
+            Arg::F(temperature),
+        ];
+        self.launch_softmax("softmax_stats_fwd", rows, vocab, &[logits.ptr], &args);
         let host = self.download_f32(&stats)?;
         Ok(host
             .chunks_exact(3)
@@ -1211,20 +1341,21 @@ impl Backend for CudaBackend {
         ) else {
             return;
         };
-        self.launch(
+        let args = [
+            Arg::P(dlogits.ptr),
+            Arg::P(logits.ptr),
+            Arg::P(t),
+            Arg::P(pa),
+            Arg::P(pb),
+            Arg::I(vocab as i32),
+            Arg::F(temperature),
+        ];
+        self.launch_softmax(
             "softmax_stats_bwd",
-            (rows as u32, 1, 1),
-            (512, 1, 1),
-            0,
-            &[
-                Arg::P(dlogits.ptr),
-                Arg::P(logits.ptr),
-                Arg::P(t),
-                Arg::P(pa),
-                Arg::P(pb),
-                Arg::I(vocab as i32),
-                Arg::F(temperature),
-            ],
+            rows,
+            vocab,
+            &[logits.ptr, dlogits.ptr],
+            &args,
         );
     }
 }

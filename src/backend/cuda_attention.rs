@@ -6,14 +6,17 @@
 use super::cuda::{Arg, CudaBackend, CudaBuf, Dtype};
 use super::AttnShape;
 
-/// Keys per decode split: long caches are cut into this many keys per block, then merged.
-const DECODE_CHUNK: usize = 256;
+/// Decode split granularity in keys: one 16-key step for each of a decode block's 4 warps. A
+/// split is a multiple of this and at least twice it.
+const DECODE_CHUNK: usize = 64;
 
 /// Float scratch slots of the CUDA backend used here.
 const DELTA: usize = 0;
 const DQ_ACCUM: usize = 1;
 const PART_O: usize = 2;
 const PART_ML: usize = 3;
+const LSE2: usize = 4;
+const DKV_ACCUM: usize = 5;
 
 fn check(
     be: &CudaBackend,
@@ -93,11 +96,12 @@ pub fn forward(
         Arg::I(kvh),
     ];
     match fast(s.head_dim) {
+        // 128-query tiles; y = 0 is the tile with the longest causal rows, dispatched first.
         Some(dn) => be.launch(
             &format!("attention_fwd_d{dn}"),
-            (s.tq.div_ceil(64) as u32, s.heads as u32, s.batch as u32),
+            ((s.batch * s.heads) as u32, s.tq.div_ceil(128) as u32, 1),
             (128, 1, 1),
-            (256 * s.head_dim) as u32,
+            (512 * s.head_dim) as u32,
             &common,
         ),
         None => {
@@ -116,6 +120,11 @@ pub fn forward(
 
 /// One query per sequence over `tk` cached keys (every sequence of the batch at the same
 /// length here; the kernel itself takes a length per sequence).
+///
+/// A block reads the K/V rows of one kv head (for up to 8 of its q heads) over one split of
+/// the keys. The split count fills one wave of resident blocks: every block then streams at the
+/// same rate and they finish together, and a single split (the usual case for a full batch)
+/// needs no combine pass.
 fn decode(
     be: &CudaBackend,
     out: &mut CudaBuf,
@@ -129,7 +138,22 @@ fn decode(
     let Some(len_p) = be.stage_kv_len(&kv_len) else {
         return;
     };
-    let splits = s.tk.div_ceil(DECODE_CHUNK).max(1);
+    // Kernel by row width, with its blocks per SM (its __launch_bounds__).
+    let (kernel, per_sm) = match s.head_dim {
+        0..=64 => ("attention_decode_d64", 4),
+        65..=128 => ("attention_decode_d128", 2),
+        _ => ("attention_decode_d256", 2),
+    };
+    let row_blocks = s.kv_heads * (s.heads / s.kv_heads).div_ceil(8);
+    let blocks = s.batch * row_blocks;
+    let slots = be.sm_count() as usize * per_sm;
+    let most = s.tk.div_ceil(2 * DECODE_CHUNK).max(1);
+    let want = (slots / blocks.max(1)).clamp(1, most);
+    let chunk =
+        s.tk.div_ceil(want)
+            .next_multiple_of(DECODE_CHUNK)
+            .max(DECODE_CHUNK);
+    let splits = s.tk.div_ceil(chunk).max(1);
     let (po, pml) = if splits > 1 {
         let rows = splits * s.batch * s.heads;
         match (
@@ -142,14 +166,9 @@ fn decode(
     } else {
         (0, 0)
     };
-    let group = s.heads / s.kv_heads;
     be.launch(
-        "attention_decode",
-        (
-            splits as u32,
-            (s.kv_heads * group.div_ceil(8)) as u32,
-            s.batch as u32,
-        ),
+        kernel,
+        (splits as u32, row_blocks as u32, s.batch as u32),
         (128, 1, 1),
         0,
         &[
@@ -165,7 +184,7 @@ fn decode(
             Arg::I(s.heads as i32),
             Arg::I(s.kv_heads as i32),
             Arg::I(s.head_dim as i32),
-            Arg::I(DECODE_CHUNK as i32),
+            Arg::I(chunk as i32),
         ],
     );
     if splits > 1 {
@@ -222,30 +241,11 @@ pub fn backward(
     ) {
         return;
     }
-    let Some(delta) = be.scratch_f32(DELTA, rows) else {
+    // delta (and lse2 on the fast path) are [batch, heads, tq rounded up to 64].
+    let padded = s.batch * s.heads * s.tq.div_ceil(64) * 64;
+    let Some(delta) = be.scratch_f32(DELTA, padded) else {
         return;
     };
-    let dq_accum = match fast(s.head_dim) {
-        Some(_) => match be.scratch_f32(DQ_ACCUM, nq) {
-            Some(p) => p,
-            None => return,
-        },
-        None => 0, // the fallback writes dq directly
-    };
-    be.launch(
-        "attention_bwd_preprocess",
-        (rows.div_ceil(4) as u32, 1, 1),
-        (128, 1, 1),
-        0,
-        &[
-            Arg::P(delta),
-            Arg::P(dq_accum),
-            Arg::P(dout.ptr()),
-            Arg::P(out.ptr()),
-            Arg::L(rows as i64),
-            Arg::I(s.head_dim as i32),
-        ],
-    );
     let shape_args = [
         Arg::I(s.tq as i32),
         Arg::I(s.tk as i32),
@@ -253,35 +253,98 @@ pub fn backward(
         Arg::I(s.heads as i32),
         Arg::I(s.kv_heads as i32),
     ];
-    let inputs = [
-        Arg::P(dout.ptr()),
-        Arg::P(lse.ptr()),
-        Arg::P(delta),
-        Arg::P(q.ptr()),
-        Arg::P(k.ptr()),
-        Arg::P(v.ptr()),
-    ];
-    match fast(s.head_dim) {
+    let preprocess = |lse2: u64, dq_accum: u64, dkv_accum: u64| {
+        be.launch(
+            "attention_bwd_preprocess",
+            (padded.div_ceil(4) as u32, 1, 1),
+            (128, 1, 1),
+            0,
+            &[
+                Arg::P(delta),
+                Arg::P(lse2),
+                Arg::P(dq_accum),
+                Arg::P(dkv_accum),
+                Arg::P(dout.ptr()),
+                Arg::P(out.ptr()),
+                Arg::P(lse.ptr()),
+                Arg::I(s.batch as i32),
+                Arg::I(s.tq as i32),
+                Arg::I(s.heads as i32),
+                Arg::I(s.head_dim as i32),
+                Arg::L(if dkv_accum != 0 { 2 * nkv as i64 } else { 0 }),
+            ],
+        )
+    };
+    let smem = if s.head_dim == 128 { 164864 } else { 99328 };
+    // A GPU without that much shared memory per block (sm_86/89: 99 KB) takes the fallback.
+    let fast_bwd = fast(s.head_dim).filter(|_| smem <= be.max_smem_optin());
+    match fast_bwd {
         Some(dn) => {
-            let mut args = vec![Arg::P(dq_accum), Arg::P(dk.ptr()), Arg::P(dv.ptr())];
-            args.extend(inputs);
+            // GQA: the q heads of a group add dk, dv into fp32 scratch; without it the kernel
+            // writes them directly.
+            let gqa = s.heads > s.kv_heads;
+            let (Some(lse2), Some(dq_accum)) =
+                (be.scratch_f32(LSE2, padded), be.scratch_f32(DQ_ACCUM, nq))
+            else {
+                return;
+            };
+            let dkv_accum = if gqa {
+                match be.scratch_f32(DKV_ACCUM, 2 * nkv) {
+                    Some(p) => p,
+                    None => return,
+                }
+            } else {
+                0
+            };
+            preprocess(lse2, dq_accum, dkv_accum);
+            let mut args = vec![
+                Arg::P(dq_accum),
+                Arg::P(dkv_accum),
+                Arg::P(dk.ptr()),
+                Arg::P(dv.ptr()),
+                Arg::P(dout.ptr()),
+                Arg::P(lse2),
+                Arg::P(delta),
+                Arg::P(q.ptr()),
+                Arg::P(k.ptr()),
+                Arg::P(v.ptr()),
+            ];
             args.extend(shape_args);
+            let keys = if gqa { s.tk } else { s.cap };
             be.launch(
                 &format!("attention_bwd_d{dn}"),
-                (s.cap.div_ceil(64) as u32, s.kv_heads as u32, s.batch as u32),
-                (128, 1, 1),
-                if s.head_dim == 128 { 49152 } else { 32768 },
+                ((s.batch * s.heads) as u32, keys.div_ceil(128) as u32, 1),
+                (256, 1, 1),
+                smem,
                 &args,
             );
+            let n = nq + if gqa { 2 * nkv } else { 0 };
             be.launch(
-                "attention_bwd_dq_convert",
-                (nq.div_ceil(256) as u32, 1, 1),
+                "attention_bwd_convert",
+                (n.div_ceil(1024) as u32, 1, 1),
                 (256, 1, 1),
                 0,
-                &[Arg::P(dq.ptr()), Arg::P(dq_accum), Arg::L(nq as i64)],
+                &[
+                    Arg::P(dq.ptr()),
+                    Arg::P(dk.ptr()),
+                    Arg::P(dv.ptr()),
+                    Arg::P(dq_accum),
+                    Arg::P(dkv_accum),
+                    Arg::L(nq as i64),
+                    Arg::L(nkv as i64),
+                ],
             );
         }
         None => {
+            preprocess(0, 0, 0);
+            let inputs = [
+                Arg::P(dout.ptr()),
+                Arg::P(lse.ptr()),
+                Arg::P(delta),
+                Arg::P(q.ptr()),
+                Arg::P(k.ptr()),
+                Arg::P(v.ptr()),
+            ];
             let mut args = vec![Arg::P(dq.ptr())];
             args.extend(inputs);
             args.extend(shape_args);

@@ -108,6 +108,8 @@ struct OptimTensor {
 unsafe impl DeviceRepr for OptimTensor {}
 unsafe impl ValidAsZeroBits for OptimTensor {}
 
+/// Elements per block, as OPTIM_CHUNK in cuda/optimizer.cu. Besides the grid it fixes the
+/// stochastic-rounding hash input (chunk · OPTIM_CHUNK + i), so changing it changes every run.
 const OPTIM_CHUNK: usize = 16384;
 
 /// `Backend::optimizer_step` on the device: Σg² by one multi-tensor launch into a double the

@@ -20,6 +20,7 @@ using std::min;
 #define __forceinline__ inline
 #define __shared__ static
 #define __align__(n) __attribute__((aligned(n)))
+#define __launch_bounds__(...)
 
 struct dim3e { unsigned x = 1, y = 1, z = 1; };
 struct PendingCopy { void *dst; const void *src; bool valid; int group; };
@@ -31,7 +32,7 @@ static dim3e g_block, g_grid, g_bdim;
 #define blockIdx g_block
 #define gridDim g_grid
 #define blockDim g_bdim
-alignas(128) static unsigned char emu_dyn_smem[65536];
+alignas(1024) static unsigned char emu_dyn_smem[232448];  // 227 KB, the sm_90 opt-in maximum
 static long g_conflicts = 0, g_ldsm = 0;
 
 inline void yield_() { swapcontext(&g_cur->ctx, &g_sched); }
@@ -51,6 +52,7 @@ template <class T> inline T xget(int l) { T v; memcpy(&v, g_xbuf[emu_warp()][l],
 inline void xdone() { __syncwarp(); }
 inline float __shfl_xor_sync(unsigned, float v, int o) { xput(v); float r = xget<float>(emu_lane() ^ o); xdone(); return r; }
 inline float __shfl_sync(unsigned, float v, int s) { xput(v); float r = xget<float>(s); xdone(); return r; }
+inline int __any_sync(unsigned, int p) { xput(p); int r = 0; for (int l = 0; l < 32; l++) r |= xget<int>(l); xdone(); return r != 0; }
 
 struct bf16 { uint16_t x; };
 typedef bf16 __nv_bfloat16;

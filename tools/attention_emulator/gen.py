@@ -6,6 +6,7 @@ dynamic shared memory for a host buffer.
   python3 gen.py ../../cuda/attention.cu OUT_DIR   # writes OUT_DIR/attention_emu.cpp
 """
 import os
+import re
 import sys
 
 src = open(sys.argv[1]).read()
@@ -14,9 +15,10 @@ src = src.replace('#include "common.cuh"', '#include "emu.h"')
 a = src.index("__device__ __forceinline__ void cp_async16")
 b = src.index("__device__ __forceinline__ uint32_t pack(")
 src = src[:a] + '#include "emu_tc.h"\n' + src[b:]
-src = src.replace(
-    "extern __shared__ __align__(16) unsigned char attn_smem[];",
+src = re.sub(
+    r"extern __shared__ __align__\(\d+\) unsigned char attn_smem\[\];",
     "unsigned char *attn_smem = emu_dyn_smem;",
+    src,
 )
 dec = open(os.path.join(os.path.dirname(sys.argv[1]), "attention_decode.cu")).read()
 src += "\n" + dec.replace('#include "common.cuh"', "")

@@ -71,11 +71,11 @@ static void test_attention(Shape s, bool fast) {
     auto q = rand_bf16((size_t)s.batch * s.tq * s.heads * D, 2.0f), k = make_kv(s, 2.0f), v = make_kv(s, 1.0f);
     auto dout = rand_bf16(q.size(), 1.0f);
     std::vector<bf16> out(q.size(), BNAN), dq(q.size(), BNAN), dk(k.size(), BNAN), dv(v.size(), BNAN);
-    std::vector<float> lse((size_t)s.batch * s.tq * s.heads, NAN), delta(lse.size(), NAN), dqacc(q.size(), NAN);
+    std::vector<float> lse((size_t)s.batch * s.tq * s.heads, NAN), dqacc(q.size(), NAN);
     auto qf = f32(q), kf = zero_garbage(f32(k), s), vf = zero_garbage(f32(v), s), df = f32(dout);
     std::vector<double> ro, rl; ref_fwd(ro, rl, qf, kf, vf, s);
     if (fast) {
-        dim3e grid = {(unsigned)((s.tq + 63) / 64), (unsigned)s.heads, (unsigned)s.batch};
+        dim3e grid = {(unsigned)(s.batch * s.heads), (unsigned)((s.tq + 127) / 128)};
         emu_launch(grid, {128}, [&] { (D == 64 ? attention_fwd_d64 : attention_fwd_d128)(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
     } else {
         emu_launch({(unsigned)((s.tq * s.heads + 3) / 4), (unsigned)s.batch}, {128}, [&] { attention_fwd_generic(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv, D); });
@@ -85,13 +85,17 @@ static void test_attention(Shape s, bool fast) {
 
     auto of = f32(out);
     std::vector<double> rdq, rdk, rdv; ref_bwd(rdq, rdk, rdv, df, of, lse, qf, kf, vf, s);
-    int64_t rows = (int64_t)s.batch * s.tq * s.heads;
-    emu_launch({(unsigned)((rows + 3) / 4)}, {128}, [&] { attention_bwd_preprocess(delta.data(), fast ? dqacc.data() : nullptr, dout.data(), out.data(), rows, D); });
+    const int tqp = (s.tq + 63) / 64 * 64, group = s.heads / s.kv;
+    const int64_t rows = (int64_t)s.batch * s.heads * tqp, nq = q.size(), nkv = k.size();
+    std::vector<float> delta(rows, NAN), lse2(rows, NAN), dkvacc(2 * nkv, NAN);
+    float *dkvp = fast && group > 1 ? dkvacc.data() : nullptr;  // GQA: dk, dv through fp32 atomics
+    emu_launch({(unsigned)((rows + 3) / 4)}, {128}, [&] { attention_bwd_preprocess(delta.data(), fast ? lse2.data() : nullptr, fast ? dqacc.data() : nullptr, dkvp, dout.data(), out.data(), lse.data(), s.batch, s.tq, s.heads, D, dkvp ? 2 * nkv : 0); });
     if (fast) {
-        emu_launch({(unsigned)((s.cap + 63) / 64), (unsigned)s.kv, (unsigned)s.batch}, {128}, [&] {
-            (D == 64 ? attention_bwd_d64 : attention_bwd_d128)(dqacc.data(), dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
-        int64_t n = q.size();
-        emu_launch({(unsigned)((n + 255) / 256)}, {256}, [&] { attention_bwd_dq_convert(dq.data(), dqacc.data(), n); });
+        const int nkeys = dkvp ? s.tk : s.cap;
+        emu_launch({(unsigned)(s.batch * s.heads), (unsigned)((nkeys + 127) / 128)}, {256}, [&] {
+            (D == 64 ? attention_bwd_d64 : attention_bwd_d128)(dqacc.data(), dkvp, dk.data(), dv.data(), dout.data(), lse2.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
+        const int64_t n = nq + (dkvp ? 2 * nkv : 0);
+        emu_launch({(unsigned)((n + 1023) / 1024)}, {256}, [&] { attention_bwd_convert(dq.data(), dk.data(), dv.data(), dqacc.data(), dkvp, nq, nkv); });
     } else {
         emu_launch({(unsigned)((s.tq * s.heads + 3) / 4), (unsigned)s.batch}, {128}, [&] { attention_bwd_dq_generic(dq.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv, D); });
         emu_launch({(unsigned)((s.cap * s.kv + 3) / 4), (unsigned)s.batch}, {128}, [&] { attention_bwd_dkdv_generic(dk.data(), dv.data(), dout.data(), lse.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv, D); });
@@ -109,7 +113,8 @@ static void test_decode(int batch, std::vector<int> lens, int cap, int heads, in
     std::vector<bf16> out(q.size(), BNAN); std::vector<float> lse((size_t)batch * heads, NAN);
     std::vector<float> po((size_t)splits * batch * heads * D, NAN), pml((size_t)splits * batch * heads * 2, NAN);
     int group = heads / kv, hch = (group + 7) / 8;
-    emu_launch({(unsigned)splits, (unsigned)(kv * hch), (unsigned)batch}, {128}, [&] { attention_decode(out.data(), lse.data(), po.data(), pml.data(), q.data(), k.data(), v.data(), lens.data(), cap, heads, kv, D, chunk); });
+    auto kern = D <= 64 ? attention_decode_d64 : D <= 128 ? attention_decode_d128 : attention_decode_d256;
+    emu_launch({(unsigned)splits, (unsigned)(kv * hch), (unsigned)batch}, {128}, [&] { kern(out.data(), lse.data(), po.data(), pml.data(), q.data(), k.data(), v.data(), lens.data(), cap, heads, kv, D, chunk); });
     if (splits > 1) emu_launch({(unsigned)heads, (unsigned)batch}, {128}, [&] { attention_decode_combine(out.data(), lse.data(), po.data(), pml.data(), splits, heads, D); });
     std::vector<double> ro, rl;
     for (int b = 0; b < batch; b++) {
@@ -120,6 +125,8 @@ static void test_decode(int batch, std::vector<int> lens, int cap, int heads, in
         std::vector<double> o1, l1; ref_fwd(o1, l1, qf, zero_garbage(kb, s), zero_garbage(vb, s), s);
         ro.insert(ro.end(), o1.begin(), o1.end()); rl.insert(rl.end(), l1.begin(), l1.end());
     }
+    for (size_t i = 0; i < rl.size(); i++)  // an empty sequence: lse -inf on both sides
+        if (std::isinf(rl[i]) && lse[i] == rl[i]) rl[i] = lse[i] = 0;
     check("out", f32(out), ro, 1.5e-2);
     check("lse", lse, rl, 1e-4);
 }
@@ -143,6 +150,8 @@ int main(int argc, char **argv) {
         test_attention({1, 20, 100, 130, 3, 1, D}, true);  // chunked prefill
         test_attention({1, 1, 65, 65, 2, 1, D}, true);     // one query
         test_attention({1, 128, 128, 128, 2, 2, D}, true); // exact tiles
+        test_attention({1, 200, 260, 300, 2, 1, D}, true); // several key tiles, GQA, chunked prefill
+        test_attention({1, 160, 160, 300, 1, 1, D}, true); // several key tiles, no GQA, cap well past tk
     }
     for (int D : {8, 24, 40})
         test_attention({2, 37, 50, 53, 6, 2, D}, false);
@@ -151,6 +160,16 @@ int main(int argc, char **argv) {
         test_decode(3, {1, 37, 150}, 160, 14, 2, D, 48);
     }
     test_decode(2, {70, 9}, 80, 10, 1, 64, 32);  // group 10: two head chunks
+    test_decode(2, {5, 100}, 100, 3, 3, 128, 64);         // group 1 (MHA), a 5-key split
+    test_decode(3, {1, 300, 129}, 300, 16, 2, 128, 128);  // group 8: one full head chunk
+    test_decode(3, {1, 300, 129}, 300, 16, 2, 128, 1024);
+    test_decode(1, {40}, 48, 16, 1, 64, 16);              // group 16: two full head chunks
+    test_decode(2, {1500, 777}, 1600, 7, 1, 128, 512);    // Qwen2.5-7B group, long cache
+    test_decode(2, {1500, 777}, 1600, 7, 1, 128, 2048);   // one split of many steps per warp
+    test_decode(2, {33, 100}, 100, 4, 2, 256, 64);        // D 256
+    test_decode(2, {33, 100}, 100, 6, 2, 200, 1024);      // D 200: d256 with padded chunks
+    test_decode(2, {65, 17}, 70, 6, 3, 72, 32);           // D 72: d128 with padded chunks
+    test_decode(3, {0, 50, 0}, 64, 14, 2, 128, 32);       // empty sequences: out 0, lse -inf
     printf("ldmatrix calls %ld, bank-conflicting phases %ld\n", g_ldsm, g_conflicts);
     printf(fails ? "%d FAILED\n" : "all ok\n", fails);
     return fails != 0;

@@ -4,7 +4,9 @@
 //      the block reductions are replaced by loops), against the expectations of src/rl.rs's
 //      tests, plus a check that masked tokens act as if they were not in the batch;
 //   2. the optimizer's stochastic rounding: over all 2^16 random inputs it averages exactly to
-//      the f32 value, leaves bf16 values, inf and NaN as they are.
+//      the f32 value, leaves bf16 values, inf and NaN as they are, and the branch-free form
+//      gives the bits of the original branching one;
+//   3. the optimizer's random bits: ChunkBits, the kernels' hoisted hash, equals element_bits.
 // Build and run from the repository root:
 //   .cuda/nvidia/cu13/bin/nvcc -O3 -std=c++17 -arch=sm_80 -I cuda -L .cuda/nvidia/cu13/lib \
 //       tools/cuda_host_checks/rl_optim_check.cu -o /tmp/rl_optim_check && /tmp/rl_optim_check
@@ -201,9 +203,55 @@ static void check_stochastic_rounding() {
     }
 }
 
+// The rounding as first written (a branch for inf/NaN), which the kernels' branch-free
+// round_stochastic_bits must reproduce bit for bit.
+static uint16_t round_stochastic_bits_ref(uint32_t u, uint32_t bits) {
+    if ((u & 0x7f800000u) == 0x7f800000u) return (uint16_t)((u >> 16) | ((u & 0x007fffffu) ? 0x40u : 0u));
+    return (uint16_t)((u + (bits & 0xffffu)) >> 16);
+}
+
+static uint64_t next_u64(uint64_t &s) { return optim::mix64(s += 0x9E3779B97F4A7C15ull); }
+
+static void check_rounding_matches_reference() {
+    uint64_t rng = 1;
+    int bad = 0;
+    // Every 2^32 / 65521-th f32 bit pattern (all signs and exponents) with random bits, plus
+    // every pattern around inf/NaN and the rounding-carry edges with extreme bits.
+    for (uint64_t k = 0; k < (1ull << 32); k += 65521) {
+        const uint32_t u = (uint32_t)k;
+        for (int t = 0; t < 8; t++) {
+            const uint32_t r = (uint32_t)next_u64(rng);
+            bad += optim::round_stochastic_bits(u, r) != round_stochastic_bits_ref(u, r);
+        }
+    }
+    for (uint32_t hi : {0x7f7fu, 0x7f80u, 0x7fc0u, 0x7fffu, 0xff7fu, 0xff80u, 0xffc0u, 0xffffu, 0x0000u, 0x8000u})
+        for (uint32_t lo = 0; lo < 65536; lo++)
+            for (uint32_t r : {0u, 1u, 0x8000u, 0xffffu, 0xffffffffu}) {
+                const uint32_t u = hi << 16 | lo;
+                bad += optim::round_stochastic_bits(u, r) != round_stochastic_bits_ref(u, r);
+            }
+    CHECK(bad == 0, "branch-free stochastic rounding differs from the reference in %d cases", bad);
+}
+
+static void check_chunk_bits() {
+    uint64_t rng = 7;
+    int bad = 0;
+    for (int trial = 0; trial < 64; trial++) {
+        const uint64_t key = next_u64(rng);
+        // Chunk indices from 0 to far beyond any real grid, so every key bit meets chunk bits.
+        const uint64_t chunk = trial < 4 ? (uint64_t)trial : next_u64(rng) >> (trial % 50);
+        const optim::ChunkBits bits(key, chunk);
+        for (uint32_t i = 0; i < OPTIM_CHUNK; i += trial < 8 ? 1 : 7)
+            bad += bits(i) != optim::element_bits(key, chunk, i);
+    }
+    CHECK(bad == 0, "ChunkBits differs from element_bits in %d cases", bad);
+}
+
 int main() {
     check_policy_loss();
     check_stochastic_rounding();
+    check_rounding_matches_reference();
+    check_chunk_bits();
     if (failures) {
         std::printf("%d failures\n", failures);
         return 1;
