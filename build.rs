@@ -99,8 +99,21 @@ fn main() {
         let mut kernels = Vec::new();
         for s in &sources {
             let text = std::fs::read_to_string(s).unwrap_or_default();
-            for part in text.split("extern \"C\" __global__ void ").skip(1) {
-                kernels.push(part.split('(').next().unwrap_or("").trim().to_string());
+            for part in text.split("extern \"C\" ").skip(1) {
+                // Declarations only (a comment may say extern "C" too); `__launch_bounds__(…)`
+                // may stand before `__global__` or between `void` and the name.
+                let first_line = part.lines().next().unwrap_or("");
+                let Some((_, mut rest)) = part.split_once("__global__ void") else {
+                    continue;
+                };
+                if !first_line.contains("__global__ void") {
+                    continue;
+                }
+                if let Some(r) = rest.trim_start().strip_prefix("__launch_bounds__") {
+                    rest = r.split_once(')').map_or("", |(_, r)| r);
+                }
+                let head = rest.split('(').next().unwrap_or("");
+                kernels.push(head.split_whitespace().last().unwrap_or("").to_string());
             }
         }
         let status = Command::new(&nvcc)

@@ -57,12 +57,14 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
     let logits = be.upload(&rnd(rows * v, 4.0)).unwrap();
     let targets: Vec<u32> = (0..rows as u32).collect();
     let mut dl = be.alloc(rows * v).unwrap();
+    let mut stats = be.alloc_f32(3 * rows).unwrap();
     let (ca, cb) = (vec![1.0; rows], vec![1.0; rows]);
     g.throughput(Throughput::Bytes((rows * v * 2) as u64));
     g.bench_function(format!("softmax-entropy fwd [{rows}, {v}]"), |b| {
         b.iter_custom(|n| {
             timed(n, &mut || {
-                be.softmax_stats(&logits, rows, v, &targets, 0.7).unwrap();
+                be.softmax_stats_into(&mut stats, &logits, rows, v, &targets, 0.7)
+                    .unwrap();
             })
         })
     });
@@ -70,7 +72,9 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
     g.bench_function(format!("softmax-entropy bwd [{rows}, {v}]"), |b| {
         b.iter_custom(|n| {
             timed(n, &mut || {
-                be.softmax_stats_bwd(&mut dl, &logits, rows, v, &targets, 0.7, &ca, &cb)
+                be.softmax_stats_bwd_saved(
+                    &mut dl, &logits, &stats, rows, v, &targets, 0.7, &ca, &cb,
+                )
             })
         })
     });

@@ -384,13 +384,15 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     );
     drop((q, k, vv, o, lse));
 
-    // Softmax statistics over the vocabulary: one read of the logits forward, one read and
-    // one write backward.
+    // Softmax statistics over the vocabulary, left on the device as the chunked lm_head uses
+    // them: one read of the logits forward; one read and one write backward, from the saved
+    // statistics.
     let rows_v = (s.tokens / 4).max(1);
     let logits = be.upload(&rnd(rows_v * v, 4.0))?;
     let targets: Vec<u32> = (0..rows_v as u32).collect();
+    let mut stats = be.alloc_f32(3 * rows_v)?;
     let t = time(be, iters, || {
-        let _ = be.softmax_stats(&logits, rows_v, v, &targets, 0.7);
+        let _ = be.softmax_stats_into(&mut stats, &logits, rows_v, v, &targets, 0.7);
     })?;
     push(
         "softmax-entropy fwd",
@@ -402,7 +404,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     let mut dl = be.alloc(rows_v * v)?;
     let (ca, cb) = (vec![1.0; rows_v], vec![1.0; rows_v]);
     let t = time(be, iters, || {
-        be.softmax_stats_bwd(&mut dl, &logits, rows_v, v, &targets, 0.7, &ca, &cb)
+        be.softmax_stats_bwd_saved(&mut dl, &logits, &stats, rows_v, v, &targets, 0.7, &ca, &cb)
     })?;
     push(
         "softmax-entropy bwd",
@@ -411,7 +413,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         2.0 * (rows_v * v) as f64 * e,
         t,
     );
-    drop((logits, dl));
+    drop((logits, dl, stats));
 
     // AdamW over one large tensor: bf16 param read+write, f32 grad read, f32 m and v read+write.
     let np = s.copy_bytes / 8;
@@ -680,10 +682,11 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
     let t = {
         let mut logits = be.alloc(n * v)?;
         let mut dlogits = be.alloc(n * v)?;
+        let mut stats = be.alloc_f32(3 * n)?;
         time(be, iters, || {
             be.matmul(&mut logits, &x, &w, None, n, h, v);
-            let _ = be.softmax_stats(&logits, n, v, &targets, 1.0);
-            be.softmax_stats_bwd(&mut dlogits, &logits, n, v, &targets, 1.0, &a, &b);
+            let _ = be.softmax_stats_into(&mut stats, &logits, n, v, &targets, 1.0);
+            be.softmax_stats_bwd_saved(&mut dlogits, &logits, &stats, n, v, &targets, 1.0, &a, &b);
             be.zero(&mut dx);
             be.matmul_bwd(
                 Some(&mut dx),
@@ -712,7 +715,8 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
     let base = be.memory().map(|m| m.0);
     let mut chunks = crate::lm_head::Chunks::new(be, n, h, v)?;
     let t = time(be, iters, || {
-        let _ = crate::lm_head::stats(be, &mut chunks, &x, &w, (n, h, v), &targets, 1.0);
+        let stats = crate::lm_head::stats(be, &mut chunks, &x, &w, (n, h, v), &targets, 1.0)
+            .unwrap_or_default();
         let _ = crate::lm_head::stats_bwd(
             be,
             &mut chunks,
@@ -721,6 +725,7 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
             &x,
             &w,
             (n, h, v),
+            &stats,
             &targets,
             1.0,
             &a,

@@ -9,7 +9,7 @@
 //! The harness is generic over `Backend`. On the GPU it checks the CUDA backend; run over the
 //! CPU backend itself (a CI test) it checks the harness: every shape and argument order.
 
-use crate::backend::{cpu, AdamWStep, AttnShape, Backend, NO_TARGET};
+use crate::backend::{cpu, AdamWStep, AttnShape, Backend, RowStats, NO_TARGET};
 use crate::config::{DType, ModelConfig};
 use crate::generate::next_token_targets;
 use crate::model::{random_tensors, tensor_specs, Qwen2};
@@ -196,6 +196,8 @@ pub fn run_all<B: Backend>(
     check_kv_write(&mut c)?;
     let vocab = if big { 152064 } else { 5000 };
     check_softmax_stats(&mut c, 6, 1000)?;
+    check_softmax_stats(&mut c, 5, 1001)?; // odd vocabulary: the scalar path
+    check_softmax_stats(&mut c, 300, 1000)?; // more CTAs than rows fill the GPU: splits by fill
     check_softmax_stats(&mut c, 4, vocab)?;
     check_adamw(&mut c, 1000)?;
     check_optimizer_step(&mut c)?;
@@ -457,24 +459,31 @@ fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) ->
         })
         .collect();
     let bl = c.be.upload(&logits)?;
-    let got = c.be.softmax_stats(&bl, rows, vocab, &targets, 0.7)?;
-    let want = cpu::softmax_stats(&logits, rows, vocab, &targets, 0.7);
-    let flat = |s: &[crate::backend::RowStats]| -> Vec<f32> {
-        s.iter()
-            .flat_map(|r| [r.logsumexp, r.entropy, r.logprob])
-            .collect()
-    };
-    c.rows.push(CheckRow {
-        op: "softmax_stats (lse, entropy, logprob)".into(),
-        shape: shape.clone(),
-        err: max_rel_err(&flat(&got), &flat(&want)),
-        tol: c.tol.f32_out,
-    });
+    let mut stats = c.nan_f32(3 * rows)?;
+    c.be.softmax_stats_into(&mut stats, &bl, rows, vocab, &targets, 0.7)?;
+    let want = RowStats::flatten(&cpu::softmax_stats(&logits, rows, vocab, &targets, 0.7));
+    c.row(
+        "softmax_stats (lse, entropy, logprob)",
+        shape.clone(),
+        &stats,
+        &want,
+        true,
+    )?;
     let (a, b) = (c.rnd(rows, 1.0), c.rnd(rows, 1.0));
+    // From the backend's own statistics, as the chunked lm_head runs it.
     let mut bd = c.nan(rows * vocab)?;
-    c.be.softmax_stats_bwd(&mut bd, &bl, rows, vocab, &targets, 0.7, &a, &b);
+    c.be.softmax_stats_bwd_saved(&mut bd, &bl, &stats, rows, vocab, &targets, 0.7, &a, &b);
     let mut want = vec![0.0; rows * vocab];
     cpu::softmax_stats_bwd(&mut want, &logits, rows, vocab, &targets, 0.7, &a, &b);
+    c.row(
+        "softmax_stats_bwd_saved dlogits",
+        shape.clone(),
+        &bd,
+        &want,
+        false,
+    )?;
+    let mut bd = c.nan(rows * vocab)?;
+    c.be.softmax_stats_bwd(&mut bd, &bl, rows, vocab, &targets, 0.7, &a, &b);
     c.row("softmax_stats_bwd dlogits", shape, &bd, &want, false)
 }
 

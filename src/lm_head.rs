@@ -1,7 +1,12 @@
 //! The lm_head and the softmax statistics of its logits, chunk by chunk: the [N, V] logits of
 //! a whole batch never exist, only [LM_HEAD_CHUNK, V] at a time (the Liger-Kernel
-//! fused-linear idea, applied to entropy and log-prob instead of cross-entropy). The backward
-//! recomputes each chunk's logits rather than keeping them.
+//! fused-linear idea, applied to entropy and log-prob instead of cross-entropy).
+//!
+//! Per chunk of rows, the forward is a GEMM (logits = x · lm_headᵀ) and `softmax_stats_into`;
+//! the loss then gives each row's a = d loss/d entropy and b = d loss/d logprob. The backward
+//! recomputes the chunk's logits rather than keeping them, and takes the forward's statistics
+//! back (`softmax_stats_bwd_saved`), so the gradient is one read of the logits and one write,
+//! followed by the two GEMMs dx = dlogits · lm_head and dlm_head += dlogitsᵀ · x.
 
 use crate::backend::{Backend, RowStats};
 use anyhow::{bail, Result};
@@ -20,6 +25,8 @@ pub struct Chunks<T> {
     logits: T,
     dlogits: T,
     dx: T,
+    /// The chunk's (logsumexp, entropy, logprob) rows, f32.
+    stats: T,
 }
 
 impl<T> Chunks<T> {
@@ -31,6 +38,7 @@ impl<T> Chunks<T> {
             logits: be.alloc(rows * v)?,
             dlogits: be.alloc(rows * v)?,
             dx: be.alloc(rows * h)?,
+            stats: be.alloc_f32(3 * rows)?,
         })
     }
 }
@@ -56,17 +64,28 @@ pub fn stats<B: Backend>(
     temperature: f32,
 ) -> Result<Vec<RowStats>> {
     check(n, &[("targets", targets.len())])?;
-    let mut out = Vec::with_capacity(n);
+    // Every chunk's statistics stay on the backend until one download at the end.
+    let mut all = be.alloc_f32(3 * n)?;
     for r0 in (0..n).step_by(c.rows) {
         let rows = c.rows.min(n - r0);
         be.copy_range(&mut c.x, 0, x, r0 * h, rows * h);
         be.matmul(&mut c.logits, &c.x, lm_head, None, rows, h, v);
-        out.extend(be.softmax_stats(&c.logits, rows, v, &targets[r0..r0 + rows], temperature)?);
+        be.softmax_stats_into(
+            &mut c.stats,
+            &c.logits,
+            rows,
+            v,
+            &targets[r0..r0 + rows],
+            temperature,
+        )?;
+        be.copy_range(&mut all, 3 * r0, &c.stats, 0, 3 * rows);
     }
-    Ok(out)
+    Ok(RowStats::from_flat(&be.download(&all)?[..3 * n]))
 }
 
-/// Gradients of Σ_r a[r]·entropy[r] + b[r]·logprob[r]: dx (=, [n, h]) and dlm_head (+=).
+/// Gradients of Σ_r a[r]·entropy[r] + b[r]·logprob[r]: dx (=, [n, h]) and dlm_head (+=), given
+/// the rows' statistics from `stats` at the same temperature, so that each chunk's gradient is
+/// one pass over its recomputed logits.
 #[allow(clippy::too_many_arguments)]
 pub fn stats_bwd<B: Backend>(
     be: &B,
@@ -76,6 +95,7 @@ pub fn stats_bwd<B: Backend>(
     x: &B::Buf,
     lm_head: &B::Buf,
     (n, h, v): (usize, usize, usize),
+    stats: &[RowStats],
     targets: &[u32],
     temperature: f32,
     a: &[f32],
@@ -83,16 +103,24 @@ pub fn stats_bwd<B: Backend>(
 ) -> Result<()> {
     check(
         n,
-        &[("targets", targets.len()), ("a", a.len()), ("b", b.len())],
+        &[
+            ("statistics", stats.len()),
+            ("targets", targets.len()),
+            ("a", a.len()),
+            ("b", b.len()),
+        ],
     )?;
+    let all = be.upload_f32(&RowStats::flatten(stats))?;
     for r0 in (0..n).step_by(c.rows) {
         let rows = c.rows.min(n - r0);
         let span = r0..r0 + rows;
         be.copy_range(&mut c.x, 0, x, r0 * h, rows * h);
         be.matmul(&mut c.logits, &c.x, lm_head, None, rows, h, v);
-        be.softmax_stats_bwd(
+        be.copy_range(&mut c.stats, 0, &all, 3 * r0, 3 * rows);
+        be.softmax_stats_bwd_saved(
             &mut c.dlogits,
             &c.logits,
+            &c.stats,
             rows,
             v,
             &targets[span.clone()],

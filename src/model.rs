@@ -535,12 +535,14 @@ impl<B: Backend> Qwen2<B> {
     }
 
     /// Backward of Σ_r a[r]·entropy[r] + b[r]·logprob[r] through the chunked lm_head and the
-    /// whole model, accumulating (+=) into `grads`. Each chunk's logits are recomputed.
+    /// whole model, accumulating (+=) into `grads`, given what `lm_head_stats` returned for the
+    /// same activations and temperature. Each chunk's logits are recomputed.
     #[allow(clippy::too_many_arguments)]
     pub fn lm_head_stats_bwd(
         &self,
         be: &B,
         acts: &mut Activations<B::Buf>,
+        stats: &[RowStats],
         targets: &[u32],
         temperature: f32,
         a: &[f32],
@@ -562,6 +564,7 @@ impl<B: Backend> Qwen2<B> {
             &acts.xf,
             self.lm_head(),
             (n, h, v),
+            stats,
             targets,
             temperature,
             a,

@@ -407,7 +407,7 @@ fn seq_backward<B: Backend>(
     let mut b = vec![0.0f32; seq];
     a[rows.clone()].copy_from_slice(&da);
     b[rows].copy_from_slice(&db);
-    model.lm_head_stats_bwd(be, &mut acts, &targets, temperature, &a, &b, grads)
+    model.lm_head_stats_bwd(be, &mut acts, &stats, &targets, temperature, &a, &b, grads)
 }
 
 /// Log-probs of the completion tokens under the current weights (the "old" policy).
@@ -725,8 +725,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
             })
             .collect();
         let mut grads = self.model.zeros_like_params(self.be)?;
-        self.model
-            .lm_head_stats_bwd(self.be, &mut acts, &targets, 1.0, &a, &b, &mut grads)?;
+        self.model.lm_head_stats_bwd(
+            self.be, &mut acts, &stats, &targets, 1.0, &a, &b, &mut grads,
+        )?;
         let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
         self.state.step += 1;
         self.state.optimizer_step = self.opt.step;

@@ -370,8 +370,16 @@ fn info_lists_the_kernels_and_the_devices() {
             "softmax_stats_fwd",
             "embedding_bwd",
             "swiglu_bwd",
+            "softmax_stats_bwd_saved",
+            "attention_bwd_d128",
+            "attention_decode_d128",
+            "multi_adamw_m32",
         ] {
             assert!(out.contains(k), "info does not list {k}: {out}");
         }
+        assert!(
+            !out.contains("__launch_bounds__"),
+            "an attribute listed as a kernel: {out}"
+        );
     }
 }

@@ -3,7 +3,7 @@
 //! last chunk is ragged.
 
 use empo_engine::backend::cpu::{self, CpuBackend};
-use empo_engine::backend::{Backend, NO_TARGET};
+use empo_engine::backend::{Backend, RowStats, NO_TARGET};
 use empo_engine::config::{DType, ModelConfig};
 use empo_engine::kernel_checks::max_rel_err;
 use empo_engine::model::{random_tensors, Qwen2, LM_HEAD_CHUNK};
@@ -76,16 +76,11 @@ fn chunked_stats_and_gradients_match_the_full_logits_path() {
             "the chunked path must not allocate [N, V] logits"
         );
         let got = model.lm_head_stats(&be, &mut acts, &targets, 0.8).unwrap();
-        let flat = |s: &[empo_engine::backend::RowStats]| -> Vec<f32> {
-            s.iter()
-                .flat_map(|r| [r.logsumexp, r.entropy, r.logprob])
-                .collect()
-        };
-        let e = max_rel_err(&flat(&got), &flat(&want));
+        let e = max_rel_err(&RowStats::flatten(&got), &RowStats::flatten(&want));
         assert!(e < 1e-6, "stats differ by {e} (tied {tied})");
         let mut got_g = model.zeros_like_params(&be).unwrap();
         model
-            .lm_head_stats_bwd(&be, &mut acts, &targets, 0.8, &a, &b, &mut got_g)
+            .lm_head_stats_bwd(&be, &mut acts, &got, &targets, 0.8, &a, &b, &mut got_g)
             .unwrap();
         for (g, w) in got_g.list().into_iter().zip(want_g.list()) {
             let e = max_rel_err(g, w);

@@ -237,6 +237,15 @@ fn softmax_entropy_logprob_backward() {
     let mut d = vec![0.0; rows * vocab];
     cpu::softmax_stats_bwd(&mut d, &logits, rows, vocab, &targets, temp, &a, &b);
     fd_check("softmax entropy+logprob", &logits, &d, f);
+    // From saved statistics (what the chunked lm_head backward uses): the same gradient.
+    let stats = empo_engine::backend::RowStats::flatten(&cpu::softmax_stats(
+        &logits, rows, vocab, &targets, temp,
+    ));
+    let mut ds = vec![f32::NAN; rows * vocab];
+    cpu::softmax_stats_bwd_saved(
+        &mut ds, &logits, &stats, rows, vocab, &targets, temp, &a, &b,
+    );
+    fd_check("softmax entropy+logprob, saved stats", &logits, &ds, f);
     // Entropy of a uniform row is ln V, and a target's log-prob there is −ln V.
     let s = cpu::softmax_stats(&[2.0; 8], 1, 8, &[3], 0.5)[0];
     assert!((s.entropy - 8f32.ln()).abs() < 1e-6 && (s.logprob + 8f32.ln()).abs() < 1e-6);

@@ -2,8 +2,8 @@
 //! It is the oracle every CUDA kernel is checked against, so clarity beats cleverness here.
 //! Each op is a free function over slices, so checks can call it without a backend object.
 
-use super::{AdamWStep, AttnShape, Backend, RowStats, NO_TARGET};
-use anyhow::Result;
+use super::{check_stats_args, AdamWStep, AttnShape, Backend, RowStats, NO_TARGET};
+use anyhow::{bail, Result};
 use rayon::prelude::*;
 
 #[derive(Debug, Clone, Copy, Default)]
@@ -460,25 +460,78 @@ pub fn softmax_stats_bwd(
     a: &[f32],
     b: &[f32],
 ) {
-    // With z = logits/T, p = softmax(z): dH/dz_j = −p_j (z_j − E_p[z]) and
-    // dlogp_y/dz_j = [j = y] − p_j; the chain rule through z adds the 1/T.
-    let inv_t = 1.0 / temperature;
     dlogits[..rows * vocab]
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .enumerate()
         .for_each(|(r, (drow, row))| {
             let (st, mean_z) = row_stats(row, targets[r], temperature);
-            let (ca, cb) = (a[r], if targets[r] == NO_TARGET { 0.0 } else { b[r] });
-            for (d, &x) in drow.iter_mut().zip(row) {
-                let z = x * inv_t;
-                let p = (z - st.logsumexp).exp();
-                *d = (ca * (-p * (z - mean_z)) - cb * p) * inv_t;
-            }
-            if targets[r] != NO_TARGET {
-                drow[targets[r] as usize] += cb * inv_t;
-            }
+            stats_grad(
+                drow,
+                row,
+                (st.logsumexp, mean_z),
+                targets[r],
+                temperature,
+                a[r],
+                b[r],
+            );
         });
+}
+
+/// softmax_stats_bwd with each row's statistics taken from `stats` (the layout of
+/// `RowStats::flatten`) instead of recomputed; E[z] = logsumexp − entropy.
+#[allow(clippy::too_many_arguments)]
+pub fn softmax_stats_bwd_saved(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    stats: &[f32],
+    rows: usize,
+    vocab: usize,
+    targets: &[u32],
+    temperature: f32,
+    a: &[f32],
+    b: &[f32],
+) {
+    dlogits[..rows * vocab]
+        .par_chunks_mut(vocab)
+        .zip(logits.par_chunks(vocab))
+        .enumerate()
+        .for_each(|(r, (drow, row))| {
+            let (lse, entropy) = (stats[3 * r], stats[3 * r + 1]);
+            stats_grad(
+                drow,
+                row,
+                (lse, lse - entropy),
+                targets[r],
+                temperature,
+                a[r],
+                b[r],
+            );
+        });
+}
+
+/// One row's gradient of a·entropy + b·logprob given its (logsumexp, E[z]).
+fn stats_grad(
+    drow: &mut [f32],
+    row: &[f32],
+    (lse, mean_z): (f32, f32),
+    target: u32,
+    temperature: f32,
+    a: f32,
+    b: f32,
+) {
+    // With z = logits/T, p = softmax(z): dH/dz_j = −p_j (z_j − E_p[z]) and
+    // dlogp_y/dz_j = [j = y] − p_j; the chain rule through z adds the 1/T.
+    let inv_t = 1.0 / temperature;
+    let cb = if target == NO_TARGET { 0.0 } else { b };
+    for (d, &x) in drow.iter_mut().zip(row) {
+        let z = x * inv_t;
+        let p = (z - lse).exp();
+        *d = (a * (-p * (z - mean_z)) - cb * p) * inv_t;
+    }
+    if target != NO_TARGET {
+        drow[target as usize] += cb * inv_t;
+    }
 }
 
 pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWStep) {
@@ -704,7 +757,29 @@ impl Backend for CpuBackend {
         targets: &[u32],
         temperature: f32,
     ) -> Result<Vec<RowStats>> {
+        check_stats_args(logits.len(), rows, vocab, targets)?;
         Ok(softmax_stats(logits, rows, vocab, targets, temperature))
+    }
+    fn softmax_stats_into(
+        &self,
+        stats: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<()> {
+        check_stats_args(logits.len(), rows, vocab, targets)?;
+        if stats.len() < 3 * rows {
+            bail!(
+                "softmax_stats: stats holds {} values, {rows} rows need {}",
+                stats.len(),
+                3 * rows
+            );
+        }
+        let flat = RowStats::flatten(&softmax_stats(logits, rows, vocab, targets, temperature));
+        stats[..3 * rows].copy_from_slice(&flat);
+        Ok(())
     }
     fn softmax_stats_bwd(
         &self,
@@ -718,5 +793,29 @@ impl Backend for CpuBackend {
         b: &[f32],
     ) {
         softmax_stats_bwd(dlogits, logits, rows, vocab, targets, temperature, a, b)
+    }
+    fn softmax_stats_bwd_saved(
+        &self,
+        dlogits: &mut Vec<f32>,
+        logits: &Vec<f32>,
+        stats: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+        a: &[f32],
+        b: &[f32],
+    ) {
+        softmax_stats_bwd_saved(
+            dlogits,
+            logits,
+            stats,
+            rows,
+            vocab,
+            targets,
+            temperature,
+            a,
+            b,
+        )
     }
 }

@@ -12,7 +12,7 @@
 //! device (token ids, targets, per-row coefficients) is staged through small buffers that are
 //! grown once and reused, so steady-state layers neither allocate nor copy.
 
-use super::{AdamWStep, AttnShape, Backend, RowStats};
+use super::{AdamWStep, AttnShape, Backend, NO_TARGET};
 use crate::device::KERNELS_FATBIN;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -109,9 +109,7 @@ pub enum Arg {
 #[derive(Clone, Copy)]
 enum Slot {
     Ids = 0,
-    RowA = 1,
-    RowB = 2,
-    KvLen = 3,
+    KvLen = 1,
 }
 
 pub struct CudaBackend {
@@ -122,7 +120,7 @@ pub struct CudaBackend {
     funcs: RefCell<HashMap<String, CudaFunction>>,
     /// Blocks per SM of (kernel, threads per block), for the grids sized to what is resident.
     occupancy: RefCell<HashMap<(String, u32), u32>>,
-    staging: RefCell<[Option<CudaSlice<u32>>; 4]>,
+    staging: RefCell<[Option<CudaSlice<u32>>; 2]>,
     /// The host values last staged in the KvLen slot: every layer of a decode step passes the
     /// same lengths, so only the first copies them.
     kv_len_staged: RefCell<Vec<u32>>,
@@ -142,11 +140,15 @@ const EW_U: u64 = 2;
 const RMS_VPT: usize = 2;
 /// Heads each thread of the packed RoPE path rotates (ROPE_HG in cuda/rope.cu).
 const ROPE_HG: usize = 4;
-/// CTAs per row, 16-byte packs per thread and the most threads per CTA of the softmax-statistics
-/// cluster kernels (SME_CL, SME_VPT, SME_MAX_THREADS in cuda/softmax_entropy.cu).
-const SME_CL: usize = 8;
-const SME_VPT: usize = 8;
-const SME_MAX_THREADS: usize = 512;
+/// Threads per CTA of the softmax-statistics kernels, and the 16-byte packs of a row each thread
+/// should stream (SME_THREADS in cuda/softmax_entropy.cu; the second sets how many CTAs share a
+/// row).
+const SME_THREADS: usize = 256;
+const SME_PACKS_PER_THREAD: usize = 12;
+/// Scratch slots of the softmax forward: per-CTA partials and per-row arrival counters (the
+/// attention kernels use slots 0-5, cuda_attention.rs).
+const SME_PARTIAL: usize = 6;
+const SME_ARRIVED: usize = 7;
 
 /// Threads for a block that holds a row of `dim` bf16 values in registers, `vpt` 16-byte packs
 /// per thread, rounded up to a warp; 256 for rows the kernels take on the scalar path.
@@ -202,7 +204,7 @@ impl CudaBackend {
             module,
             funcs: RefCell::new(HashMap::new()),
             occupancy: RefCell::new(HashMap::new()),
-            staging: RefCell::new([None, None, None, None]),
+            staging: RefCell::new([None, None]),
             kv_len_staged: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
             sm_count,
@@ -374,39 +376,18 @@ impl CudaBackend {
         self.launch(name, (blocks, 1, 1), (EW_BLOCK, 1, 1), 0, args);
     }
 
-    /// Launches softmax_stats_fwd or _bwd (`name`) over rows of `vocab` logits, whose buffers
-    /// start at `ptrs`. On sm_90 with vocab % 8 == 0, aligned buffers and a row that fits the
-    /// registers of SME_CL CTAs, the cluster kernel `name`_cluster: SME_CL CTAs per row, each
-    /// thread holding up to SME_VPT packs of its CTA's share (320 threads at vocab 152064). Else,
-    /// or when that launch is refused, the block-per-row kernel. EMPO_NO_CLUSTER=1 forces the
-    /// latter (to check it on an H100).
-    fn launch_softmax(&self, name: &str, rows: usize, vocab: usize, ptrs: &[u64], args: &[Arg]) {
-        let per_cta = (vocab / 8).div_ceil(SME_CL);
-        let threads = per_cta.div_ceil(SME_VPT).next_multiple_of(32).max(32);
-        let cluster = self.compute_capability().0 >= 9
-            && vocab.is_multiple_of(8)
-            && ptrs.iter().all(|p| p.is_multiple_of(16))
-            && threads <= SME_MAX_THREADS
-            && rows > 0
-            && rows * SME_CL <= i32::MAX as usize
-            && std::env::var_os("EMPO_NO_CLUSTER").is_none_or(|v| v.is_empty() || v == "0");
-        if cluster {
-            let grid = ((rows * SME_CL) as u32, 1, 1);
-            let cname = format!("{name}_cluster");
-            match self.func(&cname) {
-                Some(f) => match self.launch_func(&f, grid, (threads as u32, 1, 1), 0, args) {
-                    Ok(()) => return,
-                    Err(e) => {
-                        static WARNED: std::sync::Once = std::sync::Once::new();
-                        WARNED.call_once(|| {
-                            eprintln!("warning: {cname} could not be launched ({e}); using the block-per-row kernel")
-                        });
-                    }
-                },
-                None => return,
-            }
-        }
-        self.launch(name, (rows as u32, 1, 1), (512, 1, 1), 0, args);
+    /// CTAs per row of the softmax-statistics kernels: about SME_PACKS_PER_THREAD packs a
+    /// thread, and at least two waves of CTAs over the GPU when there are few rows.
+    fn softmax_splits(&self, name: &str, rows: usize, vocab: usize) -> usize {
+        let per_cta = SME_THREADS * SME_PACKS_PER_THREAD * 8;
+        let resident =
+            self.sm_count as usize * self.blocks_per_sm(name, SME_THREADS as u32) as usize;
+        let by_size = vocab.div_ceil(per_cta);
+        let by_fill = (2 * resident).div_ceil(rows.max(1));
+        by_size
+            .max(by_fill)
+            .clamp(1, vocab.div_ceil(8 * 32).max(1))
+            .min(1024)
     }
 
     /// Checks an operand: its dtype and that it holds at least `n` values.
@@ -528,11 +509,6 @@ impl CudaBackend {
         let p = self.stage_u32(Slot::KvLen, host)?;
         *self.kv_len_staged.borrow_mut() = host.to_vec();
         Some(p)
-    }
-
-    fn stage_f32(&self, slot: Slot, host: &[f32]) -> Option<u64> {
-        let bits: Vec<u32> = host.iter().map(|x| x.to_bits()).collect();
-        self.stage_u32(slot, &bits)
     }
 
     /// Float scratch `i` of at least `n` values (kept between calls; contents undefined).
@@ -1271,41 +1247,47 @@ impl Backend for CudaBackend {
         );
     }
 
-    fn softmax_stats(
+    fn softmax_stats_into(
         &self,
+        stats: &mut CudaBuf,
         logits: &CudaBuf,
         rows: usize,
         vocab: usize,
         targets: &[u32],
         temperature: f32,
-    ) -> Result<Vec<RowStats>> {
-        if !self.want("softmax_stats", "logits", logits, Dtype::Bf16, rows * vocab) {
-            self.sync()?;
+    ) -> Result<()> {
+        let op = "softmax_stats";
+        super::check_stats_args(logits.len, rows, vocab, targets)?;
+        if !(self.want(op, "logits", logits, Dtype::Bf16, rows * vocab)
+            && self.want(op, "stats", stats, Dtype::F32, 3 * rows))
+        {
+            return self.sync();
         }
-        if targets.len() != rows {
-            bail!("softmax_stats: {} targets for {rows} rows", targets.len());
+        if rows == 0 {
+            return Ok(());
         }
-        let stats = self.alloc_f32(3 * rows)?;
-        let Some(t) = self.stage_u32(Slot::Ids, targets) else {
-            return self.sync().map(|_| vec![]);
+        let name = "softmax_stats_fwd";
+        let splits = self.softmax_splits(name, rows, vocab);
+        let (Some(t), Some(partial), Some(arrived)) = (
+            self.stage_u32(Slot::Ids, targets),
+            self.scratch_f32(SME_PARTIAL, 3 * splits * rows),
+            // Zeroed when allocated; each launch leaves its counters at zero again.
+            self.scratch_f32(SME_ARRIVED, rows),
+        ) else {
+            return self.sync();
         };
         let args = [
             Arg::P(stats.ptr),
+            Arg::P(partial),
+            Arg::P(arrived),
             Arg::P(logits.ptr),
             Arg::P(t),
             Arg::I(vocab as i32),
             Arg::F(temperature),
         ];
-        self.launch_softmax("softmax_stats_fwd", rows, vocab, &[logits.ptr], &args);
-        let host = self.download_f32(&stats)?;
-        Ok(host
-            .chunks_exact(3)
-            .map(|c| RowStats {
-                logsumexp: c[0],
-                entropy: c[1],
-                logprob: c[2],
-            })
-            .collect())
+        let grid = (splits as u32, rows as u32, 1);
+        self.launch(name, grid, (SME_THREADS as u32, 1, 1), 0, &args);
+        Ok(())
     }
 
     fn softmax_stats_bwd(
@@ -1319,9 +1301,46 @@ impl Backend for CudaBackend {
         a: &[f32],
         b: &[f32],
     ) {
+        // Without saved statistics: the forward into scratch, then the saved-stats backward
+        // (two reads of the logits and one write).
+        let mut stats = match self.alloc_f32(3 * rows) {
+            Ok(s) => s,
+            Err(e) => return self.fail(format!("softmax_stats_bwd: {e:#}")),
+        };
+        if let Err(e) =
+            self.softmax_stats_into(&mut stats, logits, rows, vocab, targets, temperature)
+        {
+            return self.fail(format!("{e:#}"));
+        }
+        self.softmax_stats_bwd_saved(
+            dlogits,
+            logits,
+            &stats,
+            rows,
+            vocab,
+            targets,
+            temperature,
+            a,
+            b,
+        );
+    }
+
+    fn softmax_stats_bwd_saved(
+        &self,
+        dlogits: &mut CudaBuf,
+        logits: &CudaBuf,
+        stats: &CudaBuf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+        a: &[f32],
+        b: &[f32],
+    ) {
         let op = "softmax_stats_bwd";
         if !(self.want(op, "dlogits", dlogits, Dtype::Bf16, rows * vocab)
-            && self.want(op, "logits", logits, Dtype::Bf16, rows * vocab))
+            && self.want(op, "logits", logits, Dtype::Bf16, rows * vocab)
+            && self.want(op, "stats", stats, Dtype::F32, 3 * rows))
         {
             return;
         }
@@ -1334,28 +1353,39 @@ impl Backend for CudaBackend {
             ));
             return;
         }
-        let (Some(t), Some(pa), Some(pb)) = (
-            self.stage_u32(Slot::Ids, targets),
-            self.stage_f32(Slot::RowA, a),
-            self.stage_f32(Slot::RowB, b),
-        ) else {
+        if let Some(t) = targets
+            .iter()
+            .find(|&&t| t != NO_TARGET && t as usize >= vocab)
+        {
+            self.fail(format!(
+                "{op}: target {t} is outside the vocabulary of {vocab}"
+            ));
+            return;
+        }
+        if rows == 0 {
+            return;
+        }
+        // One host-to-device copy for the three per-row inputs, not three.
+        let mut rowwise = Vec::with_capacity(3 * rows);
+        rowwise.extend_from_slice(targets);
+        rowwise.extend(a.iter().chain(b).map(|x| x.to_bits()));
+        let Some(t) = self.stage_u32(Slot::Ids, &rowwise) else {
             return;
         };
+        let (pa, pb) = (t + 4 * rows as u64, t + 8 * rows as u64);
         let args = [
             Arg::P(dlogits.ptr),
             Arg::P(logits.ptr),
+            Arg::P(stats.ptr),
             Arg::P(t),
             Arg::P(pa),
             Arg::P(pb),
             Arg::I(vocab as i32),
             Arg::F(temperature),
         ];
-        self.launch_softmax(
-            "softmax_stats_bwd",
-            rows,
-            vocab,
-            &[logits.ptr, dlogits.ptr],
-            &args,
-        );
+        let name = "softmax_stats_bwd_saved";
+        let splits = self.softmax_splits(name, rows, vocab);
+        let grid = (splits as u32, rows as u32, 1);
+        self.launch(name, grid, (SME_THREADS as u32, 1, 1), 0, &args);
     }
 }

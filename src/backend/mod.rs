@@ -14,7 +14,7 @@ pub mod cuda;
 pub mod cuda_attention;
 pub mod cuda_rl;
 
-use anyhow::Result;
+use anyhow::{bail, Result};
 
 /// Shapes of one attention call.
 ///
@@ -39,6 +39,27 @@ pub struct RowStats {
     pub entropy: f32,
     /// Log-prob of the row's target token; 0 where the row has no target.
     pub logprob: f32,
+}
+
+impl RowStats {
+    /// Rows from the f32 layout `Backend::softmax_stats_into` writes: (logsumexp, entropy,
+    /// logprob) per row.
+    pub fn from_flat(flat: &[f32]) -> Vec<RowStats> {
+        flat.chunks_exact(3)
+            .map(|c| RowStats {
+                logsumexp: c[0],
+                entropy: c[1],
+                logprob: c[2],
+            })
+            .collect()
+    }
+
+    /// The layout `from_flat` reads.
+    pub fn flatten(rows: &[RowStats]) -> Vec<f32> {
+        rows.iter()
+            .flat_map(|r| [r.logsumexp, r.entropy, r.logprob])
+            .collect()
+    }
 }
 
 /// One AdamW update's scalars (PyTorch's AdamW: decoupled decay, bias correction).
@@ -318,7 +339,24 @@ pub trait Backend {
         vocab: usize,
         targets: &[u32],
         temperature: f32,
-    ) -> Result<Vec<RowStats>>;
+    ) -> Result<Vec<RowStats>> {
+        let mut stats = self.alloc_f32(3 * rows)?;
+        self.softmax_stats_into(&mut stats, logits, rows, vocab, targets, temperature)?;
+        let flat = self.download(&stats)?;
+        Ok(RowStats::from_flat(&flat[..3 * rows]))
+    }
+    /// `softmax_stats` left where the backend computes them: stats (f32, at least 3·rows
+    /// values) gets (logsumexp, entropy, logprob) per row, ready for `softmax_stats_bwd_saved`
+    /// with no host round trip.
+    fn softmax_stats_into(
+        &self,
+        stats: &mut Self::Buf,
+        logits: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+    ) -> Result<()>;
     /// One token per row of logits [rows, vocab], drawn as `sampling::sample` does with the
     /// uniform keyed on (seed, seq_ids[r], step), so a run can be repeated. The default
     /// downloads the logits and samples on the host; the GPU samples where the logits are.
@@ -354,4 +392,40 @@ pub trait Backend {
         a: &[f32],
         b: &[f32],
     );
+    /// `softmax_stats_bwd` from the statistics the forward kept (`stats` as
+    /// `softmax_stats_into` wrote them for these logits, at this temperature): one read of the
+    /// logits and one write of dlogits, with no pass to find the statistics again.
+    #[allow(clippy::too_many_arguments)]
+    fn softmax_stats_bwd_saved(
+        &self,
+        dlogits: &mut Self::Buf,
+        logits: &Self::Buf,
+        stats: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        targets: &[u32],
+        temperature: f32,
+        a: &[f32],
+        b: &[f32],
+    );
+}
+
+/// The argument checks every backend's softmax_stats makes.
+pub(crate) fn check_stats_args(n: usize, rows: usize, vocab: usize, targets: &[u32]) -> Result<()> {
+    if n < rows * vocab {
+        bail!(
+            "softmax_stats: logits hold {n} values, [{rows}, {vocab}] needs {}",
+            rows * vocab
+        );
+    }
+    if targets.len() != rows {
+        bail!("softmax_stats: {} targets for {rows} rows", targets.len());
+    }
+    if let Some(t) = targets
+        .iter()
+        .find(|&&t| t != NO_TARGET && t as usize >= vocab)
+    {
+        bail!("softmax_stats: target {t} is outside the vocabulary of {vocab}");
+    }
+    Ok(())
 }

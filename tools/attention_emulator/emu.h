@@ -73,6 +73,10 @@ inline float __logf(float x) { return logf(x); }
 inline float __expf(float x) { return expf(x); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float atomicAdd(float *p, float v) { float o = *p; *p = o + v; return o; }
+inline unsigned atomicAdd(unsigned *p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
+// Blocks run one after another here, so every write is visible to the next block already.
+inline void __threadfence() {}
+inline float __ldcg(const float *p) { return *p; }
 
 inline float ld(const bf16 *p) { return __bfloat162float(*p); }
 inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }
