@@ -148,6 +148,7 @@ pub fn demo_config(dir: &Path, o: &DemoOptions) -> TrainConfig {
             eps: 1e-8,
             weight_decay: 0.0,
             grad_clip: 1.0,
+            moments: crate::optim::MomentDtype::F32,
         },
         steps: o.steps.unwrap_or(if em { 10 } else { 60 }),
         seed: o.seed,

@@ -201,6 +201,7 @@ pub fn run_all<B: Backend>(
     check_softmax_stats(&mut c, 4, vocab)?;
     check_adamw(&mut c, 1000)?;
     check_optimizer_step(&mut c)?;
+    check_optimizer_bf16_moments(&mut c)?;
     check_sampling(&mut c, if big { 152064 } else { 1000 })?;
     check_sum_squares(&mut c, 100_000)?;
     for cfg in model_configs() {
@@ -774,6 +775,111 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
             max_rel_err(&after, &before)
         },
         tol: 0.0,
+    });
+    Ok(())
+}
+
+/// AdamW with moments in the backend's storage type (bf16 on the GPU, written with stochastic
+/// rounding) over three steps against the CPU's f32 moments. Then the rounding's bias: 65536
+/// elements with the same update, whose exact first moment lies halfway between two bf16 values,
+/// must average to it; round-to-nearest would be off by half a bf16 step (0.4% here).
+fn check_optimizer_bf16_moments<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
+    use crate::backend::OptimizerStep;
+    let sizes = [5usize, 40000];
+    let cpu_be = cpu::CpuBackend;
+    let h = |step: u64, max_norm: f32, weight_decay: f32| OptimizerStep {
+        adamw: Some(AdamWStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay,
+            step,
+            grad_scale: 1.0,
+        }),
+        lr: 1e-2,
+        max_norm,
+    };
+    let mut host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+    let mut dp: Vec<B::Buf> = host_p
+        .iter()
+        .map(|p| c.be.upload(p))
+        .collect::<Result<_>>()?;
+    let mut dm: Vec<B::Buf> = sizes
+        .iter()
+        .map(|&n| c.be.alloc(n))
+        .collect::<Result<_>>()?;
+    let mut dv: Vec<B::Buf> = sizes
+        .iter()
+        .map(|&n| c.be.alloc(n))
+        .collect::<Result<_>>()?;
+    let mut hm: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
+    let mut hv = hm.clone();
+    for step in 1..=3 {
+        let g: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+        let dg: Vec<B::Buf> = g
+            .iter()
+            .map(|g| c.be.upload_f32(g))
+            .collect::<Result<_>>()?;
+        {
+            let mut p: Vec<&mut B::Buf> = dp.iter_mut().collect();
+            let g: Vec<&B::Buf> = dg.iter().collect();
+            let mut m: Vec<&mut B::Buf> = dm.iter_mut().collect();
+            let mut v: Vec<&mut B::Buf> = dv.iter_mut().collect();
+            c.be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h(step, 1.0, 0.1))?;
+        }
+        let mut p: Vec<&mut Vec<f32>> = host_p.iter_mut().collect();
+        let g: Vec<&Vec<f32>> = g.iter().collect();
+        let mut m: Vec<&mut Vec<f32>> = hm.iter_mut().collect();
+        let mut v: Vec<&mut Vec<f32>> = hv.iter_mut().collect();
+        cpu_be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h(step, 1.0, 0.1))?;
+    }
+    let shape = format!(
+        "{} tensors, {} values, 3 steps",
+        sizes.len(),
+        sizes.iter().sum::<usize>()
+    );
+    for (what, bufs, want) in [("params", &dp, &host_p), ("m", &dm, &hm), ("v", &dv, &hv)] {
+        let mut got = Vec::new();
+        for b in bufs {
+            got.extend(c.be.download(b)?);
+        }
+        c.rows.push(CheckRow {
+            op: format!("optimizer_step AdamW, backend-type moments: {what}"),
+            shape: shape.clone(),
+            err: max_rel_err(&got, &want.concat()),
+            tol: c.tol.bf16_out,
+        });
+    }
+
+    // 0.1·g = 2^-5 + 2.5·2^-12: halfway between the bf16 values 2^-5 + 2·2^-12 and + 3·2^-12.
+    let n = 65536;
+    let g0 = (2f32.powi(-5) + 2.5 * 2f32.powi(-12)) / 0.1;
+    let mut p = c.be.upload(&vec![0.0; n])?;
+    let g = c.be.upload_f32(&vec![g0; n])?;
+    let (mut m, mut v) = (c.be.alloc(n)?, c.be.alloc(n)?);
+    c.be.optimizer_step(
+        &mut [&mut p],
+        &[&g],
+        Some((&mut [&mut m], &mut [&mut v])),
+        &h(1, 0.0, 0.0),
+    )?;
+    let (mut hp, mut hm1, mut hv1) = (vec![0.0f32], vec![0.0f32], vec![0.0f32]);
+    cpu_be.optimizer_step(
+        &mut [&mut hp],
+        &[&vec![g0]],
+        Some((&mut [&mut hm1], &mut [&mut hv1])),
+        &h(1, 0.0, 0.0),
+    )?;
+    let mean = |b: &B::Buf| -> Result<f64> {
+        Ok(c.be.download(b)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
+    };
+    let got = mean(&m)?;
+    c.rows.push(CheckRow {
+        op: "AdamW backend-type moments: mean of m (unbiased rounding)".into(),
+        shape: format!("{n} values, m halfway between bf16 steps"),
+        err: (got - hm1[0] as f64).abs() / hm1[0] as f64,
+        tol: 1e-3,
     });
     Ok(())
 }

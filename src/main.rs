@@ -6,7 +6,7 @@ use empo_engine::device::{self, Device, DeviceArg};
 use empo_engine::eval::{self, EvalOptions};
 use empo_engine::generate::{generate, score, GenerateOptions};
 use empo_engine::model::Qwen2;
-use empo_engine::optim::{OptimConfig, OptimizerKind};
+use empo_engine::optim::{MomentDtype, OptimConfig, OptimizerKind};
 use empo_engine::rl::{LossAgg, PolicyLoss};
 use empo_engine::sampling::SamplingParams;
 use empo_engine::tokenizer::{ChatMessage, Tokenizer};
@@ -273,6 +273,10 @@ struct TrainArgs {
     ppo_epochs: Option<usize>,
     #[arg(long, value_enum)]
     optimizer: Option<OptimizerKind>,
+    /// Storage of AdamW's moments: bf16 halves their memory, with stochastic rounding on the
+    /// GPU (the CPU reference stays f32).
+    #[arg(long, value_enum, default_value = "f32")]
+    moments: MomentDtype,
     #[arg(long)]
     lr: Option<f32>,
     #[arg(long)]
@@ -576,6 +580,7 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
             eps: 1e-8,
             weight_decay: a.weight_decay.unwrap_or(0.01),
             grad_clip: a.grad_clip.unwrap_or(1.0),
+            moments: a.moments,
         },
         steps: a.steps.unwrap_or(steps),
         seed: a.seed.unwrap_or(0),
@@ -622,6 +627,7 @@ fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
             eps: 1e-8,
             weight_decay: a.weight_decay,
             grad_clip: a.grad_clip,
+            moments: MomentDtype::F32,
         },
         steps: a.steps.unwrap_or(records.div_ceil(batch)),
         seed: a.seed,

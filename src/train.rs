@@ -898,9 +898,11 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.state = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
         self.opt.step = self.state.optimizer_step;
+        // Each tensor goes back in the storage it had: weights in the backend's type, moments
+        // as the optimizer keeps them (f32 unless bf16 moments were asked for).
         let load = |file: &str,
                     target: &mut Params<B::Buf>,
-                    be: &B,
+                    upload: &dyn Fn(&[f32]) -> Result<B::Buf>,
                     model_cfg: &crate::config::ModelConfig|
          -> Result<()> {
             let w = crate::weights::WeightFiles::open_files(&[dir.join(file)])?;
@@ -908,20 +910,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 .iter()
                 .zip(target.list_mut())
             {
-                *buf = be.upload(&w.load_f32(name, shape)?)?;
+                *buf = upload(&w.load_f32(name, shape)?)?;
             }
             Ok(())
         };
         let cfg = self.model.cfg.clone();
+        let be = self.be;
         load(
             "resume/master_weights.safetensors",
             &mut self.model.params,
-            self.be,
+            &|h| be.upload(h),
             &cfg,
         )?;
-        if let Some((mo, vo)) = &mut self.opt.moments {
-            load("resume/optimizer_m.safetensors", mo, self.be, &cfg)?;
-            load("resume/optimizer_v.safetensors", vo, self.be, &cfg)?;
+        let opt = &mut self.opt;
+        if let Some(mut moments) = opt.moments.take() {
+            let up = |h: &[f32]| opt.upload_moment(be, h);
+            load("resume/optimizer_m.safetensors", &mut moments.0, &up, &cfg)?;
+            load("resume/optimizer_v.safetensors", &mut moments.1, &up, &cfg)?;
+            opt.moments = Some(moments);
         }
         Ok(())
     }
