@@ -62,7 +62,7 @@ __device__ __forceinline__ void mma(float c[4], const uint32_t a[4], uint32_t b0
         : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "r"(b0), "r"(b1));
 }
 #else
-// Host build of tools/attention_emulator: plain loads and its emulated mma.
+// Host build of tools/kernel_emulator: plain loads and its emulated mma.
 inline uint4 ldg_stream(const bf16 *p) { return *reinterpret_cast<const uint4 *>(p); }
 #include "emu_tc.h"
 #ifndef __launch_bounds__

@@ -51,6 +51,22 @@ __device__ __forceinline__ void add8(float *p, const float (&a)[8]) {
 #endif
     for (int e = 0; e < 8; e++) atomicAdd(p + e, a[e]);
 }
+
+// The packs of a row of dout, x and dx that this thread owns on the pack path.
+__device__ __forceinline__ void load_row(uint4 (&dv)[RMS_VPT], uint4 (&xv)[RMS_VPT], uint4 (&gv)[RMS_VPT],
+                                         const bf16 *dout, const bf16 *x, const bf16 *dx, int64_t row, int dim) {
+    const uint4 *dp = reinterpret_cast<const uint4 *>(dout + row * dim);
+    const uint4 *xp = reinterpret_cast<const uint4 *>(x + row * dim);
+    const uint4 *gp = reinterpret_cast<const uint4 *>(dx + row * dim);
+    const int nv = dim / 8, b = blockDim.x, t = threadIdx.x;
+#pragma unroll
+    for (int k = 0; k < RMS_VPT; k++)
+        if (t + k * b < nv) {
+            dv[k] = dp[t + k * b];
+            xv[k] = xp[t + k * b];
+            gv[k] = gp[t + k * b];
+        }
+}
 }  // namespace rms
 
 // out = x · rstd · w, rstd[row] = 1/sqrt(mean(x²) + eps). grid (rows), block as above.
@@ -109,8 +125,19 @@ extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, co
 // dw over all its rows in registers and adds it once at the end. One atomic per column per row
 // (what a block per row costs) piles 4096 adds onto each of dim addresses; this is one per
 // column per block.
-extern "C" __global__ void rmsnorm_bwd(bf16 *dx, float *dw, const bf16 *dout, const bf16 *x, const bf16 *w,
-                                       const float *rstd, int64_t rows, int dim) {
+// Loads issued at the top of each row leave a block with nothing in flight from the last store of
+// one row to the first data of the next: a full memory latency per row, likely why this kernel
+// stopped at 74% of copy bandwidth on the H100. So the next row's dout, x and dx are loaded
+// before this row's reduction, into a second set of registers; the arithmetic is still that of
+// one row at a time. Reading dx ahead of this row's store is safe because the next row is another
+// row: the load sees the caller's values, which the in-place += needs.
+// The second set costs registers: ptxas takes 111 unbounded (2 blocks of 224 threads per SM at
+// dim 3584); bounded to 640 threads, 96 without spills on sm_80 and sm_90, so 3 blocks fit (4
+// with the 72 of one set). Tighter bounds spill. The launcher must not ask for more than 640
+// threads: rows of up to 10240 values on the pack path.
+extern "C" __global__ void __launch_bounds__(640)
+    rmsnorm_bwd(bf16 *dx, float *dw, const bf16 *dout, const bf16 *x, const bf16 *w, const float *rstd, int64_t rows,
+                int dim) {
     if (rms::packed_rows(dim, dx, dout, x, w)) {
         const int nv = dim / 8, b = blockDim.x, t = threadIdx.x;
         const uint4 *wp = reinterpret_cast<const uint4 *>(w);
@@ -119,22 +146,19 @@ extern "C" __global__ void rmsnorm_bwd(bf16 *dx, float *dw, const bf16 *dout, co
         for (int k = 0; k < RMS_VPT; k++)
 #pragma unroll
             for (int e = 0; e < 8; e++) acc[k][e] = 0.0f;
+        // This thread's packs of dout, x and dx's old value in the current row.
+        uint4 dv[RMS_VPT], xv[RMS_VPT], gv[RMS_VPT];
+        if (blockIdx.x < rows) rms::load_row(dv, xv, gv, dout, x, dx, blockIdx.x, dim);
         for (int64_t row = blockIdx.x; row < rows; row += gridDim.x) {
-            const uint4 *dp = reinterpret_cast<const uint4 *>(dout + row * dim);
-            const uint4 *xp = reinterpret_cast<const uint4 *>(x + row * dim);
+            const int64_t next = row + gridDim.x;
             uint4 *gp = reinterpret_cast<uint4 *>(dx + row * dim);
             const float r = rstd[row];
-            uint4 dv[RMS_VPT], xv[RMS_VPT], gv[RMS_VPT], wv[RMS_VPT];
-            // dx's old value is loaded with the rest, so its latency hides behind the reduction;
             // w is re-read per row from L1 rather than held in registers (occupancy).
+            uint4 wv[RMS_VPT], dn[RMS_VPT], xn[RMS_VPT], gn[RMS_VPT];
 #pragma unroll
             for (int k = 0; k < RMS_VPT; k++)
-                if (t + k * b < nv) {
-                    dv[k] = dp[t + k * b];
-                    xv[k] = xp[t + k * b];
-                    gv[k] = gp[t + k * b];
-                    wv[k] = wp[t + k * b];
-                }
+                if (t + k * b < nv) wv[k] = wp[t + k * b];
+            if (next < rows) rms::load_row(dn, xn, gn, dout, x, dx, next, dim);
             float dot = 0.0f;
 #pragma unroll
             for (int k = 0; k < RMS_VPT; k++)
@@ -163,6 +187,12 @@ extern "C" __global__ void rmsnorm_bwd(bf16 *dx, float *dw, const bf16 *dout, co
                     }
                     gp[t + k * b] = rms::pack(g);
                 }
+#pragma unroll
+            for (int k = 0; k < RMS_VPT; k++) {
+                dv[k] = dn[k];
+                xv[k] = xn[k];
+                gv[k] = gn[k];
+            }
         }
 #pragma unroll
         for (int k = 0; k < RMS_VPT; k++)

@@ -1,4 +1,4 @@
-//! cuda/attention.cu run on the host by tools/attention_emulator, against double-precision
+//! cuda/attention.cu run on the host by tools/kernel_emulator, against double-precision
 //! copies of the CPU oracles. Skipped, with the reason printed, without python3 or g++.
 
 use std::path::PathBuf;
@@ -7,7 +7,7 @@ use std::process::Command;
 #[test]
 fn attention_kernels_match_the_oracles_under_emulation() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let tool = root.join("tools/attention_emulator");
+    let tool = root.join("tools/kernel_emulator");
     let dir = std::env::temp_dir().join(format!("empo-attn-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["emu.h", "emu_tc.h", "main.cpp"] {
@@ -19,7 +19,7 @@ fn attention_kernels_match_the_oracles_under_emulation() {
         .arg(&dir)
         .status();
     if !gen.is_ok_and(|s| s.success()) {
-        println!("skipped: python3 could not run tools/attention_emulator/gen.py");
+        println!("skipped: python3 could not run tools/kernel_emulator/gen.py");
         return;
     }
     let exe = dir.join("emu");

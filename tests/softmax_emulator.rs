@@ -1,4 +1,4 @@
-//! cuda/softmax_entropy.cu run on the host by tools/attention_emulator (softmax_main.cpp): the
+//! cuda/softmax_entropy.cu run on the host by tools/kernel_emulator (softmax_main.cpp): the
 //! split-row forward with its last-CTA merge and the saved-statistics backward against
 //! double-precision copies of the CPU oracles. Skipped, with the reason printed, without g++.
 
@@ -8,7 +8,7 @@ use std::process::Command;
 #[test]
 fn softmax_kernels_match_the_oracles_under_emulation() {
     let root = PathBuf::from(env!("CARGO_MANIFEST_DIR"));
-    let tool = root.join("tools/attention_emulator");
+    let tool = root.join("tools/kernel_emulator");
     let dir = std::env::temp_dir().join(format!("empo-softmax-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
     for f in ["emu.h", "softmax_main.cpp"] {

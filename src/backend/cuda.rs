@@ -138,6 +138,9 @@ const EW_BLOCK: u32 = 256;
 const EW_U: u64 = 2;
 /// 16-byte packs of a row each thread of the RMSNorm kernels holds (RMS_VPT in cuda/rmsnorm.cu).
 const RMS_VPT: usize = 2;
+/// rmsnorm_bwd's __launch_bounds__: it holds two rows' packs (cuda/rmsnorm.cu), so rows of up to
+/// 8·RMS_VPT·640 = 10240 values take the pack path.
+const RMS_BWD_MAX_THREADS: u32 = 640;
 /// Heads each thread of the packed RoPE path rotates (ROPE_HG in cuda/rope.cu).
 const ROPE_HG: usize = 4;
 /// Threads per CTA of the softmax-statistics kernels, and the 16-byte packs of a row each thread
@@ -1093,7 +1096,8 @@ impl Backend for CudaBackend {
         }
         // Each block walks rows with a stride of the grid and adds its share of dw once, so the
         // grid is what fits on the GPU at once, split evenly: ⌈rows / resident⌉ rows per block.
-        let block = row_block(dim, RMS_VPT);
+        // Longer rows than its launch bound allows take the kernel's scalar path.
+        let block = row_block(dim, RMS_VPT).min(RMS_BWD_MAX_THREADS);
         let resident = (self.sm_count * self.blocks_per_sm("rmsnorm_bwd", block)) as usize;
         let blocks = rows.div_ceil(rows.div_ceil(resident.max(1)).max(1));
         self.launch(

@@ -2,6 +2,7 @@
 // counters and last-CTA merge, and the backward from saved statistics, against double-precision
 // copies of cpu::softmax_stats and cpu::softmax_stats_bwd. Built by tests/softmax_emulator.rs
 // from softmax_emu.cpp, which is the kernel file with common.cuh swapped for emu.h.
+#define EMU_STACK_BYTES (64 * 1024)
 #include "emu.h"
 #include "softmax_emu.cpp"
 #include <random>

@@ -32,6 +32,10 @@ static dim3e g_block, g_grid, g_bdim;
 #define blockIdx g_block
 #define gridDim g_grid
 #define blockDim g_bdim
+// Fiber stacks; the memory-bound kernels need far less than attention's tiles.
+#ifndef EMU_STACK_BYTES
+#define EMU_STACK_BYTES (256 * 1024)
+#endif
 alignas(1024) static unsigned char emu_dyn_smem[232448];  // 227 KB, the sm_90 opt-in maximum
 static long g_conflicts = 0, g_ldsm = 0;
 
@@ -42,9 +46,12 @@ inline void bar_wait(Bar &b, int n) {
     int gen = b.gen;
     if (++b.count == n) { b.count = 0; b.gen++; } else while (b.gen == gen) yield_();
 }
-inline void __syncthreads() { bar_wait(g_bbar, g_bdim.x); }
-inline int emu_warp() { return threadIdx.x >> 5; }
-inline int emu_lane() { return threadIdx.x & 31; }
+inline int emu_nthreads() { return g_bdim.x * g_bdim.y * g_bdim.z; }
+// Warps are cut from the linear thread index, x fastest, as on the GPU.
+inline int emu_tid() { return threadIdx.x + g_bdim.x * (threadIdx.y + g_bdim.y * threadIdx.z); }
+inline void __syncthreads() { bar_wait(g_bbar, emu_nthreads()); }
+inline int emu_warp() { return emu_tid() >> 5; }
+inline int emu_lane() { return emu_tid() & 31; }
 inline void __syncwarp(unsigned = 0xffffffffu) { bar_wait(g_wbar[emu_warp()], 32); }
 static unsigned char g_xbuf[32][32][64];
 template <class T> inline void xput(const T &v) { static_assert(sizeof(T) <= 64, ""); memcpy(g_xbuf[emu_warp()][emu_lane()], &v, sizeof(T)); __syncwarp(); }
@@ -88,7 +95,7 @@ inline float warp_sum(float v) {
 // grid launch: every block runs its threads as fibers to completion
 inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
     g_grid = grid; g_bdim = block;
-    int nt = block.x;
+    int nt = block.x * block.y * block.z;
     static std::function<void()> *g_fn;
     g_fn = &fn;
     struct T { static void tramp() { (*g_fn)(); g_cur->done = true; } };
@@ -100,8 +107,8 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
                 g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{};
                 std::vector<Fiber> fs(nt);
                 for (int i = 0; i < nt; i++) {
-                    fs[i].tid = {(unsigned)i, 0, 0};
-                    fs[i].stack.resize(256 * 1024);
+                    fs[i].tid = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
+                    fs[i].stack.resize(EMU_STACK_BYTES);
                     getcontext(&fs[i].ctx);
                     fs[i].ctx.uc_stack.ss_sp = fs[i].stack.data();
                     fs[i].ctx.uc_stack.ss_size = fs[i].stack.size();
@@ -129,4 +136,14 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
                 }
                 for (auto &f : fs) assert(f.pend.empty());
             }
+}
+
+// The rest of the CUDA API the memory-bound kernels use (ops_main.cpp).
+inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
+inline double atomicAdd(double *p, double v) { double o = *p; *p = o + v; return o; }
+// sm_90's 16-byte vector atomic: four fp32 adds, one per component.
+inline float4 atomicAdd(float4 *p, float4 v) {
+    const float4 o = *p;
+    *p = {o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w};
+    return o;
 }
