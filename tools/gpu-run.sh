@@ -5,7 +5,7 @@
 #
 #   strip -o .gpu/empo-engine target/release/empo-engine
 #   strip -o .gpu/kernels-bench target/release/deps/kernels-<hash>
-#   tools/gpu-run.sh [check|bench|criterion|all]...
+#   tools/gpu-run.sh [check|sanitize|bench|prev|criterion|all]...
 #
 # Logs go to $OUT (or ./gpu-out), and a short summary is printed last.
 set -uo pipefail
@@ -46,6 +46,13 @@ if has bench; then
         >"$OUT/torch.txt" 2>&1
     echo "torch exit $?" | tee -a "$OUT/torch.txt"
 fi
+# A/B against an older build in the same lease (same clocks, same GPU): carry it as
+# .gpu/empo-engine-prev (see docs/gpu/README.md) and ask for `prev`.
+if has prev && [ -x .gpu/empo-engine-prev ]; then
+    echo "== bench, previous build"
+    timeout 150 .gpu/empo-engine-prev bench --json "$OUT/bench-prev.json" >"$OUT/bench-prev.txt" 2>&1
+    echo "bench-prev exit $?" | tee -a "$OUT/bench-prev.txt"
+fi
 if has criterion; then
     echo "== cargo bench (criterion executable)"
     timeout 240 .gpu/kernels-bench --bench --warm-up-time 1 --measurement-time 3 \
@@ -53,6 +60,6 @@ if has criterion; then
     echo "criterion exit $?" | tee -a "$OUT/criterion.txt"
 fi
 
-for f in check sanitize bench torch criterion; do
+for f in check sanitize bench torch bench-prev criterion; do
     [ -f "$OUT/$f.txt" ] && { echo "---- $f"; tail -n 60 "$OUT/$f.txt"; }
 done
