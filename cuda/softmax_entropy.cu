@@ -136,10 +136,11 @@ __device__ __forceinline__ bool packed(int vocab, const void *a, const void *b) 
     return (vocab & 7) == 0 && ((reinterpret_cast<uintptr_t>(a) | reinterpret_cast<uintptr_t>(b)) & 15) == 0;
 }
 
-// This CTA's share of one row: thread t takes packs begin + t, + blockDim, …, loading the next
-// SME_U of them before it folds in the current ones.
-__device__ Raw stream_packs(const uint4 *src, int begin, int end, float c) {
-    Raw acc = {-INFINITY, -INFINITY, 0.0f, 0.0f};
+// Calls f(q, pack q) for this CTA's packs [begin, end) of a row, thread t taking begin + t,
+// + blockDim, …, with the next SME_U packs already loading while f works on the current ones.
+// f may overwrite pack q in place: each pack is read and written by one thread only, and the
+// packs in flight are other packs.
+template <class F> __device__ __forceinline__ void for_packs(const uint4 *src, int begin, int end, F f) {
     const int b = blockDim.x, step = SME_U * b;
     uint4 cur[SME_U];
     int q = begin + threadIdx.x;
@@ -153,15 +154,10 @@ __device__ Raw stream_packs(const uint4 *src, int begin, int end, float c) {
             if (q + step + k * b < end) next[k] = src[q + step + k * b];
 #pragma unroll
         for (int k = 0; k < SME_U; k++)
-            if (q + k * b < end) {
-                float x[8];
-                unpack(cur[k], x);
-                add8(acc, x, c);
-            }
+            if (q + k * b < end) f(q + k * b, cur[k]);
 #pragma unroll
         for (int k = 0; k < SME_U; k++) cur[k] = next[k];
     }
-    return acc;
 }
 
 // dlogit of a·entropy + b·logprob, already divided by T: −p·(a·(z − E[z]) + b)/T, with
@@ -190,7 +186,11 @@ extern "C" __global__ void __launch_bounds__(SME_THREADS) softmax_stats_fwd(floa
     int begin, end;
     if (sme::packed(vocab, logits, logits)) {
         sme::span(vocab / 8, split, splits, begin, end);
-        acc = sme::stream_packs(reinterpret_cast<const uint4 *>(r), begin, end, c);
+        sme::for_packs(reinterpret_cast<const uint4 *>(r), begin, end, [&](int, uint4 raw) {
+            float x[8];
+            sme::unpack(raw, x);
+            sme::add8(acc, x, c);
+        });
     } else {
         sme::span(vocab, split, splits, begin, end);
         for (int j = begin + threadIdx.x; j < end; j += blockDim.x) sme::add1(acc, ld(r + j), c);
@@ -245,39 +245,20 @@ extern "C" __global__ void __launch_bounds__(SME_THREADS)
     int begin, end;
     if (sme::packed(vocab, logits, dlogits)) {
         sme::span(vocab / 8, blockIdx.x, gridDim.x, begin, end);
-        const uint4 *src = reinterpret_cast<const uint4 *>(r);
         uint4 *dst = reinterpret_cast<uint4 *>(d);
-        const int bd = blockDim.x, step = SME_U * bd;
-        uint4 cur[SME_U];
-        int q = begin + threadIdx.x;
+        sme::for_packs(reinterpret_cast<const uint4 *>(r), begin, end, [&](int q, uint4 raw) {
+            float x[8];
+            sme::unpack(raw, x);
 #pragma unroll
-        for (int k = 0; k < SME_U; k++)
-            if (q + k * bd < end) cur[k] = src[q + k * bd];
-        for (; q < end; q += step) {
-            // With dlogits == logits the next packs are read before these are overwritten: they
-            // are other packs, and each pack is read and written by one thread only.
-            uint4 next[SME_U];
+            for (int e = 0; e < 8; e++) x[e] = g(x[e]);
+            const uint32_t j0 = 8u * (uint32_t)q;
+            if (y - j0 < 8u) {
 #pragma unroll
-            for (int k = 0; k < SME_U; k++)
-                if (q + step + k * bd < end) next[k] = src[q + step + k * bd];
-#pragma unroll
-            for (int k = 0; k < SME_U; k++)
-                if (q + k * bd < end) {
-                    float x[8];
-                    sme::unpack(cur[k], x);
-#pragma unroll
-                    for (int e = 0; e < 8; e++) x[e] = g(x[e]);
-                    const uint32_t j0 = 8u * (uint32_t)(q + k * bd);
-                    if (y - j0 < 8u) {
-#pragma unroll
-                        for (int e = 0; e < 8; e++)
-                            if (j0 + e == y) x[e] += cb * inv_t;
-                    }
-                    dst[q + k * bd] = sme::pack(x);
-                }
-#pragma unroll
-            for (int k = 0; k < SME_U; k++) cur[k] = next[k];
-        }
+                for (int e = 0; e < 8; e++)
+                    if (j0 + e == y) x[e] += cb * inv_t;
+            }
+            dst[q] = sme::pack(x);
+        });
         return;
     }
     sme::span(vocab, blockIdx.x, gridDim.x, begin, end);

@@ -460,22 +460,11 @@ pub fn softmax_stats_bwd(
     a: &[f32],
     b: &[f32],
 ) {
-    dlogits[..rows * vocab]
-        .par_chunks_mut(vocab)
-        .zip(logits.par_chunks(vocab))
-        .enumerate()
-        .for_each(|(r, (drow, row))| {
-            let (st, mean_z) = row_stats(row, targets[r], temperature);
-            stats_grad(
-                drow,
-                row,
-                (st.logsumexp, mean_z),
-                targets[r],
-                temperature,
-                a[r],
-                b[r],
-            );
-        });
+    let coefs = (targets, temperature, a, b);
+    stats_bwd_rows(dlogits, logits, rows, vocab, coefs, |r, row| {
+        let (st, mean_z) = row_stats(row, targets[r], temperature);
+        (st.logsumexp, mean_z)
+    });
 }
 
 /// softmax_stats_bwd with each row's statistics taken from `stats` (the layout of
@@ -492,21 +481,29 @@ pub fn softmax_stats_bwd_saved(
     a: &[f32],
     b: &[f32],
 ) {
+    let coefs = (targets, temperature, a, b);
+    stats_bwd_rows(dlogits, logits, rows, vocab, coefs, |r, _| {
+        let (lse, entropy) = (stats[3 * r], stats[3 * r + 1]);
+        (lse, lse - entropy)
+    });
+}
+
+/// The gradient pass over every row, given each row's (logsumexp, E[z]) from `moments`.
+fn stats_bwd_rows(
+    dlogits: &mut [f32],
+    logits: &[f32],
+    rows: usize,
+    vocab: usize,
+    (targets, temperature, a, b): (&[u32], f32, &[f32], &[f32]),
+    moments: impl Fn(usize, &[f32]) -> (f32, f32) + Sync,
+) {
     dlogits[..rows * vocab]
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
         .enumerate()
         .for_each(|(r, (drow, row))| {
-            let (lse, entropy) = (stats[3 * r], stats[3 * r + 1]);
-            stats_grad(
-                drow,
-                row,
-                (lse, lse - entropy),
-                targets[r],
-                temperature,
-                a[r],
-                b[r],
-            );
+            let m = moments(r, row);
+            stats_grad(drow, row, m, targets[r], temperature, a[r], b[r]);
         });
 }
 

@@ -1,6 +1,6 @@
 // cuda/softmax_entropy.cu on the host (see README.md): the split-row forward with its arrival
 // counters and last-CTA merge, and the backward from saved statistics, against double-precision
-// copies of cpu::softmax_stats and cpu::softmax_stats_bwd. Built by tests/softmax_emulator.rs
+// copies of cpu::softmax_stats and cpu::softmax_stats_bwd. Built by tests/kernel_emulator.rs
 // from softmax_emu.cpp, which is the kernel file with common.cuh swapped for emu.h.
 #define EMU_STACK_BYTES (64 * 1024)
 #include "emu.h"
