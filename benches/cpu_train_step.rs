@@ -3,7 +3,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use empo_engine::backend::cpu::CpuBackend;
-use empo_engine::backend::Backend;
+use empo_engine::backend::{Backend, StatsLoss};
 use empo_engine::config::{DType, ModelConfig};
 use empo_engine::generate::next_token_targets;
 use empo_engine::model::{random_tensors, Qwen2};
@@ -57,10 +57,12 @@ fn train_step(c: &mut Criterion) {
                 &acts.logits,
                 rows,
                 cfg.vocab_size,
-                &targets,
-                1.0,
-                &a,
-                &b,
+                &StatsLoss {
+                    targets: &targets,
+                    temperature: 1.0,
+                    a: &a,
+                    b: &b,
+                },
             );
             for gr in grads.list_mut() {
                 be.zero(gr);

@@ -5,7 +5,7 @@
 
 use criterion::{criterion_group, criterion_main, Criterion, Throughput};
 use empo_engine::backend::cpu::CpuBackend;
-use empo_engine::backend::{AttnShape, Backend};
+use empo_engine::backend::{AttnShape, Backend, StatsLoss};
 use empo_engine::kernel_bench::{rnd, BenchShapes};
 use std::time::{Duration, Instant};
 
@@ -73,7 +73,17 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
         b.iter_custom(|n| {
             timed(n, &mut || {
                 be.softmax_stats_bwd_saved(
-                    &mut dl, &logits, &stats, rows, v, &targets, 0.7, &ca, &cb,
+                    &mut dl,
+                    &logits,
+                    &stats,
+                    rows,
+                    v,
+                    &StatsLoss {
+                        targets: &targets,
+                        temperature: 0.7,
+                        a: &ca,
+                        b: &cb,
+                    },
                 )
             })
         })

@@ -7,7 +7,7 @@
 //! reference; on the GPU the numbers are what the targets are about. Each case runs
 //! once to warm up, then `iters` times between two `sync`s.
 
-use crate::backend::{AdamWStep, AttnShape, Backend};
+use crate::backend::{AdamWStep, AttnShape, Backend, StatsLoss};
 use anyhow::Result;
 use std::time::Instant;
 
@@ -404,7 +404,19 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     let mut dl = be.alloc(rows_v * v)?;
     let (ca, cb) = (vec![1.0; rows_v], vec![1.0; rows_v]);
     let t = time(be, iters, || {
-        be.softmax_stats_bwd_saved(&mut dl, &logits, &stats, rows_v, v, &targets, 0.7, &ca, &cb)
+        be.softmax_stats_bwd_saved(
+            &mut dl,
+            &logits,
+            &stats,
+            rows_v,
+            v,
+            &StatsLoss {
+                targets: &targets,
+                temperature: 0.7,
+                a: &ca,
+                b: &cb,
+            },
+        )
     })?;
     push(
         "softmax-entropy bwd",
@@ -686,7 +698,19 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
         time(be, iters, || {
             be.matmul(&mut logits, &x, &w, None, n, h, v);
             let _ = be.softmax_stats_into(&mut stats, &logits, n, v, &targets, 1.0);
-            be.softmax_stats_bwd_saved(&mut dlogits, &logits, &stats, n, v, &targets, 1.0, &a, &b);
+            be.softmax_stats_bwd_saved(
+                &mut dlogits,
+                &logits,
+                &stats,
+                n,
+                v,
+                &StatsLoss {
+                    targets: &targets,
+                    temperature: 1.0,
+                    a: &a,
+                    b: &b,
+                },
+            );
             be.zero(&mut dx);
             be.matmul_bwd(
                 Some(&mut dx),

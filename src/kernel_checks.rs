@@ -9,7 +9,7 @@
 //! The harness is generic over `Backend`. On the GPU it checks the CUDA backend; run over the
 //! CPU backend itself (a CI test) it checks the harness: every shape and argument order.
 
-use crate::backend::{cpu, AdamWStep, AttnShape, Backend, RowStats, NO_TARGET};
+use crate::backend::{cpu, AdamWStep, AttnShape, Backend, RowStats, StatsLoss, NO_TARGET};
 use crate::config::{DType, ModelConfig};
 use crate::generate::next_token_targets;
 use crate::model::{random_tensors, tensor_specs, Qwen2};
@@ -471,11 +471,17 @@ fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) ->
         true,
     )?;
     let (a, b) = (c.rnd(rows, 1.0), c.rnd(rows, 1.0));
+    let loss = StatsLoss {
+        targets: &targets,
+        temperature: 0.7,
+        a: &a,
+        b: &b,
+    };
     // From the backend's own statistics, as the chunked lm_head runs it.
     let mut bd = c.nan(rows * vocab)?;
-    c.be.softmax_stats_bwd_saved(&mut bd, &bl, &stats, rows, vocab, &targets, 0.7, &a, &b);
+    c.be.softmax_stats_bwd_saved(&mut bd, &bl, &stats, rows, vocab, &loss);
     let mut want = vec![0.0; rows * vocab];
-    cpu::softmax_stats_bwd(&mut want, &logits, rows, vocab, &targets, 0.7, &a, &b);
+    cpu::softmax_stats_bwd(&mut want, &logits, rows, vocab, &loss);
     c.row(
         "softmax_stats_bwd_saved dlogits",
         shape.clone(),
@@ -484,7 +490,7 @@ fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) ->
         false,
     )?;
     let mut bd = c.nan(rows * vocab)?;
-    c.be.softmax_stats_bwd(&mut bd, &bl, rows, vocab, &targets, 0.7, &a, &b);
+    c.be.softmax_stats_bwd(&mut bd, &bl, rows, vocab, &loss);
     c.row("softmax_stats_bwd dlogits", shape, &bd, &want, false)
 }
 
@@ -593,12 +599,18 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
     let v = cfg.vocab_size;
     let targets = next_token_targets(&ids, batch, seq);
     let (a, b) = (vec![1.0f32; batch * seq], vec![1.0f32; batch * seq]);
+    let loss = StatsLoss {
+        targets: &targets,
+        temperature: 1.0,
+        a: &a,
+        b: &b,
+    };
     let mut gd = be.alloc(batch * seq * v)?;
-    be.softmax_stats_bwd(&mut gd, &ga.logits, batch * seq, v, &targets, 1.0, &a, &b);
+    be.softmax_stats_bwd(&mut gd, &ga.logits, batch * seq, v, &loss);
     let mut gg = gpu.zeros_like_params(be)?;
     gpu.backward(be, &mut ga, &gd, &mut gg)?;
     let mut cd = vec![0.0; batch * seq * v];
-    cpu::softmax_stats_bwd(&mut cd, &ca.logits, batch * seq, v, &targets, 1.0, &a, &b);
+    cpu::softmax_stats_bwd(&mut cd, &ca.logits, batch * seq, v, &loss);
     let mut cg = cpu_m.zeros_like_params(&cpu_be)?;
     cpu_m.backward(&cpu_be, &mut ca, &cd, &mut cg)?;
     let names = tensor_specs(cfg);

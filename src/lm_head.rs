@@ -8,7 +8,7 @@
 //! back (`softmax_stats_bwd_saved`), so the gradient is one read of the logits and one write,
 //! followed by the two GEMMs dx = dlogits · lm_head and dlm_head += dlogitsᵀ · x.
 
-use crate::backend::{Backend, RowStats};
+use crate::backend::{Backend, RowStats, StatsLoss};
 use anyhow::{bail, Result};
 
 /// Rows per chunk. 2048 rows × 152064 × bf16 is 623 MB and the chunk holds two such buffers
@@ -123,10 +123,12 @@ pub fn stats_bwd<B: Backend>(
             &c.stats,
             rows,
             v,
-            &targets[span.clone()],
-            temperature,
-            &a[span.clone()],
-            &b[span],
+            &StatsLoss {
+                targets: &targets[span.clone()],
+                temperature,
+                a: &a[span.clone()],
+                b: &b[span],
+            },
         );
         be.zero(&mut c.dx);
         be.matmul_bwd(

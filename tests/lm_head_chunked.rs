@@ -3,7 +3,7 @@
 //! last chunk is ragged.
 
 use empo_engine::backend::cpu::{self, CpuBackend};
-use empo_engine::backend::{Backend, RowStats, NO_TARGET};
+use empo_engine::backend::{Backend, RowStats, StatsLoss, NO_TARGET};
 use empo_engine::config::{DType, ModelConfig};
 use empo_engine::kernel_checks::max_rel_err;
 use empo_engine::model::{random_tensors, Qwen2, LM_HEAD_CHUNK};
@@ -58,10 +58,12 @@ fn chunked_stats_and_gradients_match_the_full_logits_path() {
             &full.logits,
             n,
             c.vocab_size,
-            &targets,
-            0.8,
-            &a,
-            &b,
+            &StatsLoss {
+                targets: &targets,
+                temperature: 0.8,
+                a: &a,
+                b: &b,
+            },
         );
         let mut want_g = model.zeros_like_params(&be).unwrap();
         model

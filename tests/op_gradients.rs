@@ -3,7 +3,7 @@
 //! central differences.
 
 use empo_engine::backend::cpu;
-use empo_engine::backend::AttnShape;
+use empo_engine::backend::{AttnShape, StatsLoss};
 
 /// A small deterministic generator, so the checks need no rand crate.
 struct Lcg(u64);
@@ -234,17 +234,21 @@ fn softmax_entropy_logprob_backward() {
             .map(|(i, s)| a[i] as f64 * s.entropy as f64 + b[i] as f64 * s.logprob as f64)
             .sum::<f64>()
     };
+    let loss = StatsLoss {
+        targets: &targets,
+        temperature: temp,
+        a: &a,
+        b: &b,
+    };
     let mut d = vec![0.0; rows * vocab];
-    cpu::softmax_stats_bwd(&mut d, &logits, rows, vocab, &targets, temp, &a, &b);
+    cpu::softmax_stats_bwd(&mut d, &logits, rows, vocab, &loss);
     fd_check("softmax entropy+logprob", &logits, &d, f);
     // From saved statistics (what the chunked lm_head backward uses): the same gradient.
     let stats = empo_engine::backend::RowStats::flatten(&cpu::softmax_stats(
         &logits, rows, vocab, &targets, temp,
     ));
     let mut ds = vec![f32::NAN; rows * vocab];
-    cpu::softmax_stats_bwd_saved(
-        &mut ds, &logits, &stats, rows, vocab, &targets, temp, &a, &b,
-    );
+    cpu::softmax_stats_bwd_saved(&mut ds, &logits, &stats, rows, vocab, &loss);
     fd_check("softmax entropy+logprob, saved stats", &logits, &ds, f);
     // Entropy of a uniform row is ln V, and a target's log-prob there is −ln V.
     let s = cpu::softmax_stats(&[2.0; 8], 1, 8, &[3], 0.5)[0];

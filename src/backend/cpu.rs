@@ -2,7 +2,7 @@
 //! It is the oracle every CUDA kernel is checked against, so clarity beats cleverness here.
 //! Each op is a free function over slices, so checks can call it without a backend object.
 
-use super::{check_stats_args, AdamWStep, AttnShape, Backend, RowStats, NO_TARGET};
+use super::{check_stats_args, AdamWStep, AttnShape, Backend, RowStats, StatsLoss, NO_TARGET};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -449,40 +449,30 @@ pub fn softmax_stats(
         .collect()
 }
 
-#[allow(clippy::too_many_arguments)]
 pub fn softmax_stats_bwd(
     dlogits: &mut [f32],
     logits: &[f32],
     rows: usize,
     vocab: usize,
-    targets: &[u32],
-    temperature: f32,
-    a: &[f32],
-    b: &[f32],
+    loss: &StatsLoss,
 ) {
-    let coefs = (targets, temperature, a, b);
-    stats_bwd_rows(dlogits, logits, rows, vocab, coefs, |r, row| {
-        let (st, mean_z) = row_stats(row, targets[r], temperature);
+    stats_bwd_rows(dlogits, logits, rows, vocab, loss, |r, row| {
+        let (st, mean_z) = row_stats(row, loss.targets[r], loss.temperature);
         (st.logsumexp, mean_z)
     });
 }
 
 /// softmax_stats_bwd with each row's statistics taken from `stats` (the layout of
 /// `RowStats::flatten`) instead of recomputed; E[z] = logsumexp − entropy.
-#[allow(clippy::too_many_arguments)]
 pub fn softmax_stats_bwd_saved(
     dlogits: &mut [f32],
     logits: &[f32],
     stats: &[f32],
     rows: usize,
     vocab: usize,
-    targets: &[u32],
-    temperature: f32,
-    a: &[f32],
-    b: &[f32],
+    loss: &StatsLoss,
 ) {
-    let coefs = (targets, temperature, a, b);
-    stats_bwd_rows(dlogits, logits, rows, vocab, coefs, |r, _| {
+    stats_bwd_rows(dlogits, logits, rows, vocab, loss, |r, _| {
         let (lse, entropy) = (stats[3 * r], stats[3 * r + 1]);
         (lse, lse - entropy)
     });
@@ -494,9 +484,15 @@ fn stats_bwd_rows(
     logits: &[f32],
     rows: usize,
     vocab: usize,
-    (targets, temperature, a, b): (&[u32], f32, &[f32], &[f32]),
+    loss: &StatsLoss,
     moments: impl Fn(usize, &[f32]) -> (f32, f32) + Sync,
 ) {
+    let StatsLoss {
+        targets,
+        temperature,
+        a,
+        b,
+    } = *loss;
     dlogits[..rows * vocab]
         .par_chunks_mut(vocab)
         .zip(logits.par_chunks(vocab))
@@ -784,12 +780,9 @@ impl Backend for CpuBackend {
         logits: &Vec<f32>,
         rows: usize,
         vocab: usize,
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
+        loss: &StatsLoss,
     ) {
-        softmax_stats_bwd(dlogits, logits, rows, vocab, targets, temperature, a, b)
+        softmax_stats_bwd(dlogits, logits, rows, vocab, loss)
     }
     fn softmax_stats_bwd_saved(
         &self,
@@ -798,21 +791,8 @@ impl Backend for CpuBackend {
         stats: &Vec<f32>,
         rows: usize,
         vocab: usize,
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
+        loss: &StatsLoss,
     ) {
-        softmax_stats_bwd_saved(
-            dlogits,
-            logits,
-            stats,
-            rows,
-            vocab,
-            targets,
-            temperature,
-            a,
-            b,
-        )
+        softmax_stats_bwd_saved(dlogits, logits, stats, rows, vocab, loss)
     }
 }

@@ -12,7 +12,7 @@
 //! device (token ids, targets, per-row coefficients) is staged through small buffers that are
 //! grown once and reused, so steady-state layers neither allocate nor copy.
 
-use super::{AdamWStep, AttnShape, Backend, NO_TARGET};
+use super::{AdamWStep, AttnShape, Backend, StatsLoss, NO_TARGET};
 use crate::device::KERNELS_FATBIN;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -1300,11 +1300,13 @@ impl Backend for CudaBackend {
         logits: &CudaBuf,
         rows: usize,
         vocab: usize,
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
+        loss: &StatsLoss,
     ) {
+        let StatsLoss {
+            targets,
+            temperature,
+            ..
+        } = *loss;
         // Without saved statistics: the forward into scratch, then the saved-stats backward
         // (two reads of the logits and one write).
         let mut stats = match self.alloc_f32(3 * rows) {
@@ -1316,17 +1318,7 @@ impl Backend for CudaBackend {
         {
             return self.fail(format!("{e:#}"));
         }
-        self.softmax_stats_bwd_saved(
-            dlogits,
-            logits,
-            &stats,
-            rows,
-            vocab,
-            targets,
-            temperature,
-            a,
-            b,
-        );
+        self.softmax_stats_bwd_saved(dlogits, logits, &stats, rows, vocab, loss);
     }
 
     fn softmax_stats_bwd_saved(
@@ -1336,11 +1328,14 @@ impl Backend for CudaBackend {
         stats: &CudaBuf,
         rows: usize,
         vocab: usize,
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
+        loss: &StatsLoss,
     ) {
+        let StatsLoss {
+            targets,
+            temperature,
+            a,
+            b,
+        } = *loss;
         let op = "softmax_stats_bwd";
         if !(self.want(op, "dlogits", dlogits, Dtype::Bf16, rows * vocab)
             && self.want(op, "logits", logits, Dtype::Bf16, rows * vocab)

@@ -41,6 +41,17 @@ pub struct RowStats {
     pub logprob: f32,
 }
 
+/// What the softmax-statistics backward differentiates: Σ_r a[r]·entropy[r] + b[r]·logprob[r]
+/// of softmax(logits / temperature) per row, the log-prob being of `targets[r]` (NO_TARGET: none,
+/// and b[r] is ignored).
+#[derive(Debug, Clone, Copy)]
+pub struct StatsLoss<'a> {
+    pub targets: &'a [u32],
+    pub temperature: f32,
+    pub a: &'a [f32],
+    pub b: &'a [f32],
+}
+
 impl RowStats {
     /// Rows from the f32 layout `Backend::softmax_stats_into` writes: (logsumexp, entropy,
     /// logprob) per row.
@@ -379,23 +390,18 @@ pub trait Backend {
             })
             .collect())
     }
-    /// dlogits (=) of Σ_r a[r]·entropy[r] + b[r]·logprob[r].
-    #[allow(clippy::too_many_arguments)]
+    /// dlogits (=) of `loss` over rows of logits [rows, vocab].
     fn softmax_stats_bwd(
         &self,
         dlogits: &mut Self::Buf,
         logits: &Self::Buf,
         rows: usize,
         vocab: usize,
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
+        loss: &StatsLoss,
     );
     /// `softmax_stats_bwd` from the statistics the forward kept (`stats` as
     /// `softmax_stats_into` wrote them for these logits, at this temperature): one read of the
     /// logits and one write of dlogits, with no pass to find the statistics again.
-    #[allow(clippy::too_many_arguments)]
     fn softmax_stats_bwd_saved(
         &self,
         dlogits: &mut Self::Buf,
@@ -403,10 +409,7 @@ pub trait Backend {
         stats: &Self::Buf,
         rows: usize,
         vocab: usize,
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
+        loss: &StatsLoss,
     );
 }
 

@@ -2,7 +2,7 @@
 //! exactly the same assertions as the CPU reference.
 #![allow(dead_code)]
 
-use empo_engine::backend::{Backend, NO_TARGET};
+use empo_engine::backend::{Backend, StatsLoss, NO_TARGET};
 use empo_engine::generate::next_token_targets;
 use empo_engine::model::{tensor_specs, Qwen2};
 use empo_engine::weights::decode_f32;
@@ -177,10 +177,12 @@ pub fn check_model<B: Backend>(
         &acts.logits,
         batch * seq,
         v,
-        &targets,
-        temp,
-        &a,
-        &b,
+        &StatsLoss {
+            targets: &targets,
+            temperature: temp,
+            a: &a,
+            b: &b,
+        },
     );
     let mut grads = model.zeros_like_params(be).unwrap();
     model.backward(be, &mut acts, &dlogits, &mut grads).unwrap();
