@@ -13,6 +13,26 @@ __device__ __forceinline__ bf16 to_bf16(float x) { return __float2bfloat16_rn(x)
 __device__ __forceinline__ void st(bf16 *p, float x) { *p = __float2bfloat16_rn(x); }
 __device__ __forceinline__ void st(float *p, float x) { *p = x; }
 
+// Eight consecutive bf16 values, moved as one 16-byte pack: widened to fp32, and rounded back
+// to nearest. The memory-bound kernels read and write their operands this way.
+__device__ __forceinline__ void unpack8(uint4 raw, float (&f)[8]) {
+    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) {
+        const float2 v = __bfloat1622float2(h[e]);
+        f[2 * e] = v.x;
+        f[2 * e + 1] = v.y;
+    }
+}
+
+__device__ __forceinline__ uint4 pack8(const float (&f)[8]) {
+    uint4 raw;
+    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
+#pragma unroll
+    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
+    return raw;
+}
+
 __device__ __forceinline__ float warp_sum(float v) {
     for (int o = 16; o > 0; o >>= 1) v += __shfl_xor_sync(0xffffffffu, v, o);
     return v;

@@ -33,22 +33,10 @@ struct Pack {
 };
 __device__ __forceinline__ Pack unpack(uint4 raw) {
     Pack r;
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float2 f = __bfloat1622float2(h[e]);
-        r.v[2 * e] = f.x;
-        r.v[2 * e + 1] = f.y;
-    }
+    unpack8(raw, r.v);
     return r;
 }
-__device__ __forceinline__ uint4 pack_bf16(const Pack &x) {
-    uint4 raw;
-    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(x.v[2 * e], x.v[2 * e + 1]);
-    return raw;
-}
+__device__ __forceinline__ uint4 pack_bf16(const Pack &x) { return pack8(x.v); }
 __device__ __forceinline__ Pack load8(const bf16 *p) { return unpack(*reinterpret_cast<const uint4 *>(p)); }
 __device__ __forceinline__ Pack load8(const float *p) {
     const float4 a = reinterpret_cast<const float4 *>(p)[0], b = reinterpret_cast<const float4 *>(p)[1];

@@ -15,24 +15,6 @@ template <typename... T> __device__ __forceinline__ bool aligned16(const T *...p
     return ((reinterpret_cast<uintptr_t>(p) | ...) & 15) == 0;
 }
 
-__device__ __forceinline__ void unpack(uint4 raw, float (&f)[8]) {
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float2 v = __bfloat1622float2(h[e]);
-        f[2 * e] = v.x;
-        f[2 * e + 1] = v.y;
-    }
-}
-
-__device__ __forceinline__ uint4 pack(const float (&f)[8]) {
-    uint4 raw;
-    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
-    return raw;
-}
-
 // The pack path's precondition, the same in every thread of the block.
 __device__ __forceinline__ bool packed_rows(int dim, const void *a, const void *b, const void *c,
                                             const void *d = nullptr) {
@@ -90,7 +72,7 @@ extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, co
         for (int k = 0; k < RMS_VPT; k++)
             if (t + k * b < nv) {
                 float f[8];
-                rms::unpack(xv[k], f);
+                unpack8(xv[k], f);
 #pragma unroll
                 for (int e = 0; e < 8; e++) ss += f[e] * f[e];
             }
@@ -101,11 +83,11 @@ extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, co
         for (int k = 0; k < RMS_VPT; k++)
             if (t + k * b < nv) {
                 float f[8], g[8];
-                rms::unpack(xv[k], f);
-                rms::unpack(wv[k], g);
+                unpack8(xv[k], f);
+                unpack8(wv[k], g);
 #pragma unroll
                 for (int e = 0; e < 8; e++) f[e] = f[e] * r * g[e];
-                op[t + k * b] = rms::pack(f);
+                op[t + k * b] = pack8(f);
             }
         return;
     }
@@ -164,9 +146,9 @@ extern "C" __global__ void __launch_bounds__(640)
             for (int k = 0; k < RMS_VPT; k++)
                 if (t + k * b < nv) {
                     float d[8], xf[8], wf[8];
-                    rms::unpack(dv[k], d);
-                    rms::unpack(xv[k], xf);
-                    rms::unpack(wv[k], wf);
+                    unpack8(dv[k], d);
+                    unpack8(xv[k], xf);
+                    unpack8(wv[k], wf);
 #pragma unroll
                     for (int e = 0; e < 8; e++) dot += d[e] * wf[e] * xf[e] * r;
                 }
@@ -175,17 +157,17 @@ extern "C" __global__ void __launch_bounds__(640)
             for (int k = 0; k < RMS_VPT; k++)
                 if (t + k * b < nv) {
                     float d[8], xf[8], wf[8], g[8];
-                    rms::unpack(dv[k], d);
-                    rms::unpack(xv[k], xf);
-                    rms::unpack(wv[k], wf);
-                    rms::unpack(gv[k], g);
+                    unpack8(dv[k], d);
+                    unpack8(xv[k], xf);
+                    unpack8(wv[k], wf);
+                    unpack8(gv[k], g);
 #pragma unroll
                     for (int e = 0; e < 8; e++) {
                         const float xhat = xf[e] * r;
                         g[e] = g[e] + r * (d[e] * wf[e] - xhat * mean);
                         acc[k][e] += d[e] * xhat;
                     }
-                    gp[t + k * b] = rms::pack(g);
+                    gp[t + k * b] = pack8(g);
                 }
 #pragma unroll
             for (int k = 0; k < RMS_VPT; k++) {

@@ -13,24 +13,6 @@
 #define ROPE_HG 4
 
 namespace rope_k {
-__device__ __forceinline__ void unpack(uint4 raw, float (&f)[8]) {
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float2 v = __bfloat1622float2(h[e]);
-        f[2 * e] = v.x;
-        f[2 * e + 1] = v.y;
-    }
-}
-
-__device__ __forceinline__ uint4 pack(const float (&f)[8]) {
-    uint4 raw;
-    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
-    return raw;
-}
-
 // Same f32 formula as transformers and the CPU oracle: angle = pos · theta^(-2i/d).
 __device__ __forceinline__ void angle(float pos, int i, int head_dim, float theta, int inverse, float *s, float *c) {
     const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
@@ -69,15 +51,15 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
             for (int h = 0; h < ROPE_HG; h++)
                 if (h < nh) {
                     float x1[8], x2[8], y1[8], y2[8];
-                    rope_k::unpack(lo[h], x1);
-                    rope_k::unpack(hi[h], x2);
+                    unpack8(lo[h], x1);
+                    unpack8(hi[h], x2);
 #pragma unroll
                     for (int e = 0; e < 8; e++) {
                         y1[e] = x1[e] * c[e] - x2[e] * s[e];
                         y2[e] = x2[e] * c[e] + x1[e] * s[e];
                     }
-                    *reinterpret_cast<uint4 *>(p + h * head_dim) = rope_k::pack(y1);
-                    *reinterpret_cast<uint4 *>(p + h * head_dim + half) = rope_k::pack(y2);
+                    *reinterpret_cast<uint4 *>(p + h * head_dim) = pack8(y1);
+                    *reinterpret_cast<uint4 *>(p + h * head_dim + half) = pack8(y2);
                 }
         }
         return;

@@ -66,24 +66,6 @@ __device__ __forceinline__ float exp2_fast(float x) {
 #endif
 }
 
-__device__ __forceinline__ void unpack(uint4 raw, float (&f)[8]) {
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) {
-        const float2 v = __bfloat1622float2(h[e]);
-        f[2 * e] = v.x;
-        f[2 * e + 1] = v.y;
-    }
-}
-
-__device__ __forceinline__ uint4 pack(const float (&f)[8]) {
-    uint4 raw;
-    __nv_bfloat162 *h = reinterpret_cast<__nv_bfloat162 *>(&raw);
-#pragma unroll
-    for (int e = 0; e < 4; e++) h[e] = __floats2bfloat162_rn(f[2 * e], f[2 * e + 1]);
-    return raw;
-}
-
 // The running sums, kept over raw logits x (max, Σ2^(x·c − max·c), Σ2^(…)·x) with
 // c = log2(e)/T, so a logit costs one FFMA and one ex2; `finish` turns them into an Online of z.
 struct Raw {
@@ -188,7 +170,7 @@ extern "C" __global__ void __launch_bounds__(SME_THREADS) softmax_stats_fwd(floa
         sme::span(vocab / 8, split, splits, begin, end);
         sme::for_packs(reinterpret_cast<const uint4 *>(r), begin, end, [&](int, uint4 raw) {
             float x[8];
-            sme::unpack(raw, x);
+            unpack8(raw, x);
             sme::add8(acc, x, c);
         });
     } else {
@@ -248,7 +230,7 @@ extern "C" __global__ void __launch_bounds__(SME_THREADS)
         uint4 *dst = reinterpret_cast<uint4 *>(d);
         sme::for_packs(reinterpret_cast<const uint4 *>(r), begin, end, [&](int q, uint4 raw) {
             float x[8];
-            sme::unpack(raw, x);
+            unpack8(raw, x);
 #pragma unroll
             for (int e = 0; e < 8; e++) x[e] = g(x[e]);
             const uint32_t j0 = 8u * (uint32_t)q;
@@ -257,7 +239,7 @@ extern "C" __global__ void __launch_bounds__(SME_THREADS)
                 for (int e = 0; e < 8; e++)
                     if (j0 + e == y) x[e] += cb * inv_t;
             }
-            dst[q] = sme::pack(x);
+            dst[q] = pack8(x);
         });
         return;
     }

@@ -1,11 +1,13 @@
 #!/usr/bin/env python3
-"""Turns cuda/elementwise.cu, cuda/rmsnorm.cu and cuda/rope.cu into host C++ for ops_main.cpp:
-the helpers of common.cuh that emu.h does not define already (block_sum, ld/st of f32, ...),
-then the three op files without their common.cuh include and without extern "C" (ops_main.cpp
-includes emu.h first, then this file twice, in two namespaces), then ops_kernels[], the names
-of their entry points, so that ops_main.cpp can tell one that no test runs.
+"""Turns cuda/ op files into host C++ for a driver that includes emu.h first: the helpers of
+common.cuh that emu.h does not define already (block_sum, unpack8/pack8, ld/st of f32, ...), then
+the op files without their common.cuh include and without extern "C", then ops_kernels[], the
+names of their entry points, so that the driver can tell one that no test runs. By default the
+files are cuda/elementwise.cu, cuda/rmsnorm.cu and cuda/rope.cu, for ops_main.cpp (which includes
+the output twice, in two namespaces).
 
-  python3 gen_ops.py ../../cuda OUT_DIR   # writes OUT_DIR/ops_emu.cpp
+  python3 gen_ops.py ../../cuda OUT_DIR                                   # OUT_DIR/ops_emu.cpp
+  python3 gen_ops.py ../../cuda OUT_DIR softmax_emu.cpp softmax_entropy.cu  # for softmax_main.cpp
 """
 import os
 import re
@@ -14,6 +16,8 @@ import sys
 OPS = ["elementwise.cu", "rmsnorm.cu", "rope.cu"]
 cuda_dir = sys.argv[1]
 out_dir = sys.argv[2] if len(sys.argv) > 2 else "."
+out_name = sys.argv[3] if len(sys.argv) > 3 else "ops_emu.cpp"
+files = sys.argv[4:] or OPS
 here = os.path.dirname(os.path.abspath(__file__))
 
 
@@ -45,11 +49,11 @@ parts += [i for i in items(common) if signature(i) not in have]
 
 bounds = r"(?:__launch_bounds__\([^)]*\)\s*)?"
 kernels = []
-for name in OPS:
+for name in files:
     src = open(os.path.join(cuda_dir, name)).read()
     assert '#include "common.cuh"' in src, name
     kernels += re.findall(rf'extern "C"\s+{bounds}__global__\s+void\s+{bounds}(\w+)', src)
     src = src.replace('#include "common.cuh"', "").replace('extern "C" ', "")
     parts.append(f"\n// ---- {name} ----\n{src}")
 parts.append("\nstatic const char *const ops_kernels[] = {%s};\n" % ", ".join(f'"{k}"' for k in kernels))
-open(os.path.join(out_dir, "ops_emu.cpp"), "w").write("".join(parts))
+open(os.path.join(out_dir, out_name), "w").write("".join(parts))

@@ -1,7 +1,7 @@
 // cuda/softmax_entropy.cu on the host (see README.md): the split-row forward with its arrival
 // counters and last-CTA merge, and the backward from saved statistics, against double-precision
 // copies of cpu::softmax_stats and cpu::softmax_stats_bwd. Built by tests/kernel_emulator.rs
-// from softmax_emu.cpp, which is the kernel file with common.cuh swapped for emu.h.
+// from softmax_emu.cpp, which tools/kernel_emulator/gen_ops.py writes from the kernel file.
 #define EMU_STACK_BYTES (64 * 1024)
 #include "emu.h"
 #include "softmax_emu.cpp"
