@@ -198,6 +198,7 @@ pub fn run_all<B: Backend>(
     check_softmax_stats(&mut c, 6, 1000)?;
     check_softmax_stats(&mut c, 5, 1001)?; // odd vocabulary: the scalar path
     check_softmax_stats(&mut c, 300, 1000)?; // more CTAs than rows fill the GPU: splits by fill
+    check_softmax_stats(&mut c, 70_000, 16)?; // past grid y's 65535 rows: two launches
     check_softmax_stats(&mut c, 4, vocab)?;
     check_adamw(&mut c, 1000)?;
     check_optimizer_step(&mut c)?;

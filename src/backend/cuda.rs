@@ -151,6 +151,8 @@ const SME_PACKS_PER_THREAD: usize = 12;
 /// Scratch slots of the softmax forward: per-CTA partials and per-row arrival counters (the
 /// attention kernels use slots 0-5, cuda_attention.rs).
 const SME_PARTIAL: usize = 6;
+/// The largest grid y (and z) a launch may have.
+const MAX_GRID_Y: usize = 65535;
 const SME_ARRIVED: usize = 7;
 
 /// Threads for a block that holds a row of `dim` bf16 values in registers, `vpt` 16-byte packs
@@ -1280,17 +1282,21 @@ impl Backend for CudaBackend {
         ) else {
             return self.sync();
         };
-        let args = [
-            Arg::P(stats.ptr),
-            Arg::P(partial),
-            Arg::P(arrived),
-            Arg::P(logits.ptr),
-            Arg::P(t),
-            Arg::I(vocab as i32),
-            Arg::F(temperature),
-        ];
-        let grid = (splits as u32, rows as u32, 1);
-        self.launch(name, grid, (SME_THREADS as u32, 1, 1), 0, &args);
+        // Rows go on grid y, which stops at 65535: longer batches take several launches.
+        for r0 in (0..rows).step_by(MAX_GRID_Y) {
+            let (n, r) = (MAX_GRID_Y.min(rows - r0), r0 as u64);
+            let args = [
+                Arg::P(stats.ptr + 12 * r),
+                Arg::P(partial + 12 * splits as u64 * r),
+                Arg::P(arrived + 4 * r),
+                Arg::P(logits.ptr + 2 * vocab as u64 * r),
+                Arg::P(t + 4 * r),
+                Arg::I(vocab as i32),
+                Arg::F(temperature),
+            ];
+            let grid = (splits as u32, n as u32, 1);
+            self.launch(name, grid, (SME_THREADS as u32, 1, 1), 0, &args);
+        }
         Ok(())
     }
 
@@ -1372,19 +1378,23 @@ impl Backend for CudaBackend {
             return;
         };
         let (pa, pb) = (t + 4 * rows as u64, t + 8 * rows as u64);
-        let args = [
-            Arg::P(dlogits.ptr),
-            Arg::P(logits.ptr),
-            Arg::P(stats.ptr),
-            Arg::P(t),
-            Arg::P(pa),
-            Arg::P(pb),
-            Arg::I(vocab as i32),
-            Arg::F(temperature),
-        ];
         let name = "softmax_stats_bwd_saved";
         let splits = self.softmax_splits(name, rows, vocab);
-        let grid = (splits as u32, rows as u32, 1);
-        self.launch(name, grid, (SME_THREADS as u32, 1, 1), 0, &args);
+        for r0 in (0..rows).step_by(MAX_GRID_Y) {
+            let (n, r) = (MAX_GRID_Y.min(rows - r0), r0 as u64);
+            let row_bytes = 2 * vocab as u64 * r;
+            let args = [
+                Arg::P(dlogits.ptr + row_bytes),
+                Arg::P(logits.ptr + row_bytes),
+                Arg::P(stats.ptr + 12 * r),
+                Arg::P(t + 4 * r),
+                Arg::P(pa + 4 * r),
+                Arg::P(pb + 4 * r),
+                Arg::I(vocab as i32),
+                Arg::F(temperature),
+            ];
+            let grid = (splits as u32, n as u32, 1);
+            self.launch(name, grid, (SME_THREADS as u32, 1, 1), 0, &args);
+        }
     }
 }
