@@ -72,37 +72,35 @@ struct Raw {
     float m, mc, s, t;
 };
 
+// A new running max mx > a.m: rescale the sums to it. A thread's first value lands here with
+// a.m = −inf and a.s = a.t = 0.
+__device__ __forceinline__ void raise(Raw &a, float mx, float c) {
+    const float r = a.m == -INFINITY ? 0.0f : exp2_fast(a.mc - mx * c);
+    a.m = mx;
+    a.mc = mx * c;
+    a.s *= r;
+    a.t *= r;
+}
+
+__device__ __forceinline__ void fold(Raw &a, float x, float c) {
+    const float p = exp2_fast(fmaf(x, c, -a.mc));
+    a.s += p;
+    a.t = fmaf(p, x, a.t);
+}
+
+// Eight values with one max test for the pack, not one per value.
 __device__ __forceinline__ void add8(Raw &a, const float (&x)[8], float c) {
     float mx = x[0];
 #pragma unroll
     for (int e = 1; e < 8; e++) mx = fmaxf(mx, x[e]);
-    if (mx > a.m) {
-        // The first pack of a thread lands here with a.m = −inf and a.s = a.t = 0.
-        const float r = a.m == -INFINITY ? 0.0f : exp2_fast(a.mc - mx * c);
-        a.m = mx;
-        a.mc = mx * c;
-        a.s *= r;
-        a.t *= r;
-    }
+    if (mx > a.m) raise(a, mx, c);
 #pragma unroll
-    for (int e = 0; e < 8; e++) {
-        const float p = exp2_fast(fmaf(x[e], c, -a.mc));
-        a.s += p;
-        a.t = fmaf(p, x[e], a.t);
-    }
+    for (int e = 0; e < 8; e++) fold(a, x[e], c);
 }
 
 __device__ __forceinline__ void add1(Raw &a, float x, float c) {
-    if (x > a.m) {
-        const float r = a.m == -INFINITY ? 0.0f : exp2_fast(a.mc - x * c);
-        a.m = x;
-        a.mc = x * c;
-        a.s *= r;
-        a.t *= r;
-    }
-    const float p = exp2_fast(fmaf(x, c, -a.mc));
-    a.s += p;
-    a.t = fmaf(p, x, a.t);
+    if (x > a.m) raise(a, x, c);
+    fold(a, x, c);
 }
 
 __device__ __forceinline__ Online finish(Raw a, float inv_t) { return {a.m * inv_t, a.s, a.t * inv_t}; }
