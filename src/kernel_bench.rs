@@ -344,6 +344,21 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             flops,
             t,
         );
+        let variants = be.attention_fwd_variants();
+        for alt in variants.iter().skip(1) {
+            be.set_attention_fwd(alt)?;
+            let t = time(be, iters, || {
+                be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
+            });
+            be.set_attention_fwd(variants[0])?;
+            push(
+                &format!("attention fwd (causal, {alt})"),
+                shape.clone(),
+                Unit::Flops,
+                flops,
+                t?,
+            );
+        }
         let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
         let t = time(be, iters, || {
             be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)

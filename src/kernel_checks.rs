@@ -184,6 +184,7 @@ pub fn run_all<B: Backend>(
             s(1, 5, 37, 40, 4, 2, 64),  // prefill after a cache prefix
             s(3, 1, 29, 32, 4, 2, 128), // decode: one query over the cache
             s(1, 130, 130, 130, 4, 2, 128),
+            s(2, 100, 300, 310, 4, 1, 128), // prefill over a cache, several key tiles, GQA 4
         ];
         if big {
             v.push(s(1, 1024, 1024, 1024, 28, 4, 128));
@@ -407,6 +408,30 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
         &wl,
         true,
     )?;
+    // The other forward kernels (wgmma on an H100) take head_dim 128 over several queries.
+    let variants = c.be.attention_fwd_variants();
+    if s.tq > 1 && s.head_dim == 128 {
+        for alt in variants.iter().skip(1) {
+            c.be.set_attention_fwd(alt)?;
+            let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(nl)?);
+            c.be.attention(&mut out, &mut lse, &bq, &bk, &bv, s);
+            c.be.set_attention_fwd(variants[0])?;
+            c.row(
+                &format!("attention flash ({alt}) out"),
+                shape.clone(),
+                &out,
+                &wo,
+                false,
+            )?;
+            c.row(
+                &format!("attention flash ({alt}) lse"),
+                shape.clone(),
+                &lse,
+                &wl,
+                true,
+            )?;
+        }
+    }
     if s.tq != s.tk {
         return Ok(()); // training backward only runs over full sequences
     }

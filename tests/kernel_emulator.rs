@@ -15,7 +15,7 @@ fn workdir(tag: &str, main: &str) -> PathBuf {
     let tool = root().join("tools/kernel_emulator");
     let dir = std::env::temp_dir().join(format!("empo-{tag}-emu-{}", std::process::id()));
     std::fs::create_dir_all(&dir).unwrap();
-    for f in ["emu.h", "emu_tc.h", main] {
+    for f in ["emu.h", "emu_tc.h", "emu_wgmma.h", main] {
         std::fs::copy(tool.join(f), dir.join(f)).unwrap();
     }
     dir

@@ -21,7 +21,7 @@ use cudarc::driver::{
     PushKernelArg,
 };
 use half::bf16;
-use std::cell::RefCell;
+use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
@@ -127,8 +127,30 @@ pub struct CudaBackend {
     /// Float scratch for multi-pass kernels (attention backward), grown on demand.
     scratch: RefCell<Vec<Option<CudaSlice<f32>>>>,
     sm_count: u32,
+    /// The causal attention forward kernel for head_dim 128 (see [`AttnFwd`]).
+    attn_fwd: Cell<AttnFwd>,
     error: RefCell<Option<String>>,
     mem: Arc<MemCounter>,
+}
+
+/// Which kernel runs the training attention forward at head_dim 128.
+///
+/// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernel has been checked
+/// and timed on an H100; `EMPO_ATTENTION_FWD=wgmma` opts in on sm_90 with sm_90a in the
+/// fatbin, and `check-kernels` and `bench` cover both wherever both can run.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum AttnFwd {
+    Mma,
+    Wgmma,
+}
+
+impl AttnFwd {
+    pub fn name(self) -> &'static str {
+        match self {
+            AttnFwd::Mma => "mma",
+            AttnFwd::Wgmma => "wgmma",
+        }
+    }
 }
 
 /// Threads per block of the elementwise kernels; they loop over n with a grid stride.
@@ -202,7 +224,7 @@ impl CudaBackend {
                 cudarc::driver::sys::CUdevice_attribute::CU_DEVICE_ATTRIBUTE_MULTIPROCESSOR_COUNT,
             )
             .unwrap_or(80) as u32;
-        Ok(CudaBackend {
+        let be = CudaBackend {
             ctx,
             stream,
             blas,
@@ -213,9 +235,25 @@ impl CudaBackend {
             kv_len_staged: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
             sm_count,
+            attn_fwd: Cell::new(AttnFwd::Mma),
             error: RefCell::new(None),
             mem: Arc::new(MemCounter::default()),
-        })
+        };
+        if let Ok(v) = std::env::var("EMPO_ATTENTION_FWD") {
+            be.set_attention_fwd(&v)
+                .map_err(|e| anyhow!("EMPO_ATTENTION_FWD: {e}"))?;
+        }
+        Ok(be)
+    }
+
+    /// Whether the wgmma attention forward can run: a compute capability 9.0 GPU, and sm_90a
+    /// machine code in the fatbin (wgmma has no PTX form that other targets could carry).
+    pub fn has_wgmma(&self) -> bool {
+        self.compute_capability() == (9, 0) && kernel_targets().contains("sm_90a")
+    }
+
+    pub fn attention_fwd_kernel(&self) -> AttnFwd {
+        self.attn_fwd.get()
     }
 
     pub fn device_name(&self) -> String {
@@ -665,6 +703,31 @@ impl Backend for CudaBackend {
             "cuda ({}, sm_{maj}{min}, bf16 storage, fp32 accumulation)",
             self.device_name()
         )
+    }
+
+    fn attention_fwd_variants(&self) -> Vec<&'static str> {
+        let mut v = vec![AttnFwd::Mma.name()];
+        if self.has_wgmma() {
+            v.push(AttnFwd::Wgmma.name());
+        }
+        v
+    }
+
+    fn set_attention_fwd(&self, variant: &str) -> Result<()> {
+        let k = match variant {
+            "mma" => AttnFwd::Mma,
+            "wgmma" if self.has_wgmma() => AttnFwd::Wgmma,
+            "wgmma" => {
+                let (maj, min) = self.compute_capability();
+                bail!(
+                    "the wgmma attention kernel needs compute capability 9.0 and sm_90a in the build; this is sm_{maj}{min} with targets {}",
+                    kernel_targets()
+                )
+            }
+            other => bail!("unknown attention forward kernel {other:?} (expected mma or wgmma)"),
+        };
+        self.attn_fwd.set(k);
+        Ok(())
     }
 
     fn alloc(&self, n: usize) -> Result<CudaBuf> {

@@ -3,7 +3,7 @@
 //! attention over the KV cache, and the cache write. The dispatch rule and every kernel's
 //! geometry are documented at the top of the .cu file.
 
-use super::cuda::{Arg, CudaBackend, CudaBuf, Dtype};
+use super::cuda::{Arg, AttnFwd, CudaBackend, CudaBuf, Dtype};
 use super::AttnShape;
 
 /// Decode split granularity in keys: one 16-key step for each of a decode block's 4 warps. A
@@ -96,6 +96,15 @@ pub fn forward(
         Arg::I(kvh),
     ];
     match fast(s.head_dim) {
+        // The same grid: 128-query tiles, y = 0 first. 5 tiles of 32 KB (Q, K and V twice) and
+        // 1 KB to align them to the swizzle's 1 KB period.
+        Some("128") if be.attention_fwd_kernel() == AttnFwd::Wgmma => be.launch(
+            "attention_fwd_d128_wgmma",
+            ((s.batch * s.heads) as u32, s.tq.div_ceil(128) as u32, 1),
+            (256, 1, 1),
+            5 * 32768 + 1024,
+            &common,
+        ),
         // 128-query tiles; y = 0 is the tile with the longest causal rows, dispatched first.
         Some(dn) => be.launch(
             &format!("attention_fwd_d{dn}"),

@@ -290,6 +290,19 @@ pub trait Backend {
         inverse: bool,
     );
 
+    /// The kernels the training attention forward can run with here, the default first, for
+    /// check-kernels and bench to cover each; empty where there is only one (the CPU).
+    fn attention_fwd_variants(&self) -> Vec<&'static str> {
+        Vec::new()
+    }
+    /// Runs the attention forward with `variant` (one of `attention_fwd_variants`) from now on.
+    fn set_attention_fwd(&self, variant: &str) -> Result<()> {
+        bail!(
+            "{} has one attention forward; {variant:?} is not selectable",
+            self.name()
+        )
+    }
+
     /// Causal grouped-query attention, softmax scale 1/sqrt(head_dim).
     #[allow(clippy::too_many_arguments)]
     fn attention(

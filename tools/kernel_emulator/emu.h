@@ -24,7 +24,12 @@ using std::min;
 
 struct dim3e { unsigned x = 1, y = 1, z = 1; };
 struct PendingCopy { void *dst; const void *src; bool valid; int group; };
-struct Fiber { ucontext_t ctx; dim3e tid; bool done = false; std::vector<char> stack; std::vector<PendingCopy> pend; int committed = 0; };
+// A wgmma whose result has not been waited for: the accumulator it writes, the result, its group.
+struct PendingMma { float *d; std::vector<float> v; int group; };
+struct Fiber {
+    ucontext_t ctx; dim3e tid; bool done = false; std::vector<char> stack; std::vector<PendingCopy> pend; int committed = 0;
+    std::vector<PendingMma> mma_pend; int mma_committed = 0; bool mma_fenced = false;  // emu_wgmma.h
+};
 static ucontext_t g_sched;
 static Fiber *g_cur;
 static dim3e g_block, g_grid, g_bdim;
@@ -41,7 +46,7 @@ static long g_conflicts = 0, g_ldsm = 0;
 
 inline void yield_() { swapcontext(&g_cur->ctx, &g_sched); }
 struct Bar { int count = 0, gen = 0; };
-static Bar g_bbar, g_wbar[32];
+static Bar g_bbar, g_wbar[32], g_wgbar[8];  // block, warps, warpgroups
 inline void bar_wait(Bar &b, int n) {
     int gen = b.gen;
     if (++b.count == n) { b.count = 0; b.gen++; } else while (b.gen == gen) yield_();
@@ -104,7 +109,7 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
             for (unsigned x = 0; x < grid.x; x++) {
                 g_block = {x, y, z};
                 memset(emu_dyn_smem, 0xff, sizeof emu_dyn_smem);  // NaN garbage
-                g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{};
+                g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{}; for (auto &w : g_wgbar) w = Bar{};
                 std::vector<Fiber> fs(nt);
                 for (int i = 0; i < nt; i++) {
                     fs[i].tid = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
@@ -134,7 +139,7 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
                             g_cur = &f; swapcontext(&g_sched, &f.ctx);
                         }
                 }
-                for (auto &f : fs) assert(f.pend.empty());
+                for (auto &f : fs) assert(f.pend.empty() && f.mma_pend.empty());
             }
 }
 

@@ -1,7 +1,7 @@
 #!/usr/bin/env python3
-"""Turns cuda/attention.cu (and cuda/attention_decode.cu beside it) into host C++ for the
-emulator: the tensor-core helpers are swapped for emulated ones (emu_tc.h), common.cuh for emu.h,
-dynamic shared memory for a host buffer.
+"""Turns cuda/attention.cu (and cuda/attention_decode.cu and cuda/attention_wgmma.cu beside it)
+into host C++ for the emulator: the tensor-core helpers are swapped for emulated ones (emu_tc.h,
+emu_wgmma.h), common.cuh for emu.h, dynamic shared memory for a host buffer.
 
   python3 gen.py ../../cuda/attention.cu OUT_DIR   # writes OUT_DIR/attention_emu.cpp
 """
@@ -22,5 +22,16 @@ src = re.sub(
 )
 dec = open(os.path.join(os.path.dirname(sys.argv[1]), "attention_decode.cu")).read()
 src += "\n" + dec.replace('#include "common.cuh"', "")
+wg = open(os.path.join(os.path.dirname(sys.argv[1]), "attention_wgmma.cu")).read()
+wg = wg.replace('#include "common.cuh"', "")
+a = wg.index("// ---- plumbing")
+b = wg.index("// ---- end plumbing ----")
+wg = wg[:a] + '#include "emu_wgmma.h"\n' + wg[b:]
+wg = re.sub(
+    r"extern __shared__ __align__\(\d+\) unsigned char attn90_smem\[\];",
+    "unsigned char *attn90_smem = emu_dyn_smem;",
+    wg,
+)
+src += "\n" + wg
 src = src.replace('extern "C" ', "")
 open(f"{out_dir}/attention_emu.cpp", "w").write(src)

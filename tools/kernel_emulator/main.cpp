@@ -105,6 +105,20 @@ static void test_attention(Shape s, bool fast) {
     check("dv", f32(dv), rdv, 2e-2);
 }
 
+// attention_fwd_d128_wgmma against the same oracle (forward only: the backward is shared).
+static void test_fwd_wgmma(Shape s) {
+    printf("wgmma D=%d batch=%d tq=%d tk=%d cap=%d heads=%d kv=%d\n", s.D, s.batch, s.tq, s.tk, s.cap, s.heads, s.kv);
+    auto q = rand_bf16((size_t)s.batch * s.tq * s.heads * s.D, 2.0f), k = make_kv(s, 2.0f), v = make_kv(s, 1.0f);
+    std::vector<bf16> out(q.size(), BNAN);
+    std::vector<float> lse((size_t)s.batch * s.tq * s.heads, NAN);
+    std::vector<double> ro, rl;
+    ref_fwd(ro, rl, f32(q), zero_garbage(f32(k), s), zero_garbage(f32(v), s), s);
+    dim3e grid = {(unsigned)(s.batch * s.heads), (unsigned)((s.tq + 127) / 128)};
+    emu_launch(grid, {256}, [&] { attention_fwd_d128_wgmma(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
+    check("out", f32(out), ro, 1.5e-2);
+    check("lse", lse, rl, 1e-4);
+}
+
 static void test_decode(int batch, std::vector<int> lens, int cap, int heads, int kv, int D, int chunk) {
     int splits = 0; for (int l : lens) splits = std::max(splits, (l + chunk - 1) / chunk);
     printf("decode D=%d heads=%d kv=%d cap=%d chunk=%d splits=%d lens", D, heads, kv, cap, chunk, splits); for (int l : lens) printf(" %d", l); printf("\n");
@@ -153,6 +167,11 @@ int main(int argc, char **argv) {
         test_attention({1, 200, 260, 300, 2, 1, D}, true); // several key tiles, GQA, chunked prefill
         test_attention({1, 160, 160, 300, 1, 1, D}, true); // several key tiles, no GQA, cap well past tk
     }
+    test_fwd_wgmma({2, 70, 70, 75, 4, 2, 128});     // one row tile, ragged, GQA, cap > tk
+    test_fwd_wgmma({1, 20, 100, 130, 3, 1, 128});   // chunked prefill: every row past the first key tile
+    test_fwd_wgmma({1, 256, 256, 256, 2, 2, 128});  // exact tiles, two row tiles, no GQA
+    test_fwd_wgmma({1, 300, 390, 400, 2, 1, 128});  // several key tiles, prefill offset, ragged end
+    test_fwd_wgmma({1, 5, 5, 8, 2, 1, 128});        // a second warpgroup with no live row
     for (int D : {8, 24, 40})
         test_attention({2, 37, 50, 53, 6, 2, D}, false);
     for (int D : {64, 128, 24}) {

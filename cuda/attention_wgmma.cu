@@ -1,0 +1,278 @@
+// Causal grouped-query attention forward for Hopper, head_dim 128, on wgmma: the contract of
+// attention_fwd_d128 in attention.cu (layouts, lse, the causal offset tk - tq, GQA), with the
+// warpgroup tensor-core instructions that mma.sync cannot reach (docs/attention-perf.md).
+// CPU oracle: cpu::attention (src/backend/cpu.rs).
+//
+//   void attention_fwd_d128_wgmma(bf16 *out, float *lse, const bf16 *q, const bf16 *k,
+//                                 const bf16 *v, int tq, int tk, int cap, int heads, int kv_heads)
+//     grid (batch * heads, ceil(tq / 128)), block 256, dynamic smem 164864 bytes (opt-in)
+//
+// wgmma exists only in sm_90a, so every other target gets an empty body; the launcher
+// (src/backend/cuda_attention.rs) picks this kernel only on compute capability 9.0 with sm_90a
+// in the fatbin.
+//
+// A block owns 128 query rows of one head: two warpgroups of 64 rows. Per 128-key tile j, each
+// warpgroup computes S = Q K_j^T with Q and K_j read by the tensor cores straight from shared
+// memory, runs the online softmax on S in registers, and adds P V_j with P as the register
+// operand. K_{j+1} lands while S is computed and V_{j+1} while P V_j is; every tile is
+// double-buffered. Grid y = 0 is the tile with the longest causal rows, dispatched first.
+#include "common.cuh"
+
+namespace attn90 {
+
+constexpr int BM = 128, BN = 128, D = 128;  // block: 256 threads, two warpgroups
+constexpr int TILE = 128 * D * 2;  // bytes of one 128-row tile: Q, K_j or V_j
+constexpr int HALF = TILE / 2;     // one 64-column half of a tile: 128 rows of 128 bytes
+constexpr float LOG2E = 1.4426950408889634f;
+
+// Shared tiles use the layout wgmma's 128-byte swizzle mode reads: each 64-column half of a
+// tile is its own region of 128-byte rows, and the 16-byte chunk c of row r sits at chunk
+// position c ^ (r % 8). The hardware applies that XOR to address bits 4-6 from bits 7-9, so
+// regions start on 1 KB boundaries. Element (r, col) of a tile, in bf16 units:
+__device__ __forceinline__ int sw128(int r, int col) {
+    return (col >> 6) * (HALF / 2) + r * 64 + ((((col >> 3) & 7) ^ (r & 7)) << 3) + (col & 7);
+}
+
+// Shared-matrix descriptor, 128-byte swizzle: start address, leading and stride byte offsets,
+// each stored >> 4. K-major operands ignore the leading offset (1 by convention); for them the
+// stride offset steps 8 rows. For N-major ones the leading offset steps 64 columns and the stride
+// offset 8 rows of K.
+__device__ __forceinline__ uint64_t desc(uint32_t addr, uint32_t lbo, uint32_t sbo) {
+    return (uint64_t)((addr & 0x3FFFF) >> 4) | (uint64_t)((lbo & 0x3FFFF) >> 4) << 16 |
+           (uint64_t)((sbo & 0x3FFFF) >> 4) << 32 | 1ull << 62;
+}
+
+// ---- plumbing (tools/kernel_emulator/gen.py swaps this block for emu_wgmma.h) ----
+__device__ __forceinline__ uint32_t smem_addr(const void *p) { return (uint32_t)__cvta_generic_to_shared(p); }
+// 16 bytes global -> shared; an invalid chunk is zero-filled (0 bytes read).
+__device__ __forceinline__ void cp_async16(uint32_t dst, const void *src, bool valid) {
+    asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(dst), "l"(src), "r"(valid ? 16 : 0));
+}
+__device__ __forceinline__ void cp_async_commit() { asm volatile("cp.async.commit_group;\n" ::); }
+template <int N>
+__device__ __forceinline__ void cp_async_wait() {
+    asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
+// cp.async writes through the generic proxy and wgmma reads through the async one: each
+// writing thread fences before the barrier that publishes the tile.
+__device__ __forceinline__ void fence_async_smem() { asm volatile("fence.proxy.async.shared::cta;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_fence() { asm volatile("wgmma.fence.sync.aligned;\n" ::: "memory"); }
+__device__ __forceinline__ void wg_commit() { asm volatile("wgmma.commit_group.sync.aligned;\n" ::: "memory"); }
+template <int N>
+__device__ __forceinline__ void wg_wait() {
+    asm volatile("wgmma.wait_group.sync.aligned %0;\n" ::"n"(N) : "memory");
+}
+__device__ __forceinline__ float ex2(float x) {
+    float y;
+    asm("ex2.approx.ftz.f32 %0, %1;\n" : "=f"(y) : "f"(x));
+    return y;
+}
+__device__ __forceinline__ uint32_t pack(float lo, float hi) {
+    __nv_bfloat162 v = __floats2bfloat162_rn(lo, hi);
+    return *reinterpret_cast<uint32_t *>(&v);
+}
+
+// Accumulator fragments of m64n128 (per warp of the warpgroup, rows 16 w ..): d[n][e] holds row
+// g + 8 (e / 2), column 8 n + 2 t + e % 2, with g = lane / 4, t = lane % 4, the mma.sync C layout
+// repeated over 16 column blocks. The register A operand of m64nNk16 is the mma.sync A layout of
+// the warp's 16 rows, so two adjacent column blocks of S are one k-step of P.
+#define WG_D4(i) "+f"(d[i][0]), "+f"(d[i][1]), "+f"(d[i][2]), "+f"(d[i][3])
+#define WG_D64                                                                                                \
+    WG_D4(0), WG_D4(1), WG_D4(2), WG_D4(3), WG_D4(4), WG_D4(5), WG_D4(6), WG_D4(7), WG_D4(8), WG_D4(9),      \
+        WG_D4(10), WG_D4(11), WG_D4(12), WG_D4(13), WG_D4(14), WG_D4(15)
+#define WG_REGS64                                                                                             \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31, %32, %33, %34, %35, %36, %37, %38, %39, %40, %41, "     \
+    "%42, %43, %44, %45, %46, %47, %48, %49, %50, %51, %52, %53, %54, %55, %56, %57, %58, %59, %60, %61, "     \
+    "%62, %63}"
+
+// d (64 x 128) = [d +] A (64 x 16, K-major in shared) B^T (B: 128 x 16, K-major in shared).
+__device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %66, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_REGS64 ", %64, %65, p, 1, 1, 0, 0;\n}\n"
+                 : WG_D64
+                 : "l"(da), "l"(db), "r"(accumulate));
+}
+// d (64 x 128) += A (64 x 16 in registers) B (16 x 128, N-major in shared).
+__device__ __forceinline__ void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n128k16.f32.bf16.bf16 " WG_REGS64
+                 ", {%64, %65, %66, %67}, %68, p, 1, 1, 1;\n}\n"
+                 : WG_D64
+                 : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
+}
+// ---- end plumbing ----
+
+// Rows row0..row0+127 of a strided global matrix into the tile at shared address `tile`; rows
+// >= nvalid become zeros. 16 threads move one 256-byte row, 16 rows per pass; a row's swizzle
+// phase r % 8 is the same in every pass.
+__device__ __forceinline__ void load_tile(uint32_t tile, const bf16 *g, int64_t stride, int row0, int nvalid) {
+    const int c = threadIdx.x & 15, r = threadIdx.x >> 4;
+    uint32_t dst = tile + (c >> 3) * HALF + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+    const bf16 *src = g + (int64_t)(row0 + r) * stride + c * 8;
+#pragma unroll 1
+    for (int rr = row0 + r; rr < row0 + 128; rr += 16, dst += 16 * 128, src += 16 * stride)
+        cp_async16(dst, rr < nvalid ? src : g, rr < nvalid);  // g: a valid address that is never read
+}
+
+__device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int tq,
+                                    int tk, int cap, int heads, int kv_heads) {
+    extern __shared__ __align__(1024) unsigned char attn90_smem[];
+    const uint32_t base = (smem_addr(attn90_smem) + 1023) & ~1023u;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int wg = warp >> 2, wr = 64 * wg + 16 * (warp & 3);  // rows wr + g and wr + g + 8 of the tile
+    const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
+    const int kvh = h / (heads / kv_heads), off = tk - tq;
+    const int64_t qstride = (int64_t)heads * D, kvstride = (int64_t)kv_heads * D;
+    const bf16 *qh = q + (int64_t)b * tq * qstride + h * D;
+    const bf16 *kh = k + (int64_t)b * cap * kvstride + kvh * D;
+    const bf16 *vh = v + (int64_t)b * cap * kvstride + kvh * D;
+    const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
+    const bool live = m0 + 64 * wg < tq;                    // the warpgroup has a row to write
+    const int gfirst = off + m0 + 64 * wg;                  // position of its first row
+    const int glast = off + min(m0 + 64 * wg + 64, tq) - 1;  // and of its last live one
+    const int ntiles = (off + min(m0 + BM, tq) + BN - 1) / BN;
+    // Q at base, K_j at base + TILE (1 + j % 2), V_j at base + TILE (3 + j % 2).
+    const uint32_t qa = base + 64 * wg * 128;  // this warpgroup's 64 rows of Q
+
+    load_tile(base, qh, qstride, m0, tq);
+    load_tile(base + TILE, kh, kvstride, 0, tk);
+    cp_async_commit();
+    load_tile(base + 3 * TILE, vh, kvstride, 0, tk);
+    cp_async_commit();
+
+    float o[16][4];
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
+    float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // mx in raw score units; l per thread
+
+    for (int j = 0; j < ntiles; j++) {
+        const int n0 = j * BN;
+        const uint32_t kt = base + TILE * (1 + (j & 1)), vt = base + TILE * (3 + (j & 1));
+        cp_async_wait<1>();  // all but the newest group (V_j): K_j and Q have landed
+        fence_async_smem();
+        __syncthreads();  // ... for every thread; and both warpgroups are done with tile j - 1
+        if (j + 1 < ntiles) load_tile(base + TILE * (1 + ((j + 1) & 1)), kh, kvstride, n0 + BN, tk);
+        cp_async_commit();
+
+        const bool active = live && n0 <= glast;  // some row of the warpgroup sees some key of the tile
+        uint32_t p[8][4];                         // P as the A operand of 8 k-steps of 16 keys
+        if (active) {
+            float s[16][4];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < D / 16; kk++) {
+                const uint32_t koff = (kk >> 2) * HALF + (kk & 3) * 32;  // 16 columns: a 32-byte step in a half
+                wgmma_ss(s, desc(qa + koff, 16, 1024), desc(kt + koff, 16, 1024), kk > 0);
+            }
+            wg_commit();
+            wg_wait<0>();
+            if (n0 + BN - 1 > gfirst) {  // the tile reaches past the diagonal of some row (or past tk)
+#pragma unroll
+                for (int n = 0; n < 16; n++)
+#pragma unroll
+                    for (int e = 0; e < 4; e++) {
+                        const int key = n0 + 8 * n + 2 * t + (e & 1), row = m0 + wr + g + 8 * (e >> 1);
+                        if (key > off + row) s[n][e] = -INFINITY;
+                    }
+            }
+            // Online softmax; the 4 threads of a quad share a row, so partial sums stay per thread
+            // (every rescale is row-uniform) and are reduced once at the end.
+            float corr[2];
+            bool moved = false;
+#pragma unroll
+            for (int hr = 0; hr < 2; hr++) {
+                float tmax = -INFINITY;
+#pragma unroll
+                for (int n = 0; n < 16; n++) tmax = fmaxf(tmax, fmaxf(s[n][2 * hr], s[n][2 * hr + 1]));
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+                const float mnew = fmaxf(mx[hr], tmax);
+                const float mb = mnew == -INFINITY ? 0.0f : mnew * sl2;  // a row with nothing visible yet
+                corr[hr] = mnew == mx[hr] ? 1.0f : ex2(mx[hr] * sl2 - mb);
+                moved |= mnew != mx[hr];
+                mx[hr] = mnew;
+                float rs = 0.0f;
+#pragma unroll
+                for (int n = 0; n < 16; n++)
+#pragma unroll
+                    for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                        s[n][e] = ex2(fmaf(s[n][e], sl2, -mb));
+                        rs += s[n][e];
+                    }
+                l[hr] = l[hr] * corr[hr] + rs;
+            }
+            if (__any_sync(0xffffffffu, moved)) {
+#pragma unroll
+                for (int n = 0; n < 16; n++) {
+                    o[n][0] *= corr[0];
+                    o[n][1] *= corr[0];
+                    o[n][2] *= corr[1];
+                    o[n][3] *= corr[1];
+                }
+            }
+#pragma unroll
+            for (int kk = 0; kk < 8; kk++) {
+                p[kk][0] = pack(s[2 * kk][0], s[2 * kk][1]);
+                p[kk][1] = pack(s[2 * kk][2], s[2 * kk][3]);
+                p[kk][2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+                p[kk][3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+            }
+        }
+
+        cp_async_wait<1>();  // all but K_{j+1}: V_j has landed
+        fence_async_smem();
+        __syncthreads();
+        if (j + 1 < ntiles) load_tile(base + TILE * (3 + ((j + 1) & 1)), vh, kvstride, n0 + BN, tk);
+        cp_async_commit();
+        if (active) {
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < BN / 16; kk++)  // keys 16 kk ..: 16 rows of V, two 8-row groups
+                wgmma_rs(o, p[kk], desc(vt + kk * 16 * 128, HALF, 1024));
+            wg_commit();
+            wg_wait<0>();
+        }
+    }
+    cp_async_wait<0>();  // the last (empty) groups
+
+    // Epilogue: each warp stages its 16 rows of O in bf16 over its own rows of the Q tile (only
+    // its warpgroup's finished wgmma read them), then writes them out in 16-byte chunks.
+    if (!live) return;
+    bf16 *qs = reinterpret_cast<bf16 *>(attn90_smem + (base - smem_addr(attn90_smem)));
+    bf16 *oh = out + ((int64_t)b * tq + m0) * qstride + h * D;
+    float *lh = lse + ((int64_t)b * tq + m0) * heads + h;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float lsum = l[hr];
+        lsum += __shfl_xor_sync(0xffffffffu, lsum, 1);
+        lsum += __shfl_xor_sync(0xffffffffu, lsum, 2);
+        const float inv = 1.0f / lsum;
+        const int r = wr + g + 8 * hr;
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+            *reinterpret_cast<uint32_t *>(qs + sw128(r, 8 * n + 2 * t)) = pack(o[n][2 * hr] * inv, o[n][2 * hr + 1] * inv);
+        if (t == 0 && m0 + r < tq) lh[(int64_t)r * heads] = mx[hr] * scale + __logf(lsum);
+    }
+    __syncwarp();
+#pragma unroll
+    for (int it = 0; it < 8; it++) {
+        const int idx = lane + 32 * it, r = wr + idx / 16, c = idx % 16;
+        if (m0 + r < tq)
+            *reinterpret_cast<uint4 *>(oh + (int64_t)r * qstride + c * 8) =
+                *reinterpret_cast<const uint4 *>(qs + sw128(r, c * 8));
+    }
+}
+
+}  // namespace attn90
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    attention_fwd_d128_wgmma(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int tq, int tk,
+                             int cap, int heads, int kv_heads) {
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    attn90::fwd(out, lse, q, k, v, tq, tk, cap, heads, kv_heads);
+#endif
+}

@@ -1,0 +1,104 @@
+// Emulated plumbing of cuda/attention_wgmma.cu (included inside namespace attn90, after
+// attention.cu's emulated helpers): shared-window addresses, cp.async, and wgmma.mma_async with
+// 128-byte-swizzled shared operands as PTX ISA 9.7.15.5 lays them out.
+//
+// wgmma is asynchronous: its accumulator reads as NaN from issue until the wgmma.wait_group
+// that covers it, so a kernel that touches S or O too early fails here. Each issue is a
+// warpgroup barrier (the instruction is .sync.aligned: all 128 threads must reach it), and each
+// needs a wgmma.fence since the thread's last wait, as the PTX rules ask.
+inline uint32_t smem_addr(const void *p) { return attn::smem_u32(p); }
+inline void cp_async16(uint32_t dst, const void *src, bool valid) { attn::cp_async16(emu_dyn_smem + dst, src, valid); }
+inline void cp_async_commit() { attn::cp_async_commit(); }
+template <int N> inline void cp_async_wait() { attn::cp_async_wait<N>(); }
+inline void fence_async_smem() {}
+inline float ex2(float x) { return attn::ex2(x); }
+inline uint32_t pack(float lo, float hi) { return attn::pack(lo, hi); }
+
+inline int emu_wg() { return emu_warp() >> 2; }
+inline void wg_sync() { bar_wait(g_wgbar[emu_wg()], 128); }
+inline void wg_fence() { g_cur->mma_fenced = true; }
+inline void wg_commit() { g_cur->mma_committed++; }
+template <int N> inline void wg_wait() {
+    auto &p = g_cur->mma_pend;
+    std::vector<PendingMma> keep;
+    for (auto &m : p) {
+        assert(m.group < g_cur->mma_committed && "wgmma.wait_group with an uncommitted wgmma");
+        if (m.group < g_cur->mma_committed - N) memcpy(m.d, m.v.data(), m.v.size() * 4);
+        else keep.push_back(m);
+    }
+    p = keep;
+    g_cur->mma_fenced = false;
+}
+
+struct MatDesc { uint32_t start, lbo, sbo; };
+inline MatDesc decode(uint64_t d) {
+    assert((d >> 62) == 1 && "128-byte swizzle");
+    assert(((d >> 49) & 7) == 0 && "base offset 0: operands start on the swizzle's 1 KB period");
+    assert(((d >> 14) & 3) == 0 && ((d >> 30) & 3) == 0 && ((d >> 46) & 7) == 0 && ((d >> 52) & 0x3ff) == 0);
+    return {(uint32_t)(d & 0x3fff) << 4, (uint32_t)((d >> 16) & 0x3fff) << 4, (uint32_t)((d >> 32) & 0x3fff) << 4};
+}
+// The hardware XORs address bits 4-6 (the 16-byte chunk) with bits 7-9 (the 128-byte row).
+inline float smem_at(uint32_t a) {
+    a ^= ((a >> 7) & 7) << 4;
+    assert(a + 2 <= sizeof emu_dyn_smem);
+    bf16 h;
+    memcpy(&h, emu_dyn_smem + a, 2);
+    return __bfloat162float(h);
+}
+// K-major: element (row, k) of a (rows x 16) operand: rows 128 bytes apart in 8-row groups
+// `sbo` apart, k contiguous.
+inline float kmajor(MatDesc d, int row, int k) { return smem_at(d.start + (row % 8) * 128 + (row / 8) * d.sbo + k * 2); }
+// N-major: element (k, n) of a (16 x N) operand: 64 n contiguous, 64-column blocks `lbo` apart,
+// k rows 128 bytes apart in 8-row groups `sbo` apart.
+inline float nmajor(MatDesc d, int k, int n) {
+    return smem_at(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo);
+}
+
+// One m64n128k16 issue: this thread's 64 accumulators (the mma.sync C layout of its warp's 16
+// rows, over 16 column blocks), from `a(row, k)` and `b(k, col)`.
+template <class A, class B>
+inline void wg_issue(float (&d)[16][4], bool accumulate, A a, B b) {
+    assert(g_cur->mma_fenced && "wgmma without a wgmma.fence since the last wait");
+    float *key = &d[0][0];
+    std::vector<float> in(key, key + 64);
+    PendingMma *prev = nullptr;
+    for (auto &m : g_cur->mma_pend)
+        if (m.d == key) prev = &m;  // chained on an earlier, unwaited wgmma: its result is the input
+    if (prev) in = prev->v;
+    const int w = emu_warp() & 3, g = emu_lane() >> 2, t = emu_lane() & 3;
+    std::vector<float> outv(64);
+    for (int n = 0; n < 16; n++)
+        for (int e = 0; e < 4; e++) {
+            const int row = 16 * w + g + 8 * (e >> 1), col = 8 * n + 2 * t + (e & 1);
+            float acc = accumulate ? in[4 * n + e] : 0.0f;
+            for (int k = 0; k < 16; k++) acc += a(row, k) * b(k, col);
+            outv[4 * n + e] = acc;
+        }
+    if (prev) { prev->v = outv; prev->group = g_cur->mma_committed; }
+    else g_cur->mma_pend.push_back({key, outv, g_cur->mma_committed});
+    for (int i = 0; i < 64; i++) key[i] = NAN;
+}
+
+inline void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate) {
+    wg_sync();
+    const MatDesc a = decode(da), b = decode(db);
+    wg_issue(d, accumulate != 0, [&](int row, int k) { return kmajor(a, row, k); },
+             [&](int k, int col) { return kmajor(b, col, k); });
+    wg_sync();
+}
+
+static uint32_t g_wga[8][128][4];  // register A operands, by warpgroup and thread
+inline void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
+    memcpy(g_wga[emu_wg()][emu_tid() & 127], a, 16);
+    wg_sync();
+    const MatDesc b = decode(db);
+    uint32_t (*wa)[4] = g_wga[emu_wg()];
+    // A of m64nNk16 from registers: warp row / 16 holds its 16 rows in the mma.sync A layout.
+    auto areg = [&](int row, int k) {
+        const int rr = row % 16, lane = (rr % 8) * 4 + (k % 8) / 2;
+        const uint32_t w = wa[(row / 16) * 32 + lane][rr / 8 + 2 * (k / 8)];
+        return attn::half_of(w, k & 1);
+    };
+    wg_issue(d, true, areg, [&](int k, int col) { return nmajor(b, k, col); });
+    wg_sync();
+}
