@@ -12,10 +12,11 @@
 // in the fatbin.
 //
 // A block owns 128 query rows of one head: two warpgroups of 64 rows. Per 128-key tile j, each
-// warpgroup computes S = Q K_j^T with Q and K_j read by the tensor cores straight from shared
-// memory, runs the online softmax on S in registers, and adds P V_j with P as the register
-// operand. K_{j+1} lands while S is computed and V_{j+1} while P V_j is; every tile is
-// double-buffered. Grid y = 0 is the tile with the longest causal rows, dispatched first.
+// warpgroup issues S_{j+1} = Q K_{j+1}^T (Q and K read by the tensor cores straight from shared
+// memory) and then O += P_j V_j (P the register operand), and runs the online softmax of S_{j+1}
+// while P_j V_j is still on the tensor cores (FlashAttention-3's intra-warpgroup overlap). One
+// barrier per tile; V_{j+1} and K_{j+2} are copied in during tile j. Grid y = 0 is the tile with
+// the longest causal rows, dispatched first.
 #include "common.cuh"
 
 namespace attn90 {
@@ -101,6 +102,23 @@ __device__ __forceinline__ void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[
                  : WG_D64
                  : "r"(a[0]), "r"(a[1]), "r"(a[2]), "r"(a[3]), "l"(db), "r"(1));
 }
+// The compiler sees a wgmma's registers as read or written at issue, but the tensor cores use
+// them until the wait: an empty asm that redefines each register after the wait (and before the
+// issue) keeps every other access on its side of the asynchronous window.
+template <int N>
+__device__ __forceinline__ void fence_regs(float (&d)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+f"(d[i][e])::"memory");
+}
+template <int N>
+__device__ __forceinline__ void fence_regs(uint32_t (&a)[N][4]) {
+#pragma unroll
+    for (int i = 0; i < N; i++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) asm volatile("" : "+r"(a[i][e])::"memory");
+}
 // ---- end plumbing ----
 
 // Rows row0..row0+127 of a strided global matrix into the tile at shared address `tile`; rows
@@ -115,11 +133,81 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const bf16 *g, int64_t 
         cp_async16(dst, rr < nvalid ? src : g, rr < nvalid);  // g: a valid address that is never read
 }
 
+// Online softmax of one tile of scores, in place: S becomes 2^(S sl2 - m) under the updated
+// row maxima m (raw score units in mx), l gains the tile's row sums (per thread; the 4 threads of
+// a quad share a row and are reduced at the end), and corr is what O must be scaled by. pos is
+// the position of the thread's first row (the second is 8 further); keys past a row's position
+// are masked when the tile reaches past the diagonal. True when some row maximum moved.
+__device__ __forceinline__ bool softmax_tile(float (&s)[16][4], float (&mx)[2], float (&l)[2], float (&corr)[2],
+                                             int n0, int pos, bool diag, float sl2) {
+    const int t = threadIdx.x & 3;
+    if (diag) {
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+#pragma unroll
+            for (int e = 0; e < 4; e++)
+                if (n0 + 8 * n + 2 * t + (e & 1) > pos + 8 * (e >> 1)) s[n][e] = -INFINITY;
+    }
+    bool moved = false;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        float tmax = -INFINITY;
+#pragma unroll
+        for (int n = 0; n < 16; n++) tmax = fmaxf(tmax, fmaxf(s[n][2 * hr], s[n][2 * hr + 1]));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
+        tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
+        const float mnew = fmaxf(mx[hr], tmax);
+        const float mb = mnew == -INFINITY ? 0.0f : mnew * sl2;  // a row with nothing visible yet
+        corr[hr] = mnew == mx[hr] ? 1.0f : ex2(mx[hr] * sl2 - mb);
+        moved |= mnew != mx[hr];
+        mx[hr] = mnew;
+        float rs = 0.0f;
+#pragma unroll
+        for (int n = 0; n < 16; n++)
+#pragma unroll
+            for (int e = 2 * hr; e < 2 * hr + 2; e++) {
+                s[n][e] = ex2(fmaf(s[n][e], sl2, -mb));
+                rs += s[n][e];
+            }
+        l[hr] = l[hr] * corr[hr] + rs;
+    }
+    return moved;
+}
+
+// P as the A operand of 8 k-steps of 16 keys: two adjacent column blocks of S each.
+__device__ __forceinline__ void pack_p(uint32_t (&p)[8][4], const float (&s)[16][4]) {
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++) {
+        p[kk][0] = pack(s[2 * kk][0], s[2 * kk][1]);
+        p[kk][1] = pack(s[2 * kk][2], s[2 * kk][3]);
+        p[kk][2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
+        p[kk][3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
+    }
+}
+
+// S = Q K^T over the 8 k-steps of head_dim: q, kt the shared addresses of the warpgroup's 64
+// rows of Q and of the key tile; one step is 16 columns, a 32-byte step inside a 64-column half.
+__device__ __forceinline__ void issue_s(float (&s)[16][4], uint32_t q, uint32_t kt) {
+#pragma unroll
+    for (int kk = 0; kk < D / 16; kk++) {
+        const uint32_t koff = (kk >> 2) * HALF + (kk & 3) * 32;
+        wgmma_ss(s, desc(q + koff, 16, 1024), desc(kt + koff, 16, 1024), kk > 0);
+    }
+    wg_commit();
+}
+
+// O += P V over the 8 k-steps of the key tile: 16 keys (two 8-row groups of V) each.
+__device__ __forceinline__ void issue_pv(float (&o)[16][4], uint32_t (&p)[8][4], uint32_t vt) {
+#pragma unroll
+    for (int kk = 0; kk < BN / 16; kk++) wgmma_rs(o, p[kk], desc(vt + kk * 16 * 128, HALF, 1024));
+    wg_commit();
+}
+
 __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const bf16 *k, const bf16 *v, int tq,
                                     int tk, int cap, int heads, int kv_heads) {
     extern __shared__ __align__(1024) unsigned char attn90_smem[];
     const uint32_t base = (smem_addr(attn90_smem) + 1023) & ~1023u;
-    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3;
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     const int wg = warp >> 2, wr = 64 * wg + 16 * (warp & 3);  // rows wr + g and wr + g + 8 of the tile
     const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
     const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
@@ -132,6 +220,7 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
     const bool live = m0 + 64 * wg < tq;                    // the warpgroup has a row to write
     const int gfirst = off + m0 + 64 * wg;                  // position of its first row
     const int glast = off + min(m0 + 64 * wg + 64, tq) - 1;  // and of its last live one
+    const int pos = off + m0 + wr + g;                      // of this thread's first row
     const int ntiles = (off + min(m0 + BM, tq) + BN - 1) / BN;
     // Q at base, K_j at base + TILE (1 + j % 2), V_j at base + TILE (3 + j % 2).
     const uint32_t qa = base + 64 * wg * 128;  // this warpgroup's 64 rows of Q
@@ -141,70 +230,52 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
     cp_async_commit();
     load_tile(base + 3 * TILE, vh, kvstride, 0, tk);
     cp_async_commit();
+    if (ntiles > 1) load_tile(base + 2 * TILE, kh, kvstride, BN, tk);
+    cp_async_commit();
+    cp_async_wait<2>();  // Q and K_0
+    fence_async_smem();
+    __syncthreads();
 
-    float o[16][4];
+    float o[16][4], s[16][4], mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f}, corr[2];
+    uint32_t p[8][4];
 #pragma unroll
     for (int n = 0; n < 16; n++)
 #pragma unroll
         for (int e = 0; e < 4; e++) o[n][e] = 0.0f;
-    float mx[2] = {-INFINITY, -INFINITY}, l[2] = {0.0f, 0.0f};  // mx in raw score units; l per thread
+    if (live) {  // tile 0: every live row sees key 0
+        wg_fence();
+        issue_s(s, qa, base + TILE);
+        wg_wait<0>();
+        fence_regs(s);
+        softmax_tile(s, mx, l, corr, 0, pos, BN - 1 > gfirst, sl2);
+        pack_p(p, s);
+    }
 
+    // Tile j: O += P_j V_j runs on the tensor cores while the softmax of S_{j+1} runs on the
+    // other units; S_{j+1} is issued first, so it completes first (wgmma groups retire in order).
     for (int j = 0; j < ntiles; j++) {
-        const int n0 = j * BN;
-        const uint32_t kt = base + TILE * (1 + (j & 1)), vt = base + TILE * (3 + (j & 1));
-        cp_async_wait<1>();  // all but the newest group (V_j): K_j and Q have landed
+        const int n1 = (j + 1) * BN;
+        cp_async_wait<0>();  // V_j and K_{j+1}
         fence_async_smem();
-        __syncthreads();  // ... for every thread; and both warpgroups are done with tile j - 1
-        if (j + 1 < ntiles) load_tile(base + TILE * (1 + ((j + 1) & 1)), kh, kvstride, n0 + BN, tk);
+        __syncthreads();  // ... for every thread; and both warpgroups are done with K_j and V_{j-1}
+        if (j + 1 < ntiles) load_tile(base + TILE * (3 + ((j + 1) & 1)), vh, kvstride, n1, tk);
+        if (j + 2 < ntiles) load_tile(base + TILE * (1 + (j & 1)), kh, kvstride, n1 + BN, tk);
         cp_async_commit();
-
-        const bool active = live && n0 <= glast;  // some row of the warpgroup sees some key of the tile
-        uint32_t p[8][4];                         // P as the A operand of 8 k-steps of 16 keys
-        if (active) {
-            float s[16][4];
+        if (!live || j * BN > glast) continue;  // no row of the warpgroup sees this tile
+        fence_regs(o);
+        fence_regs(p);
+        // Each branch is a whole fence-issue-wait sequence: ptxas serializes wgmma whose issue
+        // and wait sit on different sides of a branch.
+        if (j + 1 < ntiles && n1 <= glast) {
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < D / 16; kk++) {
-                const uint32_t koff = (kk >> 2) * HALF + (kk & 3) * 32;  // 16 columns: a 32-byte step in a half
-                wgmma_ss(s, desc(qa + koff, 16, 1024), desc(kt + koff, 16, 1024), kk > 0);
-            }
-            wg_commit();
-            wg_wait<0>();
-            if (n0 + BN - 1 > gfirst) {  // the tile reaches past the diagonal of some row (or past tk)
-#pragma unroll
-                for (int n = 0; n < 16; n++)
-#pragma unroll
-                    for (int e = 0; e < 4; e++) {
-                        const int key = n0 + 8 * n + 2 * t + (e & 1), row = m0 + wr + g + 8 * (e >> 1);
-                        if (key > off + row) s[n][e] = -INFINITY;
-                    }
-            }
-            // Online softmax; the 4 threads of a quad share a row, so partial sums stay per thread
-            // (every rescale is row-uniform) and are reduced once at the end.
-            float corr[2];
-            bool moved = false;
-#pragma unroll
-            for (int hr = 0; hr < 2; hr++) {
-                float tmax = -INFINITY;
-#pragma unroll
-                for (int n = 0; n < 16; n++) tmax = fmaxf(tmax, fmaxf(s[n][2 * hr], s[n][2 * hr + 1]));
-                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 1));
-                tmax = fmaxf(tmax, __shfl_xor_sync(0xffffffffu, tmax, 2));
-                const float mnew = fmaxf(mx[hr], tmax);
-                const float mb = mnew == -INFINITY ? 0.0f : mnew * sl2;  // a row with nothing visible yet
-                corr[hr] = mnew == mx[hr] ? 1.0f : ex2(mx[hr] * sl2 - mb);
-                moved |= mnew != mx[hr];
-                mx[hr] = mnew;
-                float rs = 0.0f;
-#pragma unroll
-                for (int n = 0; n < 16; n++)
-#pragma unroll
-                    for (int e = 2 * hr; e < 2 * hr + 2; e++) {
-                        s[n][e] = ex2(fmaf(s[n][e], sl2, -mb));
-                        rs += s[n][e];
-                    }
-                l[hr] = l[hr] * corr[hr] + rs;
-            }
+            issue_s(s, qa, base + TILE * (1 + ((j + 1) & 1)));
+            issue_pv(o, p, base + TILE * (3 + (j & 1)));
+            wg_wait<1>();  // S_{j+1}
+            fence_regs(s);
+            const bool moved = softmax_tile(s, mx, l, corr, n1, pos, n1 + BN - 1 > gfirst, sl2);
+            wg_wait<0>();  // P_j V_j
+            fence_regs(o);
+            fence_regs(p);
             if (__any_sync(0xffffffffu, moved)) {
 #pragma unroll
                 for (int n = 0; n < 16; n++) {
@@ -214,34 +285,19 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
                     o[n][3] *= corr[1];
                 }
             }
-#pragma unroll
-            for (int kk = 0; kk < 8; kk++) {
-                p[kk][0] = pack(s[2 * kk][0], s[2 * kk][1]);
-                p[kk][1] = pack(s[2 * kk][2], s[2 * kk][3]);
-                p[kk][2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
-                p[kk][3] = pack(s[2 * kk + 1][2], s[2 * kk + 1][3]);
-            }
-        }
-
-        cp_async_wait<1>();  // all but K_{j+1}: V_j has landed
-        fence_async_smem();
-        __syncthreads();
-        if (j + 1 < ntiles) load_tile(base + TILE * (3 + ((j + 1) & 1)), vh, kvstride, n0 + BN, tk);
-        cp_async_commit();
-        if (active) {
+            pack_p(p, s);
+        } else {  // the warpgroup's last tile
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < BN / 16; kk++)  // keys 16 kk ..: 16 rows of V, two 8-row groups
-                wgmma_rs(o, p[kk], desc(vt + kk * 16 * 128, HALF, 1024));
-            wg_commit();
+            issue_pv(o, p, base + TILE * (3 + (j & 1)));
             wg_wait<0>();
+            fence_regs(o);
         }
     }
-    cp_async_wait<0>();  // the last (empty) groups
 
     // Epilogue: each warp stages its 16 rows of O in bf16 over its own rows of the Q tile (only
     // its warpgroup's finished wgmma read them), then writes them out in 16-byte chunks.
     if (!live) return;
+    const int t = lane & 3;
     bf16 *qs = reinterpret_cast<bf16 *>(attn90_smem + (base - smem_addr(attn90_smem)));
     bf16 *oh = out + ((int64_t)b * tq + m0) * qstride + h * D;
     float *lh = lse + ((int64_t)b * tq + m0) * heads + h;

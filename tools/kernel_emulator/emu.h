@@ -24,8 +24,9 @@ using std::min;
 
 struct dim3e { unsigned x = 1, y = 1, z = 1; };
 struct PendingCopy { void *dst; const void *src; bool valid; int group; };
-// A wgmma whose result has not been waited for: the accumulator it writes, the result, its group.
-struct PendingMma { float *d; std::vector<float> v; int group; };
+// A wgmma whose result has not been waited for: the accumulator it writes, the result, its group,
+// and its register A operands with the values they had at issue.
+struct PendingMma { float *d; std::vector<float> v; int group; std::vector<std::pair<const uint32_t *, std::vector<uint32_t>>> a; };
 struct Fiber {
     ucontext_t ctx; dim3e tid; bool done = false; std::vector<char> stack; std::vector<PendingCopy> pend; int committed = 0;
     std::vector<PendingMma> mma_pend; int mma_committed = 0; bool mma_fenced = false;  // emu_wgmma.h

@@ -14,6 +14,10 @@ inline void fence_async_smem() {}
 inline float ex2(float x) { return attn::ex2(x); }
 inline uint32_t pack(float lo, float hi) { return attn::pack(lo, hi); }
 
+// A compiler-only barrier on the device; nothing to do here.
+template <int N> inline void fence_regs(float (&)[N][4]) {}
+template <int N> inline void fence_regs(uint32_t (&)[N][4]) {}
+
 inline int emu_wg() { return emu_warp() >> 2; }
 inline void wg_sync() { bar_wait(g_wgbar[emu_wg()], 128); }
 inline void wg_fence() { g_cur->mma_fenced = true; }
@@ -23,7 +27,11 @@ template <int N> inline void wg_wait() {
     std::vector<PendingMma> keep;
     for (auto &m : p) {
         assert(m.group < g_cur->mma_committed && "wgmma.wait_group with an uncommitted wgmma");
-        if (m.group < g_cur->mma_committed - N) memcpy(m.d, m.v.data(), m.v.size() * 4);
+        if (m.group < g_cur->mma_committed - N) {
+            memcpy(m.d, m.v.data(), m.v.size() * 4);
+            for (auto &a : m.a)  // the tensor cores read register operands until the wait
+                assert(memcmp(a.first, a.second.data(), 16) == 0 && "A registers of a wgmma changed before its wait");
+        }
         else keep.push_back(m);
     }
     p = keep;
@@ -57,7 +65,7 @@ inline float nmajor(MatDesc d, int k, int n) {
 // One m64n128k16 issue: this thread's 64 accumulators (the mma.sync C layout of its warp's 16
 // rows, over 16 column blocks), from `a(row, k)` and `b(k, col)`.
 template <class A, class B>
-inline void wg_issue(float (&d)[16][4], bool accumulate, A a, B b) {
+inline void wg_issue(float (&d)[16][4], bool accumulate, A a, B b, const uint32_t *areg = nullptr) {
     assert(g_cur->mma_fenced && "wgmma without a wgmma.fence since the last wait");
     float *key = &d[0][0];
     std::vector<float> in(key, key + 64);
@@ -74,8 +82,10 @@ inline void wg_issue(float (&d)[16][4], bool accumulate, A a, B b) {
             for (int k = 0; k < 16; k++) acc += a(row, k) * b(k, col);
             outv[4 * n + e] = acc;
         }
-    if (prev) { prev->v = outv; prev->group = g_cur->mma_committed; }
-    else g_cur->mma_pend.push_back({key, outv, g_cur->mma_committed});
+    if (!prev) { g_cur->mma_pend.push_back({key, {}, 0, {}}); prev = &g_cur->mma_pend.back(); }
+    prev->v = outv;
+    prev->group = g_cur->mma_committed;
+    if (areg) prev->a.push_back({areg, std::vector<uint32_t>(areg, areg + 4)});
     for (int i = 0; i < 64; i++) key[i] = NAN;
 }
 
@@ -99,6 +109,6 @@ inline void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
         const uint32_t w = wa[(row / 16) * 32 + lane][rr / 8 + 2 * (k / 8)];
         return attn::half_of(w, k & 1);
     };
-    wg_issue(d, true, areg, [&](int k, int col) { return nmajor(b, k, col); });
+    wg_issue(d, true, areg, [&](int k, int col) { return nmajor(b, k, col); }, a);
     wg_sync();
 }
