@@ -764,6 +764,11 @@ fn info() {
                 be.device_name(),
                 be.sm_count()
             );
+            println!(
+                "    attention forward: {} (can run: {})",
+                be.attention_fwd_kernel().name(),
+                be.attention_fwd_variants().join(", ")
+            );
         }
         Err(e) => println!("  cuda: none ({e:#})"),
     }
