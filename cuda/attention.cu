@@ -177,16 +177,6 @@ __device__ __forceinline__ uint32_t frag(uint32_t la, int row0, int col0) {
     return (la ^ (uint32_t)(2 * col0)) + (uint32_t)(2 * W * row0);
 }
 
-// p[0] += a, p[1] += b (p 8-byte aligned): one vector reduction on sm_90, two before.
-__device__ __forceinline__ void atomic_add2(float *p, float a, float b) {
-#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
-    atomicAdd(reinterpret_cast<float2 *>(p), float2{a, b});
-#else
-    atomicAdd(p, a);
-    atomicAdd(p + 1, b);
-#endif
-}
-
 // rows row0..row0+ROWS of a strided global matrix (row r at g + r * stride) into a swizzled
 // tile; rows >= nvalid become zeros, so garbage past tk (or past tq) never reaches the math.
 template <int D, int ROWS, int THREADS>

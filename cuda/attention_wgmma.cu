@@ -1,18 +1,21 @@
-// Causal grouped-query attention forward for Hopper, head_dim 128, on wgmma: the contract of
-// attention_fwd_d128 in attention.cu (layouts, lse, the causal offset tk - tq, GQA), with the
-// warpgroup tensor-core instructions that mma.sync cannot reach (docs/attention-perf.md).
-// CPU oracle: cpu::attention (src/backend/cpu.rs).
+// Causal grouped-query attention for Hopper, head_dim 128, on wgmma: the contracts of
+// attention_fwd_d128 and attention_bwd_d128 in attention.cu (layouts, lse, the causal offset
+// tk - tq, GQA, the backward's preprocess and convert passes), with the warpgroup tensor-core
+// instructions that mma.sync cannot reach (docs/attention-perf.md, stage 3).
+// CPU oracles: cpu::attention, cpu::attention_bwd (src/backend/cpu.rs).
 //
 //   void attention_fwd_d128_wgmma(bf16 *out, float *lse, const bf16 *q, const bf16 *k,
 //                                 const bf16 *v, int tq, int tk, int cap, int heads, int kv_heads)
 //     grid (batch * heads, ceil(tq / 128)), block 256, dynamic smem 164864 bytes (opt-in)
+//   void attention_bwd_d128_wgmma(same arguments as attention_bwd_d128)
+//     the grid and block of attention_bwd_d128, dynamic smem 149504 bytes (opt-in)
 //
-// wgmma exists only in sm_90a, so every other target gets an empty body; the launcher
-// (src/backend/cuda_attention.rs) picks this kernel only on compute capability 9.0 with sm_90a
+// wgmma exists only in sm_90a, so every other target gets empty bodies; the launchers
+// (src/backend/cuda_attention.rs) pick these kernels only on compute capability 9.0 with sm_90a
 // in the fatbin.
 //
-// A block owns 128 query rows of one head: two warpgroups of 64 rows. Per 128-key tile j, each
-// warpgroup issues S_{j+1} = Q K_{j+1}^T (Q and K read by the tensor cores straight from shared
+// Forward: a block owns 128 query rows of one head, two warpgroups of 64 rows. Per 128-key
+// tile j, each warpgroup issues S_{j+1} = Q K_{j+1}^T (Q and K read by the tensor cores straight from shared
 // memory) and then O += P_j V_j (P the register operand), and runs the online softmax of S_{j+1}
 // while P_j V_j is still on the tensor cores (FlashAttention-3's intra-warpgroup overlap). One
 // barrier per tile; V_{j+1} and K_{j+2} are copied in during tile j. Grid y = 0 is the tile with
@@ -94,6 +97,19 @@ __device__ __forceinline__ void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_
                  : WG_D64
                  : "l"(da), "l"(db), "r"(accumulate));
 }
+#define WG_D32 WG_D4(0), WG_D4(1), WG_D4(2), WG_D4(3), WG_D4(4), WG_D4(5), WG_D4(6), WG_D4(7)
+#define WG_REGS32                                                                                             \
+    "{%0, %1, %2, %3, %4, %5, %6, %7, %8, %9, %10, %11, %12, %13, %14, %15, %16, %17, %18, %19, %20, %21, "    \
+    "%22, %23, %24, %25, %26, %27, %28, %29, %30, %31}"
+// d (64 x 64) = [d +] A B, both in shared: A (64 x 16) K-major (TA 0) or M-major (TA 1), B (16 x 64)
+// K-major (TB 0, stored as 64 x 16) or N-major (TB 1).
+template <int TA, int TB>
+__device__ __forceinline__ void wgmma_ss64(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
+    asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %34, 0;\n"
+                 "wgmma.mma_async.sync.aligned.m64n64k16.f32.bf16.bf16 " WG_REGS32 ", %32, %33, p, 1, 1, %35, %36;\n}\n"
+                 : WG_D32
+                 : "l"(da), "l"(db), "r"(accumulate), "n"(TA), "n"(TB));
+}
 // d (64 x 128) += A (64 x 16 in registers) B (16 x 128, N-major in shared).
 __device__ __forceinline__ void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
     asm volatile("{\n.reg .pred p;\nsetp.ne.b32 p, %69, 0;\n"
@@ -121,15 +137,17 @@ __device__ __forceinline__ void fence_regs(uint32_t (&a)[N][4]) {
 }
 // ---- end plumbing ----
 
-// Rows row0..row0+127 of a strided global matrix into the tile at shared address `tile`; rows
-// >= nvalid become zeros. 16 threads move one 256-byte row, 16 rows per pass; a row's swizzle
-// phase r % 8 is the same in every pass.
+// Rows row0..row0+ROWS-1 of a strided global matrix into the tile at shared address `tile`
+// (two 64-column halves of ROWS 128-byte rows); rows >= nvalid become zeros. 16 threads move one
+// 256-byte row, 16 rows per pass of the block's 256 threads; a row's swizzle phase r % 8 is the
+// same in every pass.
+template <int ROWS>
 __device__ __forceinline__ void load_tile(uint32_t tile, const bf16 *g, int64_t stride, int row0, int nvalid) {
     const int c = threadIdx.x & 15, r = threadIdx.x >> 4;
-    uint32_t dst = tile + (c >> 3) * HALF + r * 128 + (((c & 7) ^ (r & 7)) << 4);
+    uint32_t dst = tile + (c >> 3) * (ROWS * 128) + r * 128 + (((c & 7) ^ (r & 7)) << 4);
     const bf16 *src = g + (int64_t)(row0 + r) * stride + c * 8;
 #pragma unroll 1
-    for (int rr = row0 + r; rr < row0 + 128; rr += 16, dst += 16 * 128, src += 16 * stride)
+    for (int rr = row0 + r; rr < row0 + ROWS; rr += 16, dst += 16 * 128, src += 16 * stride)
         cp_async16(dst, rr < nvalid ? src : g, rr < nvalid);  // g: a valid address that is never read
 }
 
@@ -174,10 +192,11 @@ __device__ __forceinline__ bool softmax_tile(float (&s)[16][4], float (&mx)[2], 
     return moved;
 }
 
-// P as the A operand of 8 k-steps of 16 keys: two adjacent column blocks of S each.
-__device__ __forceinline__ void pack_p(uint32_t (&p)[8][4], const float (&s)[16][4]) {
+// An m64nN accumulator as the A operand of N/16 k-steps: two adjacent column blocks each.
+template <int NB>
+__device__ __forceinline__ void pack_a(uint32_t (&p)[NB / 2][4], const float (&s)[NB][4]) {
 #pragma unroll
-    for (int kk = 0; kk < 8; kk++) {
+    for (int kk = 0; kk < NB / 2; kk++) {
         p[kk][0] = pack(s[2 * kk][0], s[2 * kk][1]);
         p[kk][1] = pack(s[2 * kk][2], s[2 * kk][3]);
         p[kk][2] = pack(s[2 * kk + 1][0], s[2 * kk + 1][1]);
@@ -225,12 +244,12 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
     // Q at base, K_j at base + TILE (1 + j % 2), V_j at base + TILE (3 + j % 2).
     const uint32_t qa = base + 64 * wg * 128;  // this warpgroup's 64 rows of Q
 
-    load_tile(base, qh, qstride, m0, tq);
-    load_tile(base + TILE, kh, kvstride, 0, tk);
+    load_tile<128>(base, qh, qstride, m0, tq);
+    load_tile<128>(base + TILE, kh, kvstride, 0, tk);
     cp_async_commit();
-    load_tile(base + 3 * TILE, vh, kvstride, 0, tk);
+    load_tile<128>(base + 3 * TILE, vh, kvstride, 0, tk);
     cp_async_commit();
-    if (ntiles > 1) load_tile(base + 2 * TILE, kh, kvstride, BN, tk);
+    if (ntiles > 1) load_tile<128>(base + 2 * TILE, kh, kvstride, BN, tk);
     cp_async_commit();
     cp_async_wait<2>();  // Q and K_0
     fence_async_smem();
@@ -248,7 +267,7 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
         wg_wait<0>();
         fence_regs(s);
         softmax_tile(s, mx, l, corr, 0, pos, BN - 1 > gfirst, sl2);
-        pack_p(p, s);
+        pack_a<16>(p, s);
     }
 
     // Tile j: O += P_j V_j runs on the tensor cores while the softmax of S_{j+1} runs on the
@@ -258,8 +277,8 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
         cp_async_wait<0>();  // V_j and K_{j+1}
         fence_async_smem();
         __syncthreads();  // ... for every thread; and both warpgroups are done with K_j and V_{j-1}
-        if (j + 1 < ntiles) load_tile(base + TILE * (3 + ((j + 1) & 1)), vh, kvstride, n1, tk);
-        if (j + 2 < ntiles) load_tile(base + TILE * (1 + (j & 1)), kh, kvstride, n1 + BN, tk);
+        if (j + 1 < ntiles) load_tile<128>(base + TILE * (3 + ((j + 1) & 1)), vh, kvstride, n1, tk);
+        if (j + 2 < ntiles) load_tile<128>(base + TILE * (1 + (j & 1)), kh, kvstride, n1 + BN, tk);
         cp_async_commit();
         if (!live || j * BN > glast) continue;  // no row of the warpgroup sees this tile
         fence_regs(o);
@@ -285,7 +304,7 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
                     o[n][3] *= corr[1];
                 }
             }
-            pack_p(p, s);
+            pack_a<16>(p, s);
         } else {  // the warpgroup's last tile
             wg_fence();
             issue_pv(o, p, base + TILE * (3 + (j & 1)));
@@ -323,6 +342,195 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
     }
 }
 
+// ---- backward ----
+// The contract and grid of attention_bwd_d128 (attention.cu), after the same
+// attention_bwd_preprocess and before the same attention_bwd_convert: a block owns 128 keys of
+// one q head, warpgroup w the keys 64 w .. 64 w + 63, and walks every 64-query tile that can see
+// them. Per query tile, warpgroup w issues S^T = K_w Q^T and dP^T = V_w dO^T (its keys as the M
+// side, both operands in shared memory), turns S^T into P^T while dP^T is still running, then
+// dS^T = P^T (dP^T - delta) scale; P^T and dS^T stay in registers as the A operands of
+// dV_w += P^T dO and dK_w += dS^T Q (fp32 accumulators for the whole walk), and dS^T also goes to
+// shared memory in bf16, where dQ = dS K reads it transposed (warpgroup w: columns 64 w ..),
+// added into dq_accum with atomics while dV, dK are still on the tensor cores.
+constexpr int QT = 64 * D * 2;  // bytes of a 64-row tile: Q_i, dO_i
+constexpr int QHALF = QT / 2;   // one 64-column half of it
+// Shared layout: K, V (128 rows each), Q and dO (64 rows, double-buffered), dS^T ([128 keys][64
+// queries], one region of 128-byte rows), then lse2 [2][64] and delta [2][64] as floats.
+constexpr int B_K = 0, B_V = TILE, B_Q = 2 * TILE, B_O = B_Q + 2 * QT, B_S = B_O + 2 * QT, B_L = B_S + 128 * 128;
+constexpr int BWD_SMEM = B_L + 4 * 64 * 4 + 1024;  // + 1 KB to align the tiles
+static_assert(BWD_SMEM == 149504, "header comment");
+
+// dQ (64 queries x the warpgroup's 64 columns) = dS K over the 128 keys: dS^T read M-major from
+// shared memory, K N-major.
+__device__ __forceinline__ void issue_dq(float (&dq)[8][4], uint32_t st, uint32_t kt) {
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++)
+        wgmma_ss64<1, 1>(dq, desc(st + kk * 2048, 8192, 1024), desc(kt + kk * 2048, HALF, 1024), kk > 0);
+    wg_commit();
+}
+
+__device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk, bf16 *dv, const bf16 *dout,
+                                    const float *lse2, const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
+                                    int tq, int tk, int cap, int heads, int kv_heads) {
+    extern __shared__ __align__(1024) unsigned char attn90_smem[];
+    const uint32_t base = (smem_addr(attn90_smem) + 1023) & ~1023u;
+    const float *fl = reinterpret_cast<const float *>(attn90_smem + (base - smem_addr(attn90_smem)) + B_L);
+    const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2, t = lane & 3, wg = warp >> 2;
+    const int kr = 64 * wg + 16 * (warp & 3) + g;  // this thread's key rows in the tile: kr, kr + 8
+    const int qr = 16 * (warp & 3) + g;            // and its query rows of dQ: qr, qr + 8
+    const int bh = blockIdx.x, b = bh / heads, h = bh % heads, n0 = blockIdx.y * BN;
+    const int group = heads / kv_heads, kvh = h / group, off = tk - tq, tqp = (tq + 63) / 64 * 64;
+    const int64_t qstride = (int64_t)heads * D, kvstride = (int64_t)kv_heads * D;
+    const int64_t qbase = (int64_t)b * tq * qstride + h * D, kvbase = (int64_t)b * cap * kvstride + kvh * D;
+    const float *lse2h = lse2 + (int64_t)bh * tqp, *deltah = delta + (int64_t)bh * tqp;
+    const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
+    const int wkey0 = n0 + 64 * wg;  // the warpgroup's first key
+    const uint32_t kw = base + B_K + 64 * wg * 128, vw = base + B_V + 64 * wg * 128, st = base + B_S;
+
+    load_tile<128>(base + B_K, k + kvbase, kvstride, n0, tk);
+    load_tile<128>(base + B_V, v + kvbase, kvstride, n0, tk);
+    // lse2, delta rows up to tqp exist (the preprocess pads them with zeros); query rows past tq
+    // load as zeros, so their S is 0, P finite, and their dV, dK, dS contributions exactly 0.
+    auto load_q = [&](int i0, int bf) {
+        load_tile<64>(base + B_Q + bf * QT, q + qbase, qstride, i0, tq);
+        load_tile<64>(base + B_O + bf * QT, dout + qbase, qstride, i0, tq);
+        const int c = threadIdx.x;
+        if (c < 16)
+            cp_async16(base + B_L + bf * 256 + 16 * c, lse2h + i0 + 4 * c, true);
+        else if (c < 32)
+            cp_async16(base + B_L + 512 + bf * 256 + 16 * (c - 16), deltah + i0 + 4 * (c - 16), true);
+    };
+    // Query i sees key n0 from i = n0 - off on; a tile past tk sees no query.
+    const int i_first = n0 >= tk ? tq : max(0, n0 - off) / 64 * 64;
+    if (i_first < tq) load_q(i_first, 0);
+    cp_async_commit();
+
+    float dka[16][4], dva[16][4];
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) dka[n][e] = dva[n][e] = 0.0f;
+    int buf = 0;
+    for (int i0 = i_first; i0 < tq; i0 += 64, buf ^= 1) {
+        cp_async_wait<0>();
+        fence_async_smem();
+        __syncthreads();  // tile i0 visible; both warpgroups are done with the previous tile and dS^T
+        if (i0 + 64 < tq) load_q(i0 + 64, buf ^ 1);  // lands while this tile computes
+        cp_async_commit();
+        const uint32_t qt = base + B_Q + buf * QT, ot = base + B_O + buf * QT;
+        const float *l2 = fl + buf * 64, *dl = fl + 128 + buf * 64;
+        const bool vis = wkey0 <= off + i0 + 63;  // some key of the warpgroup is visible to some query
+        uint32_t pa[4][4], sa[4][4];              // P^T, dS^T: A operands of 4 k-steps of 16 queries
+        if (vis) {
+            float s[8][4], dp[8][4];
+            wg_fence();
+#pragma unroll
+            for (int kk = 0; kk < 8; kk++)
+                wgmma_ss64<0, 0>(s, desc(kw + (kk >> 2) * HALF + (kk & 3) * 32, 16, 1024),
+                                 desc(qt + (kk >> 2) * QHALF + (kk & 3) * 32, 16, 1024), kk > 0);
+            wg_commit();
+#pragma unroll
+            for (int kk = 0; kk < 8; kk++)
+                wgmma_ss64<0, 0>(dp, desc(vw + (kk >> 2) * HALF + (kk & 3) * 32, 16, 1024),
+                                 desc(ot + (kk >> 2) * QHALF + (kk & 3) * 32, 16, 1024), kk > 0);
+            wg_commit();
+            wg_wait<1>();  // S^T; dP^T may still be running
+            fence_regs(s);
+            const bool diag = wkey0 + 63 > off + i0;  // some key lies past some query's position
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) {
+                    const int qc = 8 * n + 2 * t + (e & 1), key = n0 + kr + 8 * (e >> 1);
+                    float pv = ex2(fmaf(s[n][e], sl2, -l2[qc]));
+                    if (diag && key > off + i0 + qc) pv = 0.0f;
+                    s[n][e] = pv;
+                }
+            wg_wait<0>();
+            fence_regs(dp);
+#pragma unroll
+            for (int n = 0; n < 8; n++)
+#pragma unroll
+                for (int e = 0; e < 4; e++) dp[n][e] = s[n][e] * (dp[n][e] - dl[8 * n + 2 * t + (e & 1)]) * scale;
+            pack_a<8>(pa, s);
+            pack_a<8>(sa, dp);
+        } else {
+#pragma unroll
+            for (int kq = 0; kq < 4; kq++)
+#pragma unroll
+                for (int x = 0; x < 4; x++) sa[kq][x] = 0u;  // these keys add nothing to dQ
+        }
+        // dS^T to shared memory: row key, 64 query columns, chunk c of row r at c ^ r % 8. sa[kq]
+        // holds (row kr, cols 16 kq + 2t..), (kr + 8, same), (kr, 16 kq + 8 + 2t..), (kr + 8, ...).
+        bf16 *sts = reinterpret_cast<bf16 *>(attn90_smem + (st - smem_addr(attn90_smem)));
+#pragma unroll
+        for (int kq = 0; kq < 4; kq++)
+#pragma unroll
+            for (int x = 0; x < 4; x++) {
+                const int r = kr + 8 * (x & 1), c = 2 * kq + (x >> 1);
+                *reinterpret_cast<uint32_t *>(sts + r * 64 + ((c ^ (r & 7)) << 3) + 2 * t) = sa[kq][x];
+            }
+        fence_async_smem();
+        __syncthreads();  // dS^T of both warpgroups
+        float dq[8][4];
+        // Each branch is a whole fence-issue-wait sequence (see fwd).
+        if (vis) {
+            fence_regs(dva);
+            fence_regs(dka);
+            wg_fence();
+#pragma unroll
+            for (int kq = 0; kq < 4; kq++) wgmma_rs(dva, pa[kq], desc(ot + kq * 2048, QHALF, 1024));
+#pragma unroll
+            for (int kq = 0; kq < 4; kq++) wgmma_rs(dka, sa[kq], desc(qt + kq * 2048, QHALF, 1024));
+            wg_commit();
+            issue_dq(dq, st, base + B_K + wg * HALF);
+            wg_wait<0>();
+            fence_regs(dva);
+            fence_regs(dka);
+            fence_regs(pa);
+            fence_regs(sa);
+        } else {
+            wg_fence();
+            issue_dq(dq, st, base + B_K + wg * HALF);
+            wg_wait<0>();
+        }
+        fence_regs(dq);
+#pragma unroll
+        for (int hr = 0; hr < 2; hr++) {
+            const int i = i0 + qr + 8 * hr;
+            if (i >= tq) continue;
+            float *dst = dq_accum + (((int64_t)b * tq + i) * heads + h) * D + 64 * wg + 2 * t;
+#pragma unroll
+            for (int n = 0; n < 8; n++) atomic_add2(dst + 8 * n, dq[n][2 * hr], dq[n][2 * hr + 1]);
+        }
+    }
+    cp_async_wait<0>();  // a tile past tk ran no query tile: its K, V copies must land before exit
+
+    const int64_t nkv = (int64_t)(gridDim.x / heads) * cap * kvstride;
+#pragma unroll
+    for (int hr = 0; hr < 2; hr++) {
+        const int key = n0 + kr + 8 * hr;
+        const int64_t o = kvbase + (int64_t)key * kvstride + 2 * t;
+        if (dkv_accum) {
+            if (key >= tk) continue;  // the accumulator rows stay zero
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
+                atomic_add2(dkv_accum + o + 8 * n, dka[n][2 * hr], dka[n][2 * hr + 1]);
+                atomic_add2(dkv_accum + nkv + o + 8 * n, dva[n][2 * hr], dva[n][2 * hr + 1]);
+            }
+        } else {
+            if (key >= cap) continue;  // rows tk..cap accumulated exact zeros (masked for every query)
+#pragma unroll
+            for (int n = 0; n < 16; n++) {
+                *reinterpret_cast<__nv_bfloat162 *>(dk + o + 8 * n) =
+                    __floats2bfloat162_rn(dka[n][2 * hr], dka[n][2 * hr + 1]);
+                *reinterpret_cast<__nv_bfloat162 *>(dv + o + 8 * n) =
+                    __floats2bfloat162_rn(dva[n][2 * hr], dva[n][2 * hr + 1]);
+            }
+        }
+    }
+}
+
 }  // namespace attn90
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -330,5 +538,14 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                              int cap, int heads, int kv_heads) {
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     attn90::fwd(out, lse, q, k, v, tq, tk, cap, heads, kv_heads);
+#endif
+}
+
+extern "C" __global__ void __launch_bounds__(256, 1)
+    attention_bwd_d128_wgmma(float *dq_accum, float *dkv_accum, bf16 *dk, bf16 *dv, const bf16 *dout,
+                             const float *lse2, const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
+                             int tq, int tk, int cap, int heads, int kv_heads) {
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    attn90::bwd(dq_accum, dkv_accum, dk, dv, dout, lse2, delta, q, k, v, tq, tk, cap, heads, kv_heads);
 #endif
 }

@@ -50,3 +50,13 @@ __device__ __forceinline__ float block_sum(float v) {
     v = lane < nwarps ? shared[lane] : 0.0f;
     return warp_sum(v);
 }
+
+// p[0] += a, p[1] += b (p 8-byte aligned): one vector reduction on sm_90, two before.
+__device__ __forceinline__ void atomic_add2(float *p, float a, float b) {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    atomicAdd(reinterpret_cast<float2 *>(p), float2{a, b});
+#else
+    atomicAdd(p, a);
+    atomicAdd(p + 1, b);
+#endif
+}

@@ -344,26 +344,32 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             flops,
             t,
         );
-        let variants = be.attention_fwd_variants();
-        for alt in variants.iter().skip(1) {
-            be.set_attention_fwd(alt)?;
-            let t = time(be, iters, || {
-                be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
-            });
-            be.set_attention_fwd(variants[0])?;
-            push(
-                &format!("attention fwd (causal, {alt})"),
-                shape.clone(),
-                Unit::Flops,
-                flops,
-                t?,
-            );
-        }
         let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
         let t = time(be, iters, || {
             be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
         })?;
-        push("attention bwd (causal)", shape, Unit::Flops, 2.5 * flops, t);
+        push(
+            "attention bwd (causal)",
+            shape.clone(),
+            Unit::Flops,
+            2.5 * flops,
+            t,
+        );
+        // The other kernel sets (wgmma on an H100), timed on the same operands.
+        let variants = be.attention_variants();
+        for alt in variants.iter().skip(1) {
+            be.set_attention_variant(alt)?;
+            let tf = time(be, iters, || {
+                be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
+            });
+            let tb = time(be, iters, || {
+                be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
+            });
+            be.set_attention_variant(variants[0])?;
+            let name = |dir: &str| format!("attention {dir} (causal, {alt})");
+            push(&name("fwd"), shape.clone(), Unit::Flops, flops, tf?);
+            push(&name("bwd"), shape.clone(), Unit::Flops, 2.5 * flops, tb?);
+        }
     }
 
     // Decode: 64 sequences, one new query each over 2k cached positions; bytes of K and V.

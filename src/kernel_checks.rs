@@ -408,32 +408,18 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
         &wl,
         true,
     )?;
-    // The other forward kernels (wgmma on an H100) take head_dim 128 over several queries.
-    let variants = c.be.attention_fwd_variants();
-    if s.tq > 1 && s.head_dim == 128 {
-        for alt in variants.iter().skip(1) {
-            c.be.set_attention_fwd(alt)?;
-            let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(nl)?);
-            c.be.attention(&mut out, &mut lse, &bq, &bk, &bv, s);
-            c.be.set_attention_fwd(variants[0])?;
-            c.row(
-                &format!("attention flash ({alt}) out"),
-                shape.clone(),
-                &out,
-                &wo,
-                false,
-            )?;
-            c.row(
-                &format!("attention flash ({alt}) lse"),
-                shape.clone(),
-                &lse,
-                &wl,
-                true,
-            )?;
-        }
-    }
     if s.tq != s.tk {
-        return Ok(()); // training backward only runs over full sequences
+        // training backward only runs over full sequences
+        let none: &[f32] = &[];
+        return alt_attention(
+            c,
+            s,
+            &shape,
+            (&bq, &bk, &bv),
+            (&bq, &bq, &bq),
+            (&wo, &wl),
+            (none, none, none),
+        );
     }
     // Backward from the oracle's own forward (rounded as the backend stores it).
     let wo_b = round_bf16(&wo);
@@ -452,7 +438,58 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
     );
     c.row("attention_bwd dq", shape.clone(), &dq, &wdq, false)?;
     c.row("attention_bwd dk", shape.clone(), &dk, &wdk, false)?;
-    c.row("attention_bwd dv", shape, &dv, &wdv, false)?;
+    c.row("attention_bwd dv", shape.clone(), &dv, &wdv, false)?;
+    alt_attention(
+        c,
+        s,
+        &shape,
+        (&bq, &bk, &bv),
+        (&bo, &bl, &bdout),
+        (&wo, &wl),
+        (&wdq, &wdk, &wdv),
+    )
+}
+
+/// The other attention kernels this backend has (wgmma on an H100: head_dim 128, several
+/// queries), against the same oracle values as the default ones.
+#[allow(clippy::type_complexity)]
+fn alt_attention<B: Backend>(
+    c: &mut Ctx<B>,
+    s: AttnShape,
+    shape: &str,
+    (bq, bk, bv): (&B::Buf, &B::Buf, &B::Buf),
+    (bo, bl, bdout): (&B::Buf, &B::Buf, &B::Buf),
+    (wo, wl): (&[f32], &[f32]),
+    (wdq, wdk, wdv): (&[f32], &[f32], &[f32]),
+) -> Result<()> {
+    let variants = c.be.attention_variants();
+    if s.tq == 1 || s.head_dim != 128 {
+        return Ok(());
+    }
+    let (nq, nkv) = (
+        s.batch * s.tq * s.heads * s.head_dim,
+        s.batch * s.cap * s.kv_heads * s.head_dim,
+    );
+    for alt in variants.iter().skip(1) {
+        c.be.set_attention_variant(alt)?;
+        let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(s.batch * s.tq * s.heads)?);
+        c.be.attention(&mut out, &mut lse, bq, bk, bv, s);
+        let mut grads = None;
+        if s.tq == s.tk {
+            let (mut dq, mut dk, mut dv) = (c.nan(nq)?, c.nan(nkv)?, c.nan(nkv)?);
+            c.be.attention_bwd(&mut dq, &mut dk, &mut dv, bdout, bo, bl, bq, bk, bv, s);
+            grads = Some((dq, dk, dv));
+        }
+        c.be.set_attention_variant(variants[0])?;
+        let name = |what: &str| format!("attention {what} ({alt})");
+        c.row(&name("flash out"), shape.to_string(), &out, wo, false)?;
+        c.row(&name("flash lse"), shape.to_string(), &lse, wl, true)?;
+        if let Some((dq, dk, dv)) = grads {
+            c.row(&name("bwd dq"), shape.to_string(), &dq, wdq, false)?;
+            c.row(&name("bwd dk"), shape.to_string(), &dk, wdk, false)?;
+            c.row(&name("bwd dv"), shape.to_string(), &dv, wdv, false)?;
+        }
+    }
     Ok(())
 }
 

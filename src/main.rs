@@ -765,9 +765,9 @@ fn info() {
                 be.sm_count()
             );
             println!(
-                "    attention forward: {} (can run: {})",
-                be.attention_fwd_kernel().name(),
-                be.attention_fwd_variants().join(", ")
+                "    attention kernels: {} (can run: {})",
+                be.attention_kernels().name(),
+                be.attention_variants().join(", ")
             );
         }
         Err(e) => println!("  cuda: none ({e:#})"),

@@ -127,28 +127,28 @@ pub struct CudaBackend {
     /// Float scratch for multi-pass kernels (attention backward), grown on demand.
     scratch: RefCell<Vec<Option<CudaSlice<f32>>>>,
     sm_count: u32,
-    /// The causal attention forward kernel for head_dim 128 (see [`AttnFwd`]).
-    attn_fwd: Cell<AttnFwd>,
+    /// The training attention kernels for head_dim 128 (see [`AttnKernels`]).
+    attn: Cell<AttnKernels>,
     error: RefCell<Option<String>>,
     mem: Arc<MemCounter>,
 }
 
-/// Which kernel runs the training attention forward at head_dim 128.
+/// Which kernels run training attention (forward and backward) at head_dim 128.
 ///
-/// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernel has been checked
-/// and timed on an H100; `EMPO_ATTENTION_FWD=wgmma` opts in on sm_90 with sm_90a in the
-/// fatbin, and `check-kernels` and `bench` cover both wherever both can run.
+/// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernels have been checked
+/// and timed on an H100; `EMPO_ATTENTION=wgmma` opts in on sm_90 with sm_90a in the fatbin,
+/// and `check-kernels` and `bench` cover both wherever both can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
-pub enum AttnFwd {
+pub enum AttnKernels {
     Mma,
     Wgmma,
 }
 
-impl AttnFwd {
+impl AttnKernels {
     pub fn name(self) -> &'static str {
         match self {
-            AttnFwd::Mma => "mma",
-            AttnFwd::Wgmma => "wgmma",
+            AttnKernels::Mma => "mma",
+            AttnKernels::Wgmma => "wgmma",
         }
     }
 }
@@ -235,25 +235,25 @@ impl CudaBackend {
             kv_len_staged: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
             sm_count,
-            attn_fwd: Cell::new(AttnFwd::Mma),
+            attn: Cell::new(AttnKernels::Mma),
             error: RefCell::new(None),
             mem: Arc::new(MemCounter::default()),
         };
-        if let Ok(v) = std::env::var("EMPO_ATTENTION_FWD") {
-            be.set_attention_fwd(&v)
-                .map_err(|e| anyhow!("EMPO_ATTENTION_FWD: {e}"))?;
+        if let Ok(v) = std::env::var("EMPO_ATTENTION") {
+            be.set_attention_variant(&v)
+                .map_err(|e| anyhow!("EMPO_ATTENTION: {e}"))?;
         }
         Ok(be)
     }
 
-    /// Whether the wgmma attention forward can run: a compute capability 9.0 GPU, and sm_90a
+    /// Whether the wgmma attention kernels can run: a compute capability 9.0 GPU, and sm_90a
     /// machine code in the fatbin (wgmma has no PTX form that other targets could carry).
     pub fn has_wgmma(&self) -> bool {
         self.compute_capability() == (9, 0) && kernel_targets().contains("sm_90a")
     }
 
-    pub fn attention_fwd_kernel(&self) -> AttnFwd {
-        self.attn_fwd.get()
+    pub fn attention_kernels(&self) -> AttnKernels {
+        self.attn.get()
     }
 
     pub fn device_name(&self) -> String {
@@ -705,28 +705,28 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn attention_fwd_variants(&self) -> Vec<&'static str> {
-        let mut v = vec![AttnFwd::Mma.name()];
+    fn attention_variants(&self) -> Vec<&'static str> {
+        let mut v = vec![AttnKernels::Mma.name()];
         if self.has_wgmma() {
-            v.push(AttnFwd::Wgmma.name());
+            v.push(AttnKernels::Wgmma.name());
         }
         v
     }
 
-    fn set_attention_fwd(&self, variant: &str) -> Result<()> {
+    fn set_attention_variant(&self, variant: &str) -> Result<()> {
         let k = match variant {
-            "mma" => AttnFwd::Mma,
-            "wgmma" if self.has_wgmma() => AttnFwd::Wgmma,
+            "mma" => AttnKernels::Mma,
+            "wgmma" if self.has_wgmma() => AttnKernels::Wgmma,
             "wgmma" => {
                 let (maj, min) = self.compute_capability();
                 bail!(
-                    "the wgmma attention kernel needs compute capability 9.0 and sm_90a in the build; this is sm_{maj}{min} with targets {}",
+                    "the wgmma attention kernels need compute capability 9.0 and sm_90a in the build; this is sm_{maj}{min} with targets {}",
                     kernel_targets()
                 )
             }
-            other => bail!("unknown attention forward kernel {other:?} (expected mma or wgmma)"),
+            other => bail!("unknown attention kernels {other:?} (expected mma or wgmma)"),
         };
-        self.attn_fwd.set(k);
+        self.attn.set(k);
         Ok(())
     }
 

@@ -3,7 +3,7 @@
 //! attention over the KV cache, and the cache write. The dispatch rule and every kernel's
 //! geometry are documented at the top of the .cu file.
 
-use super::cuda::{Arg, AttnFwd, CudaBackend, CudaBuf, Dtype};
+use super::cuda::{Arg, AttnKernels, CudaBackend, CudaBuf, Dtype};
 use super::AttnShape;
 
 /// Decode split granularity in keys: one 16-key step for each of a decode block's 4 warps. A
@@ -98,7 +98,7 @@ pub fn forward(
     match fast(s.head_dim) {
         // The same grid: 128-query tiles, y = 0 first. 5 tiles of 32 KB (Q, K and V twice) and
         // 1 KB to align them to the swizzle's 1 KB period.
-        Some("128") if be.attention_fwd_kernel() == AttnFwd::Wgmma => be.launch(
+        Some("128") if be.attention_kernels() == AttnKernels::Wgmma => be.launch(
             "attention_fwd_d128_wgmma",
             ((s.batch * s.heads) as u32, s.tq.div_ceil(128) as u32, 1),
             (256, 1, 1),
@@ -284,7 +284,12 @@ pub fn backward(
             ],
         )
     };
-    let smem = if s.head_dim == 128 { 164864 } else { 99328 };
+    let wgmma = s.head_dim == 128 && be.attention_kernels() == AttnKernels::Wgmma;
+    let smem = match s.head_dim {
+        128 if wgmma => 149504,
+        128 => 164864,
+        _ => 99328,
+    };
     // A GPU without that much shared memory per block (sm_86/89: 99 KB) takes the fallback.
     let fast_bwd = fast(s.head_dim).filter(|_| smem <= be.max_smem_optin());
     match fast_bwd {
@@ -320,8 +325,14 @@ pub fn backward(
             ];
             args.extend(shape_args);
             let keys = if gqa { s.tk } else { s.cap };
+            // The wgmma kernel has the same contract and grid (cuda/attention_wgmma.cu).
+            let name = if wgmma {
+                "attention_bwd_d128_wgmma".to_string()
+            } else {
+                format!("attention_bwd_d{dn}")
+            };
             be.launch(
-                &format!("attention_bwd_d{dn}"),
+                &name,
                 ((s.batch * s.heads) as u32, keys.div_ceil(128) as u32, 1),
                 (256, 1, 1),
                 smem,

@@ -290,15 +290,15 @@ pub trait Backend {
         inverse: bool,
     );
 
-    /// The kernels the training attention forward can run with here, the default first, for
-    /// check-kernels and bench to cover each; empty where there is only one (the CPU).
-    fn attention_fwd_variants(&self) -> Vec<&'static str> {
+    /// The kernel sets training attention (forward and backward) can run with here, the default
+    /// first, for check-kernels and bench to cover each; empty where there is only one (the CPU).
+    fn attention_variants(&self) -> Vec<&'static str> {
         Vec::new()
     }
-    /// Runs the attention forward with `variant` (one of `attention_fwd_variants`) from now on.
-    fn set_attention_fwd(&self, variant: &str) -> Result<()> {
+    /// Runs training attention with `variant` (one of `attention_variants`) from now on.
+    fn set_attention_variant(&self, variant: &str) -> Result<()> {
         bail!(
-            "{} has one attention forward; {variant:?} is not selectable",
+            "{} has one set of attention kernels; {variant:?} is not selectable",
             self.name()
         )
     }

@@ -90,6 +90,8 @@ inline unsigned atomicAdd(unsigned *p, unsigned v) { unsigned o = *p; *p = o + v
 // Blocks run one after another here, so every write is visible to the next block already.
 inline void __threadfence() {}
 inline float __ldcg(const float *p) { return *p; }
+// common.cuh's pair of fp32 atomics (one vector reduction on sm_90).
+inline void atomic_add2(float *p, float a, float b) { p[0] += a; p[1] += b; }
 
 inline float ld(const bf16 *p) { return __bfloat162float(*p); }
 inline bf16 to_bf16(float x) { return __float2bfloat16_rn(x); }

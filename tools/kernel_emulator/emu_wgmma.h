@@ -56,26 +56,26 @@ inline float smem_at(uint32_t a) {
 // K-major: element (row, k) of a (rows x 16) operand: rows 128 bytes apart in 8-row groups
 // `sbo` apart, k contiguous.
 inline float kmajor(MatDesc d, int row, int k) { return smem_at(d.start + (row % 8) * 128 + (row / 8) * d.sbo + k * 2); }
-// N-major: element (k, n) of a (16 x N) operand: 64 n contiguous, 64-column blocks `lbo` apart,
+// N-major (or M-major for A, with n the row): element (k, n) of a (16 x N) operand: 64 n contiguous, 64-column blocks `lbo` apart,
 // k rows 128 bytes apart in 8-row groups `sbo` apart.
 inline float nmajor(MatDesc d, int k, int n) {
     return smem_at(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo);
 }
 
-// One m64n128k16 issue: this thread's 64 accumulators (the mma.sync C layout of its warp's 16
-// rows, over 16 column blocks), from `a(row, k)` and `b(k, col)`.
-template <class A, class B>
-inline void wg_issue(float (&d)[16][4], bool accumulate, A a, B b, const uint32_t *areg = nullptr) {
+// One m64n(8 NB)k16 issue: this thread's 4 NB accumulators (the mma.sync C layout of its warp's
+// 16 rows, over NB column blocks), from `a(row, k)` and `b(k, col)`.
+template <int NB, class A, class B>
+inline void wg_issue(float (&d)[NB][4], bool accumulate, A a, B b, const uint32_t *areg = nullptr) {
     assert(g_cur->mma_fenced && "wgmma without a wgmma.fence since the last wait");
     float *key = &d[0][0];
-    std::vector<float> in(key, key + 64);
+    std::vector<float> in(key, key + 4 * NB);
     PendingMma *prev = nullptr;
     for (auto &m : g_cur->mma_pend)
         if (m.d == key) prev = &m;  // chained on an earlier, unwaited wgmma: its result is the input
     if (prev) in = prev->v;
     const int w = emu_warp() & 3, g = emu_lane() >> 2, t = emu_lane() & 3;
-    std::vector<float> outv(64);
-    for (int n = 0; n < 16; n++)
+    std::vector<float> outv(4 * NB);
+    for (int n = 0; n < NB; n++)
         for (int e = 0; e < 4; e++) {
             const int row = 16 * w + g + 8 * (e >> 1), col = 8 * n + 2 * t + (e & 1);
             float acc = accumulate ? in[4 * n + e] : 0.0f;
@@ -86,7 +86,7 @@ inline void wg_issue(float (&d)[16][4], bool accumulate, A a, B b, const uint32_
     prev->v = outv;
     prev->group = g_cur->mma_committed;
     if (areg) prev->a.push_back({areg, std::vector<uint32_t>(areg, areg + 4)});
-    for (int i = 0; i < 64; i++) key[i] = NAN;
+    for (int i = 0; i < 4 * NB; i++) key[i] = NAN;
 }
 
 inline void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate) {
@@ -94,6 +94,16 @@ inline void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate
     const MatDesc a = decode(da), b = decode(db);
     wg_issue(d, accumulate != 0, [&](int row, int k) { return kmajor(a, row, k); },
              [&](int k, int col) { return kmajor(b, col, k); });
+    wg_sync();
+}
+
+// m64n64k16 from shared: A K-major (TA 0) or M-major (TA 1), B K-major (TB 0) or N-major (TB 1).
+template <int TA, int TB>
+inline void wgmma_ss64(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
+    wg_sync();
+    const MatDesc a = decode(da), b = decode(db);
+    wg_issue(d, accumulate != 0, [&](int row, int k) { return TA ? nmajor(a, k, row) : kmajor(a, row, k); },
+             [&](int k, int col) { return TB ? nmajor(b, k, col) : kmajor(b, col, k); });
     wg_sync();
 }
 

@@ -105,18 +105,39 @@ static void test_attention(Shape s, bool fast) {
     check("dv", f32(dv), rdv, 2e-2);
 }
 
-// attention_fwd_d128_wgmma against the same oracle (forward only: the backward is shared).
-static void test_fwd_wgmma(Shape s) {
+// attention_fwd_d128_wgmma and attention_bwd_d128_wgmma against the same oracles; the backward
+// runs between the fast path's preprocess and convert, from the wgmma forward's out and lse.
+static void test_wgmma(Shape s) {
     printf("wgmma D=%d batch=%d tq=%d tk=%d cap=%d heads=%d kv=%d\n", s.D, s.batch, s.tq, s.tk, s.cap, s.heads, s.kv);
     auto q = rand_bf16((size_t)s.batch * s.tq * s.heads * s.D, 2.0f), k = make_kv(s, 2.0f), v = make_kv(s, 1.0f);
-    std::vector<bf16> out(q.size(), BNAN);
-    std::vector<float> lse((size_t)s.batch * s.tq * s.heads, NAN);
+    auto dout = rand_bf16(q.size(), 1.0f);
+    std::vector<bf16> out(q.size(), BNAN), dq(q.size(), BNAN), dk(k.size(), BNAN), dv(v.size(), BNAN);
+    std::vector<float> lse((size_t)s.batch * s.tq * s.heads, NAN), dqacc(q.size(), NAN);
+    auto qf = f32(q), kf = zero_garbage(f32(k), s), vf = zero_garbage(f32(v), s), df = f32(dout);
     std::vector<double> ro, rl;
-    ref_fwd(ro, rl, f32(q), zero_garbage(f32(k), s), zero_garbage(f32(v), s), s);
+    ref_fwd(ro, rl, qf, kf, vf, s);
     dim3e grid = {(unsigned)(s.batch * s.heads), (unsigned)((s.tq + 127) / 128)};
     emu_launch(grid, {256}, [&] { attention_fwd_d128_wgmma(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
     check("out", f32(out), ro, 1.5e-2);
     check("lse", lse, rl, 1e-4);
+    if (s.tq != s.tk) return;  // training backward only runs over full sequences
+
+    auto of = f32(out);
+    std::vector<double> rdq, rdk, rdv;
+    ref_bwd(rdq, rdk, rdv, df, of, lse, qf, kf, vf, s);
+    const int tqp = (s.tq + 63) / 64 * 64, group = s.heads / s.kv;
+    const int64_t rows = (int64_t)s.batch * s.heads * tqp, nq = q.size(), nkv = k.size();
+    std::vector<float> delta(rows, NAN), lse2(rows, NAN), dkvacc(2 * nkv, NAN);
+    float *dkvp = group > 1 ? dkvacc.data() : nullptr;
+    emu_launch({(unsigned)((rows + 3) / 4)}, {128}, [&] { attention_bwd_preprocess(delta.data(), lse2.data(), dqacc.data(), dkvp, dout.data(), out.data(), lse.data(), s.batch, s.tq, s.heads, s.D, dkvp ? 2 * nkv : 0); });
+    const int nkeys = dkvp ? s.tk : s.cap;
+    emu_launch({(unsigned)(s.batch * s.heads), (unsigned)((nkeys + 127) / 128)}, {256}, [&] {
+        attention_bwd_d128_wgmma(dqacc.data(), dkvp, dk.data(), dv.data(), dout.data(), lse2.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
+    const int64_t n = nq + (dkvp ? 2 * nkv : 0);
+    emu_launch({(unsigned)((n + 1023) / 1024)}, {256}, [&] { attention_bwd_convert(dq.data(), dk.data(), dv.data(), dqacc.data(), dkvp, nq, nkv); });
+    check("dq", f32(dq), rdq, 2e-2);
+    check("dk", f32(dk), rdk, 2e-2);
+    check("dv", f32(dv), rdv, 2e-2);
 }
 
 static void test_decode(int batch, std::vector<int> lens, int cap, int heads, int kv, int D, int chunk) {
@@ -167,11 +188,13 @@ int main(int argc, char **argv) {
         test_attention({1, 200, 260, 300, 2, 1, D}, true); // several key tiles, GQA, chunked prefill
         test_attention({1, 160, 160, 300, 1, 1, D}, true); // several key tiles, no GQA, cap well past tk
     }
-    test_fwd_wgmma({2, 70, 70, 75, 4, 2, 128});     // one row tile, ragged, GQA, cap > tk
-    test_fwd_wgmma({1, 20, 100, 130, 3, 1, 128});   // chunked prefill: every row past the first key tile
-    test_fwd_wgmma({1, 256, 256, 256, 2, 2, 128});  // exact tiles, two row tiles, no GQA
-    test_fwd_wgmma({1, 300, 390, 400, 2, 1, 128});  // several key tiles, prefill offset, ragged end
-    test_fwd_wgmma({1, 5, 5, 8, 2, 1, 128});        // a second warpgroup with no live row
+    test_wgmma({2, 70, 70, 75, 4, 2, 128});     // one row tile, ragged, GQA, cap > tk
+    test_wgmma({1, 20, 100, 130, 3, 1, 128});   // chunked prefill: every row past the first key tile
+    test_wgmma({1, 256, 256, 256, 2, 2, 128});  // exact tiles, two row tiles, no GQA
+    test_wgmma({1, 300, 390, 400, 2, 1, 128});  // several key tiles, prefill offset, ragged end
+    test_wgmma({1, 5, 5, 8, 2, 1, 128});        // a second warpgroup with no live row
+    test_wgmma({1, 200, 200, 260, 2, 1, 128});  // backward: no GQA, cap past tk, three key tiles
+    test_wgmma({2, 130, 130, 130, 4, 2, 128});  // backward: GQA, a ragged query tile
     for (int D : {8, 24, 40})
         test_attention({2, 37, 50, 53, 6, 2, D}, false);
     for (int D : {64, 128, 24}) {
