@@ -151,6 +151,16 @@ __device__ __forceinline__ void load_tile(uint32_t tile, const bf16 *g, int64_t 
         cp_async16(dst, rr < nvalid ? src : g, rr < nvalid);  // g: a valid address that is never read
 }
 
+// Where one (batch b, q head h) lives: rows i of q, out, dout at qoff + i * qstride, rows j of
+// its kv head's k, v at kvoff + j * kvstride (the layouts at the top of attention.cu).
+struct Head {
+    int64_t qstride, kvstride, qoff, kvoff;
+};
+__device__ __forceinline__ Head head_of(int b, int h, int tq, int cap, int heads, int kv_heads) {
+    const int64_t qs = (int64_t)heads * D, kvs = (int64_t)kv_heads * D;
+    return {qs, kvs, (int64_t)b * tq * qs + h * D, (int64_t)b * cap * kvs + h / (heads / kv_heads) * D};
+}
+
 // Online softmax of one tile of scores, in place: S becomes 2^(S sl2 - m) under the updated
 // row maxima m (raw score units in mx), l gains the tile's row sums (per thread; the 4 threads of
 // a quad share a row and are reduced at the end), and corr is what O must be scaled by. pos is
@@ -228,13 +238,11 @@ __device__ __forceinline__ void fwd(bf16 *out, float *lse, const bf16 *q, const 
     const uint32_t base = (smem_addr(attn90_smem) + 1023) & ~1023u;
     const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31, g = lane >> 2;
     const int wg = warp >> 2, wr = 64 * wg + 16 * (warp & 3);  // rows wr + g and wr + g + 8 of the tile
-    const int bh = blockIdx.x, b = bh / heads, h = bh % heads;
-    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;
-    const int kvh = h / (heads / kv_heads), off = tk - tq;
-    const int64_t qstride = (int64_t)heads * D, kvstride = (int64_t)kv_heads * D;
-    const bf16 *qh = q + (int64_t)b * tq * qstride + h * D;
-    const bf16 *kh = k + (int64_t)b * cap * kvstride + kvh * D;
-    const bf16 *vh = v + (int64_t)b * cap * kvstride + kvh * D;
+    const int b = blockIdx.x / heads, h = blockIdx.x % heads, off = tk - tq;
+    const int m0 = (gridDim.y - 1 - blockIdx.y) * BM;  // y = 0: the longest causal rows
+    const Head hd = head_of(b, h, tq, cap, heads, kv_heads);
+    const int64_t qstride = hd.qstride, kvstride = hd.kvstride;
+    const bf16 *qh = q + hd.qoff, *kh = k + hd.kvoff, *vh = v + hd.kvoff;
     const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
     const bool live = m0 + 64 * wg < tq;                    // the warpgroup has a row to write
     const int gfirst = off + m0 + 64 * wg;                  // position of its first row
@@ -379,9 +387,9 @@ __device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk,
     const int kr = 64 * wg + 16 * (warp & 3) + g;  // this thread's key rows in the tile: kr, kr + 8
     const int qr = 16 * (warp & 3) + g;            // and its query rows of dQ: qr, qr + 8
     const int bh = blockIdx.x, b = bh / heads, h = bh % heads, n0 = blockIdx.y * BN;
-    const int group = heads / kv_heads, kvh = h / group, off = tk - tq, tqp = (tq + 63) / 64 * 64;
-    const int64_t qstride = (int64_t)heads * D, kvstride = (int64_t)kv_heads * D;
-    const int64_t qbase = (int64_t)b * tq * qstride + h * D, kvbase = (int64_t)b * cap * kvstride + kvh * D;
+    const int off = tk - tq, tqp = (tq + 63) / 64 * 64;
+    const Head hd = head_of(b, h, tq, cap, heads, kv_heads);
+    const int64_t qstride = hd.qstride, kvstride = hd.kvstride, qbase = hd.qoff, kvbase = hd.kvoff;
     const float *lse2h = lse2 + (int64_t)bh * tqp, *deltah = delta + (int64_t)bh * tqp;
     const float scale = rsqrtf((float)D), sl2 = scale * LOG2E;
     const int wkey0 = n0 + 64 * wg;  // the warpgroup's first key

@@ -9,29 +9,33 @@ import os
 import re
 import sys
 
-src = open(sys.argv[1]).read()
+cuda = os.path.dirname(sys.argv[1])
 out_dir = sys.argv[2] if len(sys.argv) > 2 else "."
-src = src.replace('#include "common.cuh"', '#include "emu.h"')
-a = src.index("__device__ __forceinline__ void cp_async16")
-b = src.index("__device__ __forceinline__ uint32_t pack(")
-src = src[:a] + '#include "emu_tc.h"\n' + src[b:]
-src = re.sub(
-    r"extern __shared__ __align__\(\d+\) unsigned char attn_smem\[\];",
-    "unsigned char *attn_smem = emu_dyn_smem;",
+
+
+def emulated(src, start, end, header, smem):
+    """src with the text from `start` up to `end` swapped for `#include header`, and its dynamic
+    shared memory `smem` pointed at the host buffer."""
+    a, b = src.index(start), src.index(end)
+    src = src[:a] + f'#include "{header}"\n' + src[b:]
+    return re.sub(
+        rf"extern __shared__ __align__\(\d+\) unsigned char {smem}\[\];",
+        f"unsigned char *{smem} = emu_dyn_smem;",
+        src,
+    )
+
+
+src = open(sys.argv[1]).read().replace('#include "common.cuh"', '#include "emu.h"')
+src = emulated(
     src,
+    "__device__ __forceinline__ void cp_async16",
+    "__device__ __forceinline__ uint32_t pack(",
+    "emu_tc.h",
+    "attn_smem",
 )
-dec = open(os.path.join(os.path.dirname(sys.argv[1]), "attention_decode.cu")).read()
+dec = open(os.path.join(cuda, "attention_decode.cu")).read()
 src += "\n" + dec.replace('#include "common.cuh"', "")
-wg = open(os.path.join(os.path.dirname(sys.argv[1]), "attention_wgmma.cu")).read()
-wg = wg.replace('#include "common.cuh"', "")
-a = wg.index("// ---- plumbing")
-b = wg.index("// ---- end plumbing ----")
-wg = wg[:a] + '#include "emu_wgmma.h"\n' + wg[b:]
-wg = re.sub(
-    r"extern __shared__ __align__\(\d+\) unsigned char attn90_smem\[\];",
-    "unsigned char *attn90_smem = emu_dyn_smem;",
-    wg,
-)
-src += "\n" + wg
+wg = open(os.path.join(cuda, "attention_wgmma.cu")).read().replace('#include "common.cuh"', "")
+src += "\n" + emulated(wg, "// ---- plumbing", "// ---- end plumbing ----", "emu_wgmma.h", "attn90_smem")
 src = src.replace('extern "C" ', "")
 open(f"{out_dir}/attention_emu.cpp", "w").write(src)
