@@ -646,22 +646,12 @@ constexpr int bwd_smem_bytes() {
 static_assert(bwd_smem_bytes<128>() == 164864 && bwd_smem_bytes<64>() == 99328, "header comment");
 
 // ---- scalar helpers for the fallback kernels ----
-__device__ __forceinline__ void ld8(const bf16 *p, float f[8]) {
-    const uint4 u = *reinterpret_cast<const uint4 *>(p);
-    const __nv_bfloat162 *h = reinterpret_cast<const __nv_bfloat162 *>(&u);
-#pragma unroll
-    for (int i = 0; i < 4; i++) {
-        const float2 x = __bfloat1622float2(h[i]);
-        f[2 * i] = x.x;
-        f[2 * i + 1] = x.y;
-    }
-}
 // a (shared, float) . b (global, bf16) over n (multiple of 8) elements
 __device__ __forceinline__ float dot_sg(const float *a, const bf16 *b, int n) {
     float acc = 0.0f;
     for (int d = 0; d < n; d += 8) {
         float f[8];
-        ld8(b + d, f);
+        unpack8(*reinterpret_cast<const uint4 *>(b + d), f);
         const float4 a0 = *reinterpret_cast<const float4 *>(a + d), a1 = *reinterpret_cast<const float4 *>(a + d + 4);
         acc += a0.x * f[0] + a0.y * f[1] + a0.z * f[2] + a0.w * f[3] + a1.x * f[4] + a1.y * f[5] + a1.z * f[6] +
                a1.w * f[7];

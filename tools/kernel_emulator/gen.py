@@ -1,13 +1,16 @@
 #!/usr/bin/env python3
 """Turns cuda/attention.cu (and cuda/attention_decode.cu and cuda/attention_wgmma.cu beside it)
 into host C++ for the emulator: the tensor-core helpers are swapped for emulated ones (emu_tc.h,
-emu_wgmma.h), common.cuh for emu.h, dynamic shared memory for a host buffer.
+emu_wgmma.h), common.cuh for emu.h and the common.cuh helpers emu.h lacks, dynamic shared memory
+for a host buffer.
 
   python3 gen.py ../../cuda/attention.cu OUT_DIR   # writes OUT_DIR/attention_emu.cpp
 """
 import os
 import re
 import sys
+
+from gen_ops import common_helpers
 
 cuda = os.path.dirname(sys.argv[1])
 out_dir = sys.argv[2] if len(sys.argv) > 2 else "."
@@ -25,7 +28,8 @@ def emulated(src, start, end, header, smem):
     )
 
 
-src = open(sys.argv[1]).read().replace('#include "common.cuh"', '#include "emu.h"')
+src = open(sys.argv[1]).read()
+src = src.replace('#include "common.cuh"', '#include "emu.h"\n' + common_helpers(cuda))
 src = emulated(
     src,
     "__device__ __forceinline__ void cp_async16",
