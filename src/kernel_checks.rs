@@ -410,16 +410,7 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
     )?;
     if s.tq != s.tk {
         // training backward only runs over full sequences
-        let none: &[f32] = &[];
-        return alt_attention(
-            c,
-            s,
-            &shape,
-            (&bq, &bk, &bv),
-            (&bq, &bq, &bq),
-            (&wo, &wl),
-            (none, none, none),
-        );
+        return alt_attention(c, s, &shape, [&bq, &bk, &bv], [&wo, &wl], None);
     }
     // Backward from the oracle's own forward (rounded as the backend stores it).
     let wo_b = round_bf16(&wo);
@@ -439,33 +430,29 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
     c.row("attention_bwd dq", shape.clone(), &dq, &wdq, false)?;
     c.row("attention_bwd dk", shape.clone(), &dk, &wdk, false)?;
     c.row("attention_bwd dv", shape.clone(), &dv, &wdv, false)?;
-    alt_attention(
-        c,
-        s,
-        &shape,
-        (&bq, &bk, &bv),
-        (&bo, &bl, &bdout),
-        (&wo, &wl),
-        (&wdq, &wdk, &wdv),
-    )
+    let bwd = ([&bo, &bl, &bdout], [&wdq[..], &wdk, &wdv]);
+    alt_attention(c, s, &shape, [&bq, &bk, &bv], [&wo, &wl], Some(bwd))
 }
 
+/// The backward's inputs for `alt_attention`: [out, lse, dout] on the device, and the oracle's
+/// [dq, dk, dv].
+type AltBwd<'a, B> = ([&'a <B as Backend>::Buf; 3], [&'a [f32]; 3]);
+
 /// The other attention kernels this backend has (wgmma on an H100: head_dim 128, several
-/// queries), against the same oracle values as the default ones.
-#[allow(clippy::type_complexity)]
+/// queries), against the same oracle values as the default ones: the forward's [out, lse], and
+/// with `bwd` the backward's.
 fn alt_attention<B: Backend>(
     c: &mut Ctx<B>,
     s: AttnShape,
     shape: &str,
-    (bq, bk, bv): (&B::Buf, &B::Buf, &B::Buf),
-    (bo, bl, bdout): (&B::Buf, &B::Buf, &B::Buf),
-    (wo, wl): (&[f32], &[f32]),
-    (wdq, wdk, wdv): (&[f32], &[f32], &[f32]),
+    [bq, bk, bv]: [&B::Buf; 3],
+    [wo, wl]: [&[f32]; 2],
+    bwd: Option<AltBwd<'_, B>>,
 ) -> Result<()> {
-    let variants = c.be.attention_variants();
     if s.tq == 1 || s.head_dim != 128 {
         return Ok(());
     }
+    let variants = c.be.attention_variants();
     let (nq, nkv) = (
         s.batch * s.tq * s.heads * s.head_dim,
         s.batch * s.cap * s.kv_heads * s.head_dim,
@@ -475,19 +462,19 @@ fn alt_attention<B: Backend>(
         let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(s.batch * s.tq * s.heads)?);
         c.be.attention(&mut out, &mut lse, bq, bk, bv, s);
         let mut grads = None;
-        if s.tq == s.tk {
+        if let Some(([bo, bl, bdout], want)) = bwd {
             let (mut dq, mut dk, mut dv) = (c.nan(nq)?, c.nan(nkv)?, c.nan(nkv)?);
             c.be.attention_bwd(&mut dq, &mut dk, &mut dv, bdout, bo, bl, bq, bk, bv, s);
-            grads = Some((dq, dk, dv));
+            grads = Some(([dq, dk, dv], want));
         }
         c.be.set_attention_variant(variants[0])?;
         let name = |what: &str| format!("attention {what} ({alt})");
         c.row(&name("flash out"), shape.to_string(), &out, wo, false)?;
         c.row(&name("flash lse"), shape.to_string(), &lse, wl, true)?;
-        if let Some((dq, dk, dv)) = grads {
-            c.row(&name("bwd dq"), shape.to_string(), &dq, wdq, false)?;
-            c.row(&name("bwd dk"), shape.to_string(), &dk, wdk, false)?;
-            c.row(&name("bwd dv"), shape.to_string(), &dv, wdv, false)?;
+        if let Some((got, want)) = grads {
+            for ((what, g), w) in ["bwd dq", "bwd dk", "bwd dv"].iter().zip(&got).zip(want) {
+                c.row(&name(what), shape.to_string(), g, w, false)?;
+            }
         }
     }
     Ok(())

@@ -89,23 +89,19 @@ inline void wg_issue(float (&d)[NB][4], bool accumulate, A a, B b, const uint32_
     for (int i = 0; i < 4 * NB; i++) key[i] = NAN;
 }
 
-inline void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate) {
-    wg_sync();
-    const MatDesc a = decode(da), b = decode(db);
-    wg_issue(d, accumulate != 0, [&](int row, int k) { return kmajor(a, row, k); },
-             [&](int k, int col) { return kmajor(b, col, k); });
-    wg_sync();
-}
-
-// m64n64k16 from shared: A K-major (TA 0) or M-major (TA 1), B K-major (TB 0) or N-major (TB 1).
-template <int TA, int TB>
-inline void wgmma_ss64(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) {
+// m64n(8 NB)k16 with both operands in shared memory: A K-major (TA 0) or M-major (TA 1), B
+// K-major (TB 0) or N-major (TB 1).
+template <int TA, int TB, int NB>
+inline void wg_issue_ss(float (&d)[NB][4], uint64_t da, uint64_t db, int accumulate) {
     wg_sync();
     const MatDesc a = decode(da), b = decode(db);
     wg_issue(d, accumulate != 0, [&](int row, int k) { return TA ? nmajor(a, k, row) : kmajor(a, row, k); },
              [&](int k, int col) { return TB ? nmajor(b, k, col) : kmajor(b, col, k); });
     wg_sync();
 }
+inline void wgmma_ss(float (&d)[16][4], uint64_t da, uint64_t db, int accumulate) { wg_issue_ss<0, 0>(d, da, db, accumulate); }
+template <int TA, int TB>
+inline void wgmma_ss64(float (&d)[8][4], uint64_t da, uint64_t db, int accumulate) { wg_issue_ss<TA, TB>(d, da, db, accumulate); }
 
 static uint32_t g_wga[8][128][4];  // register A operands, by warpgroup and thread
 inline void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
