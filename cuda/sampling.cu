@@ -88,40 +88,47 @@ __device__ __forceinline__ u64 warp_sum_u64(u64 v) {
     return v;
 }
 
-// Adds (1, mass) to bin `bin` (256 = add nothing). Logits crowd into a few high-byte bins, where
-// one atomic per lane would serialize 32-way: a warp with few distinct bins adds once per bin.
-__device__ __forceinline__ void hist_add(uint32_t *cnt, u64 *mass, uint32_t bin, u64 v) {
-    const int lane = threadIdx.x & 31;
+// One warp's private histogram. Each warp of the block has one in dynamic shared memory
+// (SAMPLE_HIST_BYTES per warp, which the launcher passes), so warps never contend for a bin. The
+// first version shared one histogram with 64-bit shared atomics, which sm_90 runs as
+// compare-and-swap loops (ATOMS.CAST.SPIN.64): on logits crowded into a few high-byte bins, 32
+// warps spinning on the same words made top-k and top-p sampling 14x slower than a plain draw.
+struct WarpHist {
+    u64 mass[256];
+    uint32_t cnt[256];
+};
+#define SAMPLE_HIST_BYTES 3072
+static_assert(sizeof(WarpHist) == SAMPLE_HIST_BYTES, "the launcher sizes shared memory by SAMPLE_HIST_BYTES");
+
+// Adds (1, v) to bin `bin` of this warp's histogram h (256: add nothing). The lanes with one bin
+// form a group: it sums its masses (__reduce_add_sync over the group, in two 32-bit halves: v <=
+// 2^40, so 32 low parts of 24 bits and 32 high parts of 17 bits fit in 32 bits), and its lowest
+// lane adds the group's count and mass. The groups have distinct bins, so no atomics; the
+// __syncwarp orders one call's writes before the next call's reads by other lanes.
+__device__ __forceinline__ void hist_add(WarpHist *h, uint32_t bin, u64 v) {
+    if (__ballot_sync(0xffffffffu, bin < 256) == 0) return;  // the same in every lane
     const unsigned peers = __match_any_sync(0xffffffffu, bin);
-    const unsigned leaders = __ballot_sync(0xffffffffu, __ffs(peers) - 1 == lane);
-    if (__popc(leaders) > 4) {
-        if (bin < 256) {
-            atomicAdd(cnt + bin, 1u);
-            atomicAdd(mass + bin, v);
-        }
-        return;
+    const uint32_t lo = __reduce_add_sync(peers, (uint32_t)(v & 0xffffffu));
+    const uint32_t hi = __reduce_add_sync(peers, (uint32_t)(v >> 24));
+    if (bin < 256 && (int)(threadIdx.x & 31) == __ffs(peers) - 1) {
+        h->cnt[bin] += (uint32_t)__popc(peers);
+        h->mass[bin] += ((u64)hi << 24) + lo;
     }
-    for (unsigned todo = leaders; todo; todo &= todo - 1) {
-        const int l = __ffs(todo) - 1;
-        const uint32_t b = __shfl_sync(0xffffffffu, bin, l);
-        if (b >= 256) continue;  // b is the same in every lane: the loop stays converged
-        const u64 s = warp_sum_u64(bin == b ? v : 0ull);
-        if (lane == l) {
-            atomicAdd(cnt + b, (uint32_t)__popc(peers));
-            atomicAdd(mass + b, s);
-        }
-    }
+    __syncwarp();
 }
 
-// Histogram of count and fixed-point mass over one radix digit. hi < 0: every token, binned by
-// the key's high byte; else only tokens whose high byte is hi, binned by the low byte.
-__device__ void histogram(uint32_t *cnt, u64 *mass, const bf16 *r, int vocab, float m, float inv_t, int hi) {
-    for (int i = threadIdx.x; i < 256; i += blockDim.x) {
-        cnt[i] = 0;
-        mass[i] = 0;
+// Histogram of count and fixed-point mass over one radix digit, into cnt and mass. hi < 0: every
+// token, binned by the key's high byte; else only tokens whose high byte is hi, binned by the low
+// byte. wh: the block's per-warp histograms (dynamic shared memory), summed at the end.
+__device__ void histogram(uint32_t *cnt, u64 *mass, WarpHist *wh, const bf16 *r, int vocab, float m, float inv_t,
+                          int hi) {
+    WarpHist *h = wh + (threadIdx.x >> 5);
+    for (int i = threadIdx.x & 31; i < 256; i += 32) {
+        h->cnt[i] = 0;
+        h->mass[i] = 0;
     }
-    __syncthreads();
-    // Whole-block strides keep every lane of a warp in the loop, as hist_add's shuffles need.
+    __syncwarp();
+    // Whole-block strides keep every lane of a warp in the loop, as hist_add's collectives need.
     for (int base = 0; base < vocab; base += blockDim.x) {
         const int j = base + threadIdx.x;
         uint32_t bin = 256;
@@ -133,7 +140,19 @@ __device__ void histogram(uint32_t *cnt, u64 *mass, const bf16 *r, int vocab, fl
             else if ((int)(key >> 8) == hi) bin = key & 0xffu;
             if (bin < 256) v = fixed_prob(__bfloat162float(x), m, inv_t);
         }
-        hist_add(cnt, mass, bin, v);
+        hist_add(h, bin, v);
+    }
+    __syncthreads();
+    const int nwarps = blockDim.x >> 5;
+    for (int b = threadIdx.x; b < 256; b += blockDim.x) {
+        uint32_t c = 0;
+        u64 s = 0;
+        for (int w = 0; w < nwarps; w++) {
+            c += wh[w].cnt[b];
+            s += wh[w].mass[b];
+        }
+        cnt[b] = c;
+        mass[b] = s;
     }
     __syncthreads();
 }
@@ -339,6 +358,8 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
     __shared__ u64 wsum[32];
     __shared__ uint32_t wties[32];
     __shared__ Plan plan;
+    extern __shared__ __align__(16) unsigned char sample_smem[];
+    WarpHist *wh = reinterpret_cast<WarpHist *>(sample_smem);
     const bool use_k = k > 0 && k < vocab, use_p = p < 1.0f;
     const int tid = threadIdx.x;
     if (tid == 0) {
@@ -347,17 +368,17 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
     }
     // (histogram() syncs before anyone reads plan)
     if (use_k || use_p) {
-        histogram(cnt_hi, mass_hi, r, vocab, m, inv_t, -1);
+        histogram(cnt_hi, mass_hi, wh, r, vocab, m, inv_t, -1);
         if (use_k) {
             if (tid == 0) plan_topk_hi(&plan, cnt_hi, k);
             __syncthreads();
-            histogram(cnt_lo, mass_lo, r, vocab, m, inv_t, plan.hb);
+            histogram(cnt_lo, mass_lo, wh, r, vocab, m, inv_t, plan.hb);
             if (tid == 0) plan_topk_lo(&plan, cnt_lo, mass_lo, k);
         }
         if (use_p) {
             if (tid == 0) plan_topp_hi(&plan, cnt_hi, mass_hi, cnt_lo, mass_lo, p);
             __syncthreads();
-            if (plan.pass_c) histogram(cnt_lo, mass_lo, r, vocab, m, inv_t, plan.hp);
+            if (plan.pass_c) histogram(cnt_lo, mass_lo, wh, r, vocab, m, inv_t, plan.hp);
             if (tid == 0) plan_topp_lo(&plan, cnt_lo, mass_lo);
         }
     }
@@ -428,8 +449,9 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
 }  // namespace sampling
 
 // next[row] = the token sampled from logits[row] (bf16 [rows, vocab]).
-// grid (rows), block 1024 (any multiple of 32 up to 1024 works; 1024 needs <= 64 registers, and
-// ptxas reports 32), static shared 6.6 KB, no dynamic shared memory. Nothing to zero: done[] is
+// grid (rows), block 1024 (any multiple of 32 up to 1024 works; 1024 needs <= 64 registers),
+// static shared 6.6 KB, dynamic shared (block / 32) · SAMPLE_HIST_BYTES (96 KB for 1024, which
+// the launcher opts into), uninitialized: each pass zeroes what it uses. Nothing to zero: done[] is
 // the caller's per-row state (0 = still generating), kept across steps.
 // Per row: temperature[row] <= 0 is greedy (sampling::argmax, first index of the max);
 // top_k[row] 0 or >= vocab is off; top_p[row] >= 1 is off; top_k and top_p may be null (off).

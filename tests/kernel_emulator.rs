@@ -1,7 +1,8 @@
 //! The real cuda/ kernels run on the host by tools/kernel_emulator (one fiber per CUDA thread),
 //! against double-precision copies of the CPU oracles: attention (forward, backward, decode),
-//! softmax-entropy, and the elementwise, RMSNorm and RoPE kernels. Each test is skipped, with the
-//! reason printed, without python3 or g++.
+//! softmax-entropy, the elementwise, RMSNorm and RoPE kernels, and token sampling (against a
+//! sort-based oracle of its exact draw). Each test is skipped, with the reason printed, without
+//! python3 or g++.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -88,6 +89,18 @@ fn softmax_kernels_match_the_oracles_under_emulation() {
     let files = ["softmax_emu.cpp", "softmax_entropy.cu"];
     if generate("gen_ops.py", &root().join("cuda"), &dir, &files) {
         build_and_run(&dir, "softmax_main.cpp", &[("0", false), ("5", false)]);
+    }
+}
+
+#[test]
+fn sampling_kernel_draws_the_oracles_tokens_under_emulation() {
+    let dir = workdir("sampling", "sampling_main.cpp");
+    let files = ["sampling_emu.cpp", "sampling.cu"];
+    if generate("gen_ops.py", &root().join("cuda"), &dir, &files) {
+        // In-order schedule only: with 1024 fibers a drifting one takes many minutes, and this
+        // one already runs a warp's last loop step after the first warps leave the loop, which
+        // is what a missing barrier before the histogram merge gets wrong.
+        build_and_run(&dir, "sampling_main.cpp", &[("0", false)]);
     }
 }
 

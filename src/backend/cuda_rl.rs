@@ -43,6 +43,11 @@ fn read<T: DeviceRepr>(be: &CudaBackend, s: &CudaSlice<T>) -> Result<Vec<T>> {
     Ok(v)
 }
 
+/// Threads per sampling block, and the bytes of each warp's private histogram
+/// (SAMPLE_HIST_BYTES in cuda/sampling.cu): 96 KB of dynamic shared memory per block.
+const SAMPLE_BLOCK: u32 = 1024;
+const SAMPLE_HIST_BYTES: u32 = 3072;
+
 /// `Backend::sample` on the device: one block per row, the same Philox stream as the CPU.
 #[allow(clippy::too_many_arguments)]
 pub fn sample(
@@ -72,8 +77,8 @@ pub fn sample(
     be.launch(
         "sample_tokens",
         (rows as u32, 1, 1),
-        (1024, 1, 1),
-        0,
+        (SAMPLE_BLOCK, 1, 1),
+        SAMPLE_BLOCK / 32 * SAMPLE_HIST_BYTES,
         &[
             Arg::P(next_p),
             Arg::P(done_p),

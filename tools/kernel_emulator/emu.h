@@ -63,9 +63,54 @@ static unsigned char g_xbuf[32][32][64];
 template <class T> inline void xput(const T &v) { static_assert(sizeof(T) <= 64, ""); memcpy(g_xbuf[emu_warp()][emu_lane()], &v, sizeof(T)); __syncwarp(); }
 template <class T> inline T xget(int l) { T v; memcpy(&v, g_xbuf[emu_warp()][l], sizeof(T)); return v; }
 inline void xdone() { __syncwarp(); }
-inline float __shfl_xor_sync(unsigned, float v, int o) { xput(v); float r = xget<float>(emu_lane() ^ o); xdone(); return r; }
-inline float __shfl_sync(unsigned, float v, int s) { xput(v); float r = xget<float>(s); xdone(); return r; }
+// Every collective here needs the whole warp (the kernels only call them converged); masks are
+// checked only where a kernel passes less than the full warp (__reduce_add_sync).
+template <class T> inline T __shfl_xor_sync(unsigned, T v, int o) { xput(v); T r = xget<T>(emu_lane() ^ o); xdone(); return r; }
+template <class T> inline T __shfl_sync(unsigned, T v, int s) { xput(v); T r = xget<T>(s & 31); xdone(); return r; }
+template <class T> inline T __shfl_up_sync(unsigned, T v, unsigned d) {
+    xput(v);
+    const int l = emu_lane();
+    T r = l >= (int)d ? xget<T>(l - (int)d) : v;
+    xdone();
+    return r;
+}
 inline int __any_sync(unsigned, int p) { xput(p); int r = 0; for (int l = 0; l < 32; l++) r |= xget<int>(l); xdone(); return r != 0; }
+inline unsigned __ballot_sync(unsigned, int p) {
+    xput(p != 0);
+    unsigned r = 0;
+    for (int l = 0; l < 32; l++) r |= (unsigned)xget<bool>(l) << l;
+    xdone();
+    return r;
+}
+// The lanes whose value equals this lane's.
+inline unsigned __match_any_sync(unsigned, unsigned v) {
+    xput(v);
+    unsigned r = 0;
+    for (int l = 0; l < 32; l++) r |= (unsigned)(xget<unsigned>(l) == v) << l;
+    xdone();
+    return r;
+}
+// Sum over the lanes of `mask`, each of which must pass this same mask (the CUDA rule): lanes of
+// other groups may pass other masks in the same call.
+inline unsigned __reduce_add_sync(unsigned mask, unsigned v) {
+    struct M { unsigned mask, v; };
+    xput(M{mask, v});
+    assert((mask >> emu_lane() & 1) && "__reduce_add_sync: the calling lane is not in its mask");
+    unsigned r = 0;
+    for (int l = 0; l < 32; l++)
+        if (mask >> l & 1) {
+            const M o = xget<M>(l);
+            assert(o.mask == mask && "__reduce_add_sync: lanes of one mask passed different masks");
+            r += o.v;
+        }
+    xdone();
+    return r;
+}
+inline int __popc(unsigned v) { return __builtin_popcount(v); }
+inline int __ffs(unsigned v) { return __builtin_ffs((int)v); }
+inline unsigned long long __umul64hi(unsigned long long a, unsigned long long b) {
+    return (unsigned long long)(((unsigned __int128)a * b) >> 64);
+}
 
 struct bf16 { uint16_t x; };
 typedef bf16 __nv_bfloat16;
@@ -73,6 +118,10 @@ struct __nv_bfloat162 { bf16 x, y; };
 struct float2 { float x, y; };
 struct alignas(16) float4 { float x, y, z, w; };
 struct alignas(16) uint4 { uint32_t x, y, z, w; };
+struct alignas(8) uint2 { uint32_t x, y; };
+inline uint4 make_uint4(uint32_t x, uint32_t y, uint32_t z, uint32_t w) { return {x, y, z, w}; }
+inline uint2 make_uint2(uint32_t x, uint32_t y) { return {x, y}; }
+inline unsigned short __bfloat16_as_ushort(bf16 h) { return h.x; }
 inline float __bfloat162float(bf16 h) { uint32_t u = (uint32_t)h.x << 16; float f; memcpy(&f, &u, 4); return f; }
 inline bf16 __float2bfloat16_rn(float f) {
     uint32_t u; memcpy(&u, &f, 4);
@@ -87,6 +136,7 @@ inline float __expf(float x) { return expf(x); }
 inline float rsqrtf(float x) { return 1.0f / sqrtf(x); }
 inline float atomicAdd(float *p, float v) { float o = *p; *p = o + v; return o; }
 inline unsigned atomicAdd(unsigned *p, unsigned v) { unsigned o = *p; *p = o + v; return o; }
+inline unsigned long long atomicAdd(unsigned long long *p, unsigned long long v) { unsigned long long o = *p; *p = o + v; return o; }
 // Blocks run one after another here, so every write is visible to the next block already.
 inline void __threadfence() {}
 inline float __ldcg(const float *p) { return *p; }

@@ -46,20 +46,37 @@ inline MatDesc decode(uint64_t d) {
     return {(uint32_t)(d & 0x3fff) << 4, (uint32_t)((d >> 16) & 0x3fff) << 4, (uint32_t)((d >> 32) & 0x3fff) << 4};
 }
 // The hardware XORs address bits 4-6 (the 16-byte chunk) with bits 7-9 (the 128-byte row).
+inline uint32_t swizzle128(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
 inline float smem_at(uint32_t a) {
-    a ^= ((a >> 7) & 7) << 4;
+    a = swizzle128(a);
     assert(a + 2 <= sizeof emu_dyn_smem);
     bf16 h;
     memcpy(&h, emu_dyn_smem + a, 2);
     return __bfloat162float(h);
 }
-// K-major: element (row, k) of a (rows x 16) operand: rows 128 bytes apart in 8-row groups
-// `sbo` apart, k contiguous.
-inline float kmajor(MatDesc d, int row, int k) { return smem_at(d.start + (row % 8) * 128 + (row / 8) * d.sbo + k * 2); }
-// N-major (or M-major for A, with n the row): element (k, n) of a (16 x N) operand: 64 n contiguous, 64-column blocks `lbo` apart,
-// k rows 128 bytes apart in 8-row groups `sbo` apart.
-inline float nmajor(MatDesc d, int k, int n) {
-    return smem_at(d.start + (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo);
+// K-major: byte offset of element (row, k) of a (rows x 16) operand: rows 128 bytes apart in
+// 8-row groups `sbo` apart, k contiguous.
+inline uint32_t kmajor_off(MatDesc d, int row, int k) { return (row % 8) * 128 + (row / 8) * d.sbo + k * 2; }
+// N-major (or M-major for A, with n the row): byte offset of element (k, n) of a (16 x N)
+// operand: 64 n contiguous, 64-column blocks `lbo` apart, k rows 128 bytes apart in 8-row groups
+// `sbo` apart.
+inline uint32_t nmajor_off(MatDesc d, int k, int n) { return (n % 64) * 2 + (n / 64) * d.lbo + (k % 8) * 128 + (k / 8) * d.sbo; }
+inline float kmajor(MatDesc d, int row, int k) { return smem_at(d.start + kmajor_off(d, row, k)); }
+inline float nmajor(MatDesc d, int k, int n) { return smem_at(d.start + nmajor_off(d, k, n)); }
+
+// Accumulator e of column block n of thread `lane` of warp w (of its warpgroup): (row, col) of the
+// 64 x N result.
+inline void acc_coord(int w, int lane, int n, int e, int &row, int &col) {
+    row = 16 * w + (lane >> 2) + 8 * (e >> 1);
+    col = 8 * n + 2 * (lane & 3) + (e & 1);
+}
+// Where element (row, k) of a register A operand (64 x 16) lives: thread of the warpgroup,
+// register (0-3) and half (0 low, 1 high).
+inline void areg_slot(int row, int k, int &thread, int &reg, int &half) {
+    const int rr = row % 16;
+    thread = (row / 16) * 32 + (rr % 8) * 4 + (k % 8) / 2;
+    reg = rr / 8 + 2 * (k / 8);
+    half = k & 1;
 }
 
 // One m64n(8 NB)k16 issue: this thread's 4 NB accumulators (the mma.sync C layout of its warp's
@@ -73,11 +90,11 @@ inline void wg_issue(float (&d)[NB][4], bool accumulate, A a, B b, const uint32_
     for (auto &m : g_cur->mma_pend)
         if (m.d == key) prev = &m;  // chained on an earlier, unwaited wgmma: its result is the input
     if (prev) in = prev->v;
-    const int w = emu_warp() & 3, g = emu_lane() >> 2, t = emu_lane() & 3;
     std::vector<float> outv(4 * NB);
     for (int n = 0; n < NB; n++)
         for (int e = 0; e < 4; e++) {
-            const int row = 16 * w + g + 8 * (e >> 1), col = 8 * n + 2 * t + (e & 1);
+            int row, col;
+            acc_coord(emu_warp() & 3, emu_lane(), n, e, row, col);
             float acc = accumulate ? in[4 * n + e] : 0.0f;
             for (int k = 0; k < 16; k++) acc += a(row, k) * b(k, col);
             outv[4 * n + e] = acc;
@@ -111,9 +128,9 @@ inline void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
     uint32_t (*wa)[4] = g_wga[emu_wg()];
     // A of m64nNk16 from registers: warp row / 16 holds its 16 rows in the mma.sync A layout.
     auto areg = [&](int row, int k) {
-        const int rr = row % 16, lane = (rr % 8) * 4 + (k % 8) / 2;
-        const uint32_t w = wa[(row / 16) * 32 + lane][rr / 8 + 2 * (k / 8)];
-        return attn::half_of(w, k & 1);
+        int thread, reg, half;
+        areg_slot(row, k, thread, reg, half);
+        return attn::half_of(wa[thread][reg], half);
     };
     wg_issue(d, true, areg, [&](int k, int col) { return nmajor(b, k, col); }, a);
     wg_sync();

@@ -8,6 +8,9 @@ the output twice, in two namespaces).
 
   python3 gen_ops.py ../../cuda OUT_DIR                                   # OUT_DIR/ops_emu.cpp
   python3 gen_ops.py ../../cuda OUT_DIR softmax_emu.cpp softmax_entropy.cu  # for softmax_main.cpp
+  python3 gen_ops.py ../../cuda OUT_DIR sampling_emu.cpp sampling.cu        # for sampling_main.cpp
+
+A kernel's dynamic shared memory (extern __shared__ unsigned char NAME[]) becomes emu.h's buffer.
 """
 import os
 import re
@@ -58,6 +61,9 @@ def main():
         assert '#include "common.cuh"' in src, name
         kernels += re.findall(rf'extern "C"\s+{bounds}__global__\s+void\s+{bounds}(\w+)', src)
         src = src.replace('#include "common.cuh"', "").replace('extern "C" ', "")
+        # Dynamic shared memory is emu.h's one 227 KB buffer.
+        src = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
+                     r"unsigned char *\1 = emu_dyn_smem;", src)
         parts.append(f"\n// ---- {name} ----\n{src}")
     parts.append("\nstatic const char *const ops_kernels[] = {%s};\n" % ", ".join(f'"{k}"' for k in kernels))
     open(os.path.join(out_dir, out_name), "w").write("".join(parts))

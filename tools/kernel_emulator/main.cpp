@@ -105,6 +105,64 @@ static void test_attention(Shape s, bool fast) {
     check("dv", f32(dv), rdv, 2e-2);
 }
 
+// The emulator's wgmma layouts against a second reading of them: CUTLASS's CuTe layouts for
+// sm_90 GMMA (include/cute/atom/mma_traits_sm90_gmma.hpp: CLayout_64xN, ALayout_64x16 and the
+// canonical shared-memory forms that make_gmma_desc accepts), evaluated here as CuTe defines a
+// layout: a coordinate splits over the shape, first mode fastest, and the offset is the sum of
+// the parts times the strides. A misreading of the PTX tables shared by the kernels and the
+// emulator would show up as a disagreement here.
+struct Flat {
+    std::vector<int> shape, stride;
+    int operator()(int i) const {
+        int off = 0;
+        for (size_t m = 0; m < shape.size(); m++) {
+            off += (i % shape[m]) * stride[m];
+            i /= shape[m];
+        }
+        return off;
+    }
+};
+
+static void test_wgmma_layouts() {
+    using namespace attn90;
+    int bad = 0;
+    // Accumulators of m64nNk16, N = 128: (thread, value) -> m + 64 n.
+    const Flat thr = {{4, 8, 4}, {128, 1, 16}}, cval = {{2, 2, 16}, {64, 8, 512}};
+    for (int t = 0; t < 128; t++)
+        for (int v = 0; v < 64; v++) {
+            const int idx = thr(t) + cval(v);
+            int row, col;
+            acc_coord(t / 32, t % 32, v / 4, v % 4, row, col);
+            bad += row != idx % 64 || col != idx / 64;
+        }
+    // Register A of m64nNk16 for 16-bit types: (thread, value) -> m + 64 k; value v is half v % 2
+    // of register v / 2.
+    const Flat aval = {{2, 2, 2}, {64, 8, 512}};
+    for (int t = 0; t < 128; t++)
+        for (int v = 0; v < 8; v++) {
+            const int idx = thr(t) + aval(v);
+            int thread, reg, half;
+            areg_slot(idx % 64, idx / 64, thread, reg, half);
+            bad += thread != t || reg != v / 2 || half != v % 2;
+        }
+    // Shared operands with the 128-byte swizzle, in bf16 elements (T = 8 per 16 bytes), with
+    // unusual strides so that a swap of the leading and stride offsets shows. K-major:
+    // ((8, m), (T, 2)) : ((8T, SBO), (1, T)), (row, k) of a 64 x 16 operand.
+    const int sbo = 2048, lbo = 8192;
+    const MatDesc d = {0, (uint32_t)lbo, (uint32_t)sbo};
+    const Flat krow = {{8, 8}, {64, sbo / 2}}, kcol = {{8, 2}, {1, 8}};
+    for (int r = 0; r < 64; r++)
+        for (int k = 0; k < 16; k++) bad += kmajor_off(d, r, k) != (uint32_t)(2 * (krow(r) + kcol(k)));
+    // MN-major: ((T, 8, m), (8, k)) : ((1, T, LBO), (8T, SBO)), (k, n) of a 16 x 128 operand.
+    const Flat mn = {{8, 8, 2}, {1, 8, lbo / 2}}, kk = {{8, 2}, {64, sbo / 2}};
+    for (int k = 0; k < 16; k++)
+        for (int n = 0; n < 128; n++) bad += nmajor_off(d, k, n) != (uint32_t)(2 * (mn(n) + kk(k)));
+    // Swizzle<3,4,3> on byte addresses: bits 4-6 ^= bits 7-9.
+    for (uint32_t a = 0; a < 8192; a += 2) bad += swizzle128(a) != (a ^ ((a & (7u << 7)) >> 3));
+    if (bad) fails++;
+    printf("wgmma layouts against CuTe's: %s (%d mismatches)\n", bad ? "FAIL" : "ok", bad);
+}
+
 // attention_fwd_d128_wgmma and attention_bwd_d128_wgmma against the same oracles; the backward
 // runs between the fast path's preprocess and convert, from the wgmma forward's out and lse.
 static void test_wgmma(Shape s) {
@@ -188,6 +246,7 @@ int main(int argc, char **argv) {
         test_attention({1, 200, 260, 300, 2, 1, D}, true); // several key tiles, GQA, chunked prefill
         test_attention({1, 160, 160, 300, 1, 1, D}, true); // several key tiles, no GQA, cap well past tk
     }
+    test_wgmma_layouts();
     test_wgmma({2, 70, 70, 75, 4, 2, 128});     // one row tile, ragged, GQA, cap > tk
     test_wgmma({1, 20, 100, 130, 3, 1, 128});   // chunked prefill: every row past the first key tile
     test_wgmma({1, 256, 256, 256, 2, 2, 128});  // exact tiles, two row tiles, no GQA
