@@ -13,20 +13,41 @@
 #define ROPE_HG 4
 
 namespace rope_k {
-// Same f32 formula as transformers and the CPU oracle: angle = pos · theta^(-2i/d).
-__device__ __forceinline__ void angle(float pos, int i, int head_dim, float theta, int inverse, float *s, float *c) {
-    const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)head_dim);
-    sincosf(pos * inv, s, c);
+// 1 / theta^(2i/d) as cpu::rope_inv_freq computes it in f32, every step rounded once: the build's
+// --use_fast_math would make powf an ex2(y·lg2 x) whose relative error, times the position, moves
+// an angle by up to 2e-4 rad at position 4K and 1.4e-3 rad at 32K. The block computes these once, into shared memory
+// (head_dim / 2 floats of dynamic shared memory, which the launcher gives).
+__device__ __forceinline__ float inv_freq(int i, int head_dim, float theta) {
+    const float e = __fdiv_rn((float)(2 * i), (float)head_dim);
+    return __fdiv_rn(1.0f, (float)pow((double)theta, (double)e));
+}
+
+// sin and cos of the f32 angle a = pos · inv (the oracle's angle, up to the last bit of its f32
+// powf, which glibc rounds correctly nearly always). The fast
+// __sincosf is accurate near 0 only (it scales by 1/2π in f32, which at a = 32768 rad is off by
+// ~2e-3 rad), so a is first reduced to [−π, π] with 2π split in two floats (each fma rounds
+// once, on the small remainder): the reduced angle errs by under 1e-6 rad at any position below
+// 2^20, and __sincosf adds ~4e-7 there.
+__device__ __forceinline__ void sincos_of(float a, int inverse, float *s, float *c) {
+    const float k = rintf(a * 0.159154943f);
+    float r = fmaf(-k, 6.28318548f, a);
+    r = fmaf(-k, -1.7484556e-7f, r);
+    __sincosf(r, s, c);
     if (inverse) *s = -*s;
 }
 }  // namespace rope_k
 
-// grid-stride; launcher: block 256, grid ⌈rows · ⌈heads/ROPE_HG⌉ · head_dim/16 / 256⌉ for the
-// packed path, ⌈rows · heads · head_dim/2 / 256⌉ otherwise.
+// grid-stride; launcher: block 256, dynamic shared memory head_dim / 2 floats, grid
+// ⌈rows · ⌈heads/ROPE_HG⌉ · head_dim/16 / 256⌉ for the packed path, ⌈rows · heads · head_dim/2 /
+// 256⌉ otherwise.
 extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int head_dim, int pos0, float theta,
                                 int inverse) {
     const int half = head_dim / 2;
     const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
+    extern __shared__ __align__(16) unsigned char rope_smem[];
+    float *inv_s = reinterpret_cast<float *>(rope_smem);
+    for (int i = threadIdx.x; i < half; i += blockDim.x) inv_s[i] = rope_k::inv_freq(i, head_dim, theta);
+    __syncthreads();
     if ((half & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0) {
         const int hv = half / 8, groups = (heads + ROPE_HG - 1) / ROPE_HG;
         for (int64_t idx = first; idx < rows * groups * hv; idx += stride) {
@@ -46,7 +67,9 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
             const float pos = (float)(pos0 + row % seq);
             float s[8], c[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) rope_k::angle(pos, 8 * v + e, head_dim, theta, inverse, &s[e], &c[e]);
+            for (int e = 0; e < 8; e++) {
+                rope_k::sincos_of(pos * inv_s[8 * v + e], inverse, &s[e], &c[e]);
+            }
 #pragma unroll
             for (int h = 0; h < ROPE_HG; h++)
                 if (h < nh) {
@@ -69,7 +92,7 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
         const int64_t rh = idx / half;  // row * heads + head
         const int64_t row = rh / heads;
         float s, c;
-        rope_k::angle((float)(pos0 + row % seq), i, head_dim, theta, inverse, &s, &c);
+        rope_k::sincos_of((float)(pos0 + row % seq) * inv_s[i], inverse, &s, &c);
         bf16 *p = x + rh * head_dim;
         const float x1 = ld(p + i), x2 = ld(p + i + half);
         p[i] = to_bf16(x1 * c - x2 * s);

@@ -1209,7 +1209,8 @@ impl Backend for CudaBackend {
             "rope",
             (threads.div_ceil(256).min(i32::MAX as usize) as u32, 1, 1),
             (256, 1, 1),
-            0,
+            // The inverse frequencies, computed once per block.
+            (head_dim / 2 * 4) as u32,
             &[
                 Arg::P(x.ptr),
                 Arg::L(rows as i64),

@@ -197,6 +197,8 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
 }
 
 // The rest of the CUDA API the memory-bound kernels use (ops_main.cpp).
+inline float __fdiv_rn(float a, float b) { return a / b; }
+inline void __sincosf(float x, float *s, float *c) { *s = sinf(x); *c = cosf(x); }
 inline float4 make_float4(float x, float y, float z, float w) { return {x, y, z, w}; }
 inline double atomicAdd(double *p, double v) { double o = *p; *p = o + v; return o; }
 // sm_90's 16-byte vector atomic: four fp32 adds, one per component.

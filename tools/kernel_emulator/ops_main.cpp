@@ -417,6 +417,8 @@ int main() {
 
     test_rope(2, 5, 6, 128, 3, 0);     // a group of 4 heads and one of 2
     test_rope(1, 7, 3, 64, 3000, 0);   // one group of 3, long positions
+    test_rope(2, 5, 4, 128, 32760, 0); // Qwen2.5's 32K context: the reduction to [-pi, pi] matters
+    test_rope(1, 3, 2, 520, 1000, 0);  // half 260: more frequencies than threads, scalar
     test_rope(2, 3, 4, 64, 0, 0);      // whole groups, position 0
     test_rope(2, 3, 5, 24, 3, 0);      // half 12: scalar
     test_rope(1, 4, 6, 64, 3, 1);      // x misaligned: scalar
