@@ -43,10 +43,20 @@ fn read<T: DeviceRepr>(be: &CudaBackend, s: &CudaSlice<T>) -> Result<Vec<T>> {
     Ok(v)
 }
 
-/// Threads per sampling block, and the bytes of each warp's private histogram
-/// (SAMPLE_HIST_BYTES in cuda/sampling.cu): 96 KB of dynamic shared memory per block.
-const SAMPLE_BLOCK: u32 = 1024;
+/// The bytes of each warp's private histogram (SAMPLE_HIST_BYTES in cuda/sampling.cu), and a
+/// bound on the kernel's static shared memory (ptxas: 7–8 KB).
 const SAMPLE_HIST_BYTES: u32 = 3072;
+const SAMPLE_STATIC_SMEM: u32 = 8 * 1024;
+
+/// Threads per sampling block: 1024 where a block may hold 32 warps' histograms (96 KB) and the
+/// static part (sm_80, sm_90), else 512 (sm_86/89 allow 99 KB). Any multiple of 32 is correct.
+fn sample_block(be: &CudaBackend) -> u32 {
+    if 1024 / 32 * SAMPLE_HIST_BYTES + SAMPLE_STATIC_SMEM <= be.max_smem_optin() {
+        1024
+    } else {
+        512
+    }
+}
 
 /// `Backend::sample` on the device: one block per row, the same Philox stream as the CPU.
 #[allow(clippy::too_many_arguments)]
@@ -74,11 +84,12 @@ pub fn sample(
         .flat_map(|&s| [s as u32, (s >> 32) as u32])
         .collect();
     let (_ids, ids_p) = dev(be, &ids)?;
+    let block = sample_block(be);
     be.launch(
         "sample_tokens",
         (rows as u32, 1, 1),
-        (SAMPLE_BLOCK, 1, 1),
-        SAMPLE_BLOCK / 32 * SAMPLE_HIST_BYTES,
+        (block, 1, 1),
+        block / 32 * SAMPLE_HIST_BYTES,
         &[
             Arg::P(next_p),
             Arg::P(done_p),
