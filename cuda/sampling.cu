@@ -451,7 +451,7 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
 // next[row] = the token sampled from logits[row] (bf16 [rows, vocab]).
 // grid (rows), block 1024, or 512 where a block cannot opt into 104 KB of shared memory (any
 // multiple of 32 up to 1024 works; 1024 needs <= 64 registers),
-// static shared 6.6 KB, dynamic shared (block / 32) · SAMPLE_HIST_BYTES (96 KB for 1024, which
+// static shared 7-8 KB, dynamic shared (block / 32) · SAMPLE_HIST_BYTES (96 KB for 1024, which
 // the launcher opts into), uninitialized: each pass zeroes what it uses. Nothing to zero: done[] is
 // the caller's per-row state (0 = still generating), kept across steps.
 // Per row: temperature[row] <= 0 is greedy (sampling::argmax, first index of the max);
