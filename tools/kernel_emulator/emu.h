@@ -27,8 +27,10 @@ struct PendingCopy { void *dst; const void *src; bool valid; int group; };
 // A wgmma whose result has not been waited for: the accumulator it writes, the result, its group,
 // and its register A operands with the values they had at issue.
 struct PendingMma { float *d; std::vector<float> v; int group; std::vector<std::pair<const uint32_t *, std::vector<uint32_t>>> a; };
+struct Bar { int count = 0, gen = 0; };
 struct Fiber {
     ucontext_t ctx; dim3e tid; bool done = false; std::vector<char> stack; std::vector<PendingCopy> pend; int committed = 0;
+    const Bar *wait = nullptr; int wait_gen = 0;  // the barrier this thread waits at, and its generation then
     std::vector<PendingMma> mma_pend; int mma_committed = 0; bool mma_fenced = false;  // emu_wgmma.h
 };
 static ucontext_t g_sched;
@@ -46,11 +48,14 @@ alignas(1024) static unsigned char emu_dyn_smem[232448];  // 227 KB, the sm_90 o
 static long g_conflicts = 0, g_ldsm = 0;
 
 inline void yield_() { swapcontext(&g_cur->ctx, &g_sched); }
-struct Bar { int count = 0, gen = 0; };
 static Bar g_bbar, g_wbar[32], g_wgbar[8];  // block, warps, warpgroups
 inline void bar_wait(Bar &b, int n) {
     int gen = b.gen;
-    if (++b.count == n) { b.count = 0; b.gen++; } else while (b.gen == gen) yield_();
+    if (++b.count == n) { b.count = 0; b.gen++; return; }
+    g_cur->wait = &b;
+    g_cur->wait_gen = gen;
+    while (b.gen == gen) yield_();
+    g_cur->wait = nullptr;
 }
 inline int emu_nthreads() { return g_bdim.x * g_bdim.y * g_bdim.z; }
 // Warps are cut from the linear thread index, x fastest, as on the GPU.
@@ -181,16 +186,23 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
                     // with a seed, each warp sits out a pass at random, so warps drift apart
                     static unsigned skip = 0, passes = 0;
                     if (seed && passes++ % 512 == 0) { seed = seed * 1103515245u + 12345u; skip = seed >> 16; }
+                    // A thread still waiting at its barrier is not resumed (it would only yield
+                    // again): with 1024 threads, spinning waiters were most of the run time.
                     bool ran = false;
                     for (int pass = 0; pass < 2 && !ran; pass++)
                         for (int i : order) {
                             auto &f = fs[i];
                             if (f.done) continue;
                             alive = true;
+                            if (f.wait && f.wait->gen == f.wait_gen) continue;
                             if (pass == 0 && (skip >> ((i >> 5) & 15) & 1)) continue;
                             ran = true;
                             g_cur = &f; swapcontext(&g_sched, &f.ctx);
                         }
+                    if (alive && !ran) {
+                        fprintf(stderr, "deadlock: every live thread of block (%u, %u, %u) waits at a barrier\n", x, y, z);
+                        abort();
+                    }
                 }
                 for (auto &f : fs) assert(f.pend.empty() && f.mma_pend.empty());
             }
