@@ -15,19 +15,18 @@
 namespace rope_k {
 // 1 / theta^(2i/d) as cpu::rope_inv_freq computes it in f32, every step rounded once: the build's
 // --use_fast_math would make powf an ex2(y·lg2 x) whose relative error, times the position, moves
-// an angle by up to 2e-4 rad at position 4K and 1.4e-3 rad at 32K. The block computes these once, into shared memory
-// (head_dim / 2 floats of dynamic shared memory, which the launcher gives).
+// an angle by up to 2e-4 rad at position 4K and 1.4e-3 rad at 32K. The block computes these once,
+// into head_dim / 2 floats of dynamic shared memory, which the launcher gives.
 __device__ __forceinline__ float inv_freq(int i, int head_dim, float theta) {
     const float e = __fdiv_rn((float)(2 * i), (float)head_dim);
     return __fdiv_rn(1.0f, (float)pow((double)theta, (double)e));
 }
 
 // sin and cos of the f32 angle a = pos · inv (the oracle's angle, up to the last bit of its f32
-// powf, which glibc rounds correctly nearly always). The fast
-// __sincosf is accurate near 0 only (it scales by 1/2π in f32, which at a = 32768 rad is off by
-// ~2e-3 rad), so a is first reduced to [−π, π] with 2π split in two floats (each fma rounds
-// once, on the small remainder): the reduced angle errs by under 1e-6 rad at any position below
-// 2^20, and __sincosf adds ~4e-7 there.
+// powf, which glibc rounds correctly nearly always). The fast __sincosf is accurate near 0 only
+// (it scales by 1/2π in f32, which at a = 32768 rad is off by ~2e-3 rad), so a is first reduced
+// to [−π, π] with 2π split in two floats (each fma rounds once, on the small remainder): the
+// reduced angle errs by under 1e-6 rad at any position below 2^20, and __sincosf adds ~4e-7 there.
 __device__ __forceinline__ void sincos_of(float a, int inverse, float *s, float *c) {
     const float k = rintf(a * 0.159154943f);
     float r = fmaf(-k, 6.28318548f, a);
@@ -67,9 +66,7 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
             const float pos = (float)(pos0 + row % seq);
             float s[8], c[8];
 #pragma unroll
-            for (int e = 0; e < 8; e++) {
-                rope_k::sincos_of(pos * inv_s[8 * v + e], inverse, &s[e], &c[e]);
-            }
+            for (int e = 0; e < 8; e++) rope_k::sincos_of(pos * inv_s[8 * v + e], inverse, &s[e], &c[e]);
 #pragma unroll
             for (int h = 0; h < ROPE_HG; h++)
                 if (h < nh) {

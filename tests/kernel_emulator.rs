@@ -83,24 +83,31 @@ fn attention_kernels_match_the_oracles_under_emulation() {
     }
 }
 
-#[test]
-fn softmax_kernels_match_the_oracles_under_emulation() {
-    let dir = workdir("softmax", "softmax_main.cpp");
-    let files = ["softmax_emu.cpp", "softmax_entropy.cu"];
-    if generate("gen_ops.py", &root().join("cuda"), &dir, &files) {
-        build_and_run(&dir, "softmax_main.cpp", &[("0", false), ("5", false)]);
+/// One kernel file run by its own driver: gen_ops.py writes `<tag>_emu.cpp` from cuda/`file`,
+/// which `<tag>_main.cpp` includes.
+fn run_one_file(tag: &str, file: &str, schedules: &[(&str, bool)]) {
+    let main = format!("{tag}_main.cpp");
+    let dir = workdir(tag, &main);
+    let out = format!("{tag}_emu.cpp");
+    if generate("gen_ops.py", &root().join("cuda"), &dir, &[&out, file]) {
+        build_and_run(&dir, &main, schedules);
     }
 }
 
 #[test]
+fn softmax_kernels_match_the_oracles_under_emulation() {
+    run_one_file(
+        "softmax",
+        "softmax_entropy.cu",
+        &[("0", false), ("5", false)],
+    );
+}
+
+#[test]
 fn sampling_kernel_draws_the_oracles_tokens_under_emulation() {
-    let dir = workdir("sampling", "sampling_main.cpp");
-    let files = ["sampling_emu.cpp", "sampling.cu"];
-    if generate("gen_ops.py", &root().join("cuda"), &dir, &files) {
-        // In order, a warp's last loop step runs after the first warps left the loop (what a
-        // missing barrier before the histogram merge gets wrong); drifting, warps fall apart.
-        build_and_run(&dir, "sampling_main.cpp", &[("0", false), ("3", false)]);
-    }
+    // In order, a warp's last loop step runs after the first warps left the loop (what a missing
+    // barrier before the histogram merge gets wrong); drifting, warps fall apart.
+    run_one_file("sampling", "sampling.cu", &[("0", false), ("3", false)]);
 }
 
 #[test]

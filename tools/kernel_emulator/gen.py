@@ -7,25 +7,19 @@ for a host buffer.
   python3 gen.py ../../cuda/attention.cu OUT_DIR   # writes OUT_DIR/attention_emu.cpp
 """
 import os
-import re
 import sys
 
-from gen_ops import common_helpers
+from gen_ops import common_helpers, host_shared_memory
 
 cuda = os.path.dirname(sys.argv[1])
 out_dir = sys.argv[2] if len(sys.argv) > 2 else "."
 
 
-def emulated(src, start, end, header, smem):
+def emulated(src, start, end, header):
     """src with the text from `start` up to `end` swapped for `#include header`, and its dynamic
-    shared memory `smem` pointed at the host buffer."""
+    shared memory pointed at the host buffer."""
     a, b = src.index(start), src.index(end)
-    src = src[:a] + f'#include "{header}"\n' + src[b:]
-    return re.sub(
-        rf"extern __shared__ __align__\(\d+\) unsigned char {smem}\[\];",
-        f"unsigned char *{smem} = emu_dyn_smem;",
-        src,
-    )
+    return host_shared_memory(src[:a] + f'#include "{header}"\n' + src[b:])
 
 
 src = open(sys.argv[1]).read()
@@ -35,11 +29,10 @@ src = emulated(
     "__device__ __forceinline__ void cp_async16",
     "__device__ __forceinline__ uint32_t pack(",
     "emu_tc.h",
-    "attn_smem",
 )
 dec = open(os.path.join(cuda, "attention_decode.cu")).read()
 src += "\n" + dec.replace('#include "common.cuh"', "")
 wg = open(os.path.join(cuda, "attention_wgmma.cu")).read().replace('#include "common.cuh"', "")
-src += "\n" + emulated(wg, "// ---- plumbing", "// ---- end plumbing ----", "emu_wgmma.h", "attn90_smem")
+src += "\n" + emulated(wg, "// ---- plumbing", "// ---- end plumbing ----", "emu_wgmma.h")
 src = src.replace('extern "C" ', "")
 open(f"{out_dir}/attention_emu.cpp", "w").write(src)

@@ -48,6 +48,13 @@ def common_helpers(cuda_dir):
     return "".join(i for i in items(common) if signature(i) not in have)
 
 
+def host_shared_memory(src):
+    """src with each kernel's dynamic shared memory (extern __shared__ unsigned char NAME[])
+    pointed at emu.h's one 227 KB buffer."""
+    return re.sub(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
+                  r"unsigned char *\1 = emu_dyn_smem;", src)
+
+
 def main():
     cuda_dir = sys.argv[1]
     out_dir = sys.argv[2] if len(sys.argv) > 2 else "."
@@ -60,10 +67,7 @@ def main():
         src = open(os.path.join(cuda_dir, name)).read()
         assert '#include "common.cuh"' in src, name
         kernels += re.findall(rf'extern "C"\s+{bounds}__global__\s+void\s+{bounds}(\w+)', src)
-        src = src.replace('#include "common.cuh"', "").replace('extern "C" ', "")
-        # Dynamic shared memory is emu.h's one 227 KB buffer.
-        src = re.sub(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
-                     r"unsigned char *\1 = emu_dyn_smem;", src)
+        src = host_shared_memory(src.replace('#include "common.cuh"', "").replace('extern "C" ', ""))
         parts.append(f"\n// ---- {name} ----\n{src}")
     parts.append("\nstatic const char *const ops_kernels[] = {%s};\n" % ", ".join(f'"{k}"' for k in kernels))
     open(os.path.join(out_dir, out_name), "w").write("".join(parts))
