@@ -9,6 +9,8 @@
 //     grid (batch * heads, ceil(tq / 128)), block 256, dynamic smem 164864 bytes (opt-in)
 //   void attention_bwd_d128_wgmma(same arguments as attention_bwd_d128)
 //     the grid and block of attention_bwd_d128, dynamic smem 149504 bytes (opt-in)
+//   void wgmma_probe(float *d, const bf16 *a, const bf16 *b, int form)
+//     the layout probe (attn90::probe): grid 1, block 256, dynamic smem 82944 bytes (opt-in)
 //
 // wgmma exists only in sm_90a, so every other target gets empty bodies; the launchers
 // (src/backend/cuda_attention.rs) pick these kernels only on compute capability 9.0 with sm_90a
@@ -368,6 +370,36 @@ constexpr int B_K = 0, B_V = TILE, B_Q = 2 * TILE, B_O = B_Q + 2 * QT, B_S = B_O
 constexpr int BWD_SMEM = B_L + 4 * 64 * 4 + 1024;  // + 1 KB to align the tiles
 static_assert(BWD_SMEM == 149504, "header comment");
 
+// d (64 keys x 64 queries) = A B^T over head_dim: A the warpgroup's 64 rows of a 128-row tile (K
+// or V), B a 64-row tile (Q or dO), both K-major. S^T and dP^T.
+__device__ __forceinline__ void issue_t64(float (&d)[8][4], uint32_t a, uint32_t bt) {
+#pragma unroll
+    for (int kk = 0; kk < 8; kk++)
+        wgmma_ss64<0, 0>(d, desc(a + (kk >> 2) * HALF + (kk & 3) * 32, 16, 1024),
+                         desc(bt + (kk >> 2) * QHALF + (kk & 3) * 32, 16, 1024), kk > 0);
+    wg_commit();
+}
+
+// acc (64 keys x 128 columns) += A B over 64 queries: A (P^T or dS^T) in registers, B a 64-row
+// tile (dO or Q) read N-major. No commit: dV and dK go out as one group.
+__device__ __forceinline__ void issue_kv(float (&acc)[16][4], const uint32_t (&a)[4][4], uint32_t bt) {
+#pragma unroll
+    for (int kq = 0; kq < 4; kq++) wgmma_rs(acc, a[kq], desc(bt + kq * 2048, QHALF, 1024));
+}
+
+// dS^T from A-operand registers to shared memory: row key, 64 query columns, chunk c of row r at
+// c ^ r % 8. sa[kq] holds (row kr, cols 16 kq + 2t..), (kr + 8, same), (kr, 16 kq + 8 + 2t..),
+// (kr + 8, ...).
+__device__ __forceinline__ void store_dst(bf16 *sts, const uint32_t (&sa)[4][4], int kr, int t) {
+#pragma unroll
+    for (int kq = 0; kq < 4; kq++)
+#pragma unroll
+        for (int x = 0; x < 4; x++) {
+            const int r = kr + 8 * (x & 1), c = 2 * kq + (x >> 1);
+            *reinterpret_cast<uint32_t *>(sts + r * 64 + ((c ^ (r & 7)) << 3) + 2 * t) = sa[kq][x];
+        }
+}
+
 // dQ (64 queries x the warpgroup's 64 columns) = dS K over the 128 keys: dS^T read M-major from
 // shared memory, K N-major.
 __device__ __forceinline__ void issue_dq(float (&dq)[8][4], uint32_t st, uint32_t kt) {
@@ -432,16 +464,8 @@ __device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk,
         if (vis) {
             float s[8][4], dp[8][4];
             wg_fence();
-#pragma unroll
-            for (int kk = 0; kk < 8; kk++)
-                wgmma_ss64<0, 0>(s, desc(kw + (kk >> 2) * HALF + (kk & 3) * 32, 16, 1024),
-                                 desc(qt + (kk >> 2) * QHALF + (kk & 3) * 32, 16, 1024), kk > 0);
-            wg_commit();
-#pragma unroll
-            for (int kk = 0; kk < 8; kk++)
-                wgmma_ss64<0, 0>(dp, desc(vw + (kk >> 2) * HALF + (kk & 3) * 32, 16, 1024),
-                                 desc(ot + (kk >> 2) * QHALF + (kk & 3) * 32, 16, 1024), kk > 0);
-            wg_commit();
+            issue_t64(s, kw, qt);
+            issue_t64(dp, vw, ot);
             wg_wait<1>();  // S^T; dP^T may still be running
             fence_regs(s);
             const bool diag = wkey0 + 63 > off + i0;  // some key lies past some query's position
@@ -468,16 +492,7 @@ __device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk,
 #pragma unroll
                 for (int x = 0; x < 4; x++) sa[kq][x] = 0u;  // these keys add nothing to dQ
         }
-        // dS^T to shared memory: row key, 64 query columns, chunk c of row r at c ^ r % 8. sa[kq]
-        // holds (row kr, cols 16 kq + 2t..), (kr + 8, same), (kr, 16 kq + 8 + 2t..), (kr + 8, ...).
-        bf16 *sts = reinterpret_cast<bf16 *>(attn90_smem + (st - smem_addr(attn90_smem)));
-#pragma unroll
-        for (int kq = 0; kq < 4; kq++)
-#pragma unroll
-            for (int x = 0; x < 4; x++) {
-                const int r = kr + 8 * (x & 1), c = 2 * kq + (x >> 1);
-                *reinterpret_cast<uint32_t *>(sts + r * 64 + ((c ^ (r & 7)) << 3) + 2 * t) = sa[kq][x];
-            }
+        store_dst(reinterpret_cast<bf16 *>(attn90_smem + (st - smem_addr(attn90_smem))), sa, kr, t);
         fence_async_smem();
         __syncthreads();  // dS^T of both warpgroups
         float dq[8][4];
@@ -486,10 +501,8 @@ __device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk,
             fence_regs(dva);
             fence_regs(dka);
             wg_fence();
-#pragma unroll
-            for (int kq = 0; kq < 4; kq++) wgmma_rs(dva, pa[kq], desc(ot + kq * 2048, QHALF, 1024));
-#pragma unroll
-            for (int kq = 0; kq < 4; kq++) wgmma_rs(dka, sa[kq], desc(qt + kq * 2048, QHALF, 1024));
+            issue_kv(dva, pa, ot);
+            issue_kv(dka, sa, qt);
             wg_commit();
             issue_dq(dq, st, base + B_K + wg * HALF);
             wg_wait<0>();
@@ -539,6 +552,89 @@ __device__ __forceinline__ void bwd(float *dq_accum, float *dkv_accum, bf16 *dk,
     }
 }
 
+// ---- layout probe ----
+// Each wgmma form the two kernels use, alone, through the kernels' own helpers: operands from
+// global matrices into the tiles and registers the kernels fill, the product back out of the
+// accumulator layout. With small integers every product is exact, so the host can ask for the
+// plain matrix product bit for bit, and a form that disagrees shows which PTX layout the
+// hardware reads differently from these kernels (and from tools/kernel_emulator).
+//   form 0: D (128 x 128) = A B^T, A [128][128], B [128][128]  S = Q K^T (fwd, issue_s)
+//   form 1: D (128 x 128) = A B,   A [128][128], B [128][128]  O += P V (fwd, issue_pv)
+//   form 2: D (128 x 64)  = A B^T, A [128][128], B [64][128]   S^T = K Q^T (bwd, issue_t64)
+//   form 3: D (128 x 128) = A B,   A [128][64],  B [64][128]   dV += P^T dO (bwd, issue_kv)
+//   form 4: D (64 x 128)  = A^T B, A [128][64],  B [128][128]  dQ = dS K (bwd, store_dst, issue_dq)
+constexpr int PROBE_SMEM = 2 * TILE + 128 * 128 + 1024;
+static_assert(PROBE_SMEM == 82944, "the comment at wgmma_probe");
+
+// Element (r, c) of the thread's m64nN accumulator fragment d[n][e], in its warpgroup's 64 rows.
+__device__ __forceinline__ int acc_row(int e) { return 16 * ((threadIdx.x >> 5) & 3) + (threadIdx.x & 31) / 4 + 8 * (e >> 1); }
+__device__ __forceinline__ int acc_col(int n, int e) { return 8 * n + 2 * (threadIdx.x & 3) + (e & 1); }
+
+__device__ void probe(float *d, const bf16 *a, const bf16 *b, int form) {
+    extern __shared__ __align__(1024) unsigned char attn90_smem[];
+    const uint32_t base = (smem_addr(attn90_smem) + 1023) & ~1023u, bt = base + TILE;
+    const int wg = threadIdx.x >> 7, r0 = 64 * wg;
+    const int acols = form == 3 || form == 4 ? 64 : 128;
+    if (form == 0 || form == 2) load_tile<128>(base, a, 128, 0, 128);
+    if (form == 2 || form == 3) load_tile<64>(bt, b, 128, 0, 64);
+    else load_tile<128>(bt, b, 128, 0, 128);
+    cp_async_commit();
+    float s[16][4], o[16][4];
+    uint32_t p[8][4], pq[4][4];
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++) {  // A in accumulator layout: the register operand's source
+            const int c = acc_col(n, e);
+            s[n][e] = c < acols ? __bfloat162float(a[(r0 + acc_row(e)) * acols + c]) : 0.0f;
+            o[n][e] = 0.0f;
+        }
+    pack_a<16>(p, s);
+    pack_a<8>(pq, reinterpret_cast<float (&)[8][4]>(s));
+    if (form == 4)
+        store_dst(reinterpret_cast<bf16 *>(attn90_smem + (base + 2 * TILE - smem_addr(attn90_smem))), pq,
+                  r0 + acc_row(0), threadIdx.x & 3);
+    cp_async_wait<0>();
+    fence_async_smem();
+    __syncthreads();
+    int rows = 64, cols = 128, ld = 128;  // this warpgroup's block of D, and D's row length
+    if (form == 0) {
+        wg_fence();
+        issue_s(o, base + r0 * 128, bt);
+        wg_wait<0>();
+    } else if (form == 1) {
+        wg_fence();
+        issue_pv(o, p, bt);
+        wg_wait<0>();
+    } else if (form == 2) {
+        wg_fence();
+        issue_t64(reinterpret_cast<float (&)[8][4]>(o), base + r0 * 128, bt);
+        wg_wait<0>();
+        cols = ld = 64;
+    } else if (form == 3) {
+        wg_fence();
+        issue_kv(o, pq, bt);
+        wg_commit();
+        wg_wait<0>();
+    } else {
+        wg_fence();
+        issue_dq(reinterpret_cast<float (&)[8][4]>(o), base + 2 * TILE, bt + wg * HALF);
+        wg_wait<0>();
+        cols = 64;
+    }
+    fence_regs(o);
+    fence_regs(p);
+    fence_regs(pq);
+    // form 4: the warpgroups split D's columns, not its rows.
+    const int dr = form == 4 ? 0 : r0, dc = form == 4 ? 64 * wg : 0;
+#pragma unroll
+    for (int n = 0; n < 16; n++)
+#pragma unroll
+        for (int e = 0; e < 4; e++)
+            if (acc_row(e) < rows && acc_col(n, e) < cols) d[(dr + acc_row(e)) * ld + dc + acc_col(n, e)] = o[n][e];
+}
+// ---- end layout probe ----
+
 }  // namespace attn90
 
 extern "C" __global__ void __launch_bounds__(256, 1)
@@ -555,5 +651,13 @@ extern "C" __global__ void __launch_bounds__(256, 1)
                              int tq, int tk, int cap, int heads, int kv_heads) {
 #if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
     attn90::bwd(dq_accum, dkv_accum, dk, dv, dout, lse2, delta, q, k, v, tq, tk, cap, heads, kv_heads);
+#endif
+}
+
+// D = the product `form` names (attn90::probe), as f32. grid 1, block 256, dynamic smem 82944
+// bytes (opt-in).
+extern "C" __global__ void __launch_bounds__(256, 1) wgmma_probe(float *d, const bf16 *a, const bf16 *b, int form) {
+#if !defined(__CUDA_ARCH__) || defined(__CUDA_ARCH_FEAT_SM90_ALL)
+    attn90::probe(d, a, b, form);
 #endif
 }

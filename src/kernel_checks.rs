@@ -1112,3 +1112,84 @@ pub fn check_policy_loss_cuda(
     }
     Ok(rows)
 }
+
+/// The wgmma layout probe on an H100 (`cuda_attention::wgmma_probe`): each wgmma form of the
+/// attention kernels alone, on integers in [-3, 3], whose products are exact in fp32, so D must
+/// equal the plain product bit for bit. Where the attention rows fail, these rows say which PTX
+/// layout the hardware reads differently from the kernels and the emulator, and a failing form
+/// prints where its wrong cells lie. Empty without wgmma.
+pub fn check_wgmma_probe_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    seed: u64,
+) -> Result<Vec<CheckRow>> {
+    use crate::backend::cuda_attention::{wgmma_probe, WGMMA_FORMS};
+    let mut rows = Vec::new();
+    if !be.has_wgmma() {
+        return Ok(rows);
+    }
+    for (f, &(name, [m, k, n], at, bt)) in WGMMA_FORMS.iter().enumerate() {
+        let ints = |len: usize, stream: u64| -> Vec<f32> {
+            rand_vec(len, seed, 900 + stream, 3.5)
+                .iter()
+                .map(|x| x.round().clamp(-3.0, 3.0))
+                .collect()
+        };
+        let (a, b) = (ints(m * k, 2 * f as u64), ints(k * n, 2 * f as u64 + 1));
+        let got = wgmma_probe(be, f, &a, &b)?;
+        let want = plain_product(&a, &b, [m, k, n], at, bt);
+        let err = max_rel_err(&got, &want);
+        if !(err == 0.0) {
+            println!("{}", probe_mismatches(name, &got, &want, n));
+        }
+        rows.push(CheckRow {
+            op: format!("wgmma probe {f}: {name}"),
+            shape: format!("[{m}, {k}] x [{k}, {n}], exact"),
+            err,
+            tol: 0.0,
+        });
+    }
+    Ok(rows)
+}
+
+/// D (m × n) = A B, with A stored [k][m] where `at` (else [m][k]) and B stored [n][k] where `bt`
+/// (else [k][n]).
+pub fn plain_product(a: &[f32], b: &[f32], [m, k, n]: [usize; 3], at: bool, bt: bool) -> Vec<f32> {
+    let mut d = vec![0.0f32; m * n];
+    for i in 0..m {
+        for j in 0..n {
+            d[i * n + j] = (0..k)
+                .map(|kk| {
+                    let x = if at { a[kk * m + i] } else { a[i * k + kk] };
+                    let y = if bt { b[j * k + kk] } else { b[kk * n + j] };
+                    x * y
+                })
+                .sum();
+        }
+    }
+    d
+}
+
+/// Where a probe's wrong cells lie: how many, how many per row mod 8 (the 128-byte swizzle's
+/// period) and per 8-column block (one core matrix), and the first few.
+fn probe_mismatches(name: &str, got: &[f32], want: &[f32], n: usize) -> String {
+    let bad: Vec<usize> = (0..want.len())
+        .filter(|&i| got[i].to_bits() != want[i].to_bits() && !(got[i] == 0.0 && want[i] == 0.0))
+        .collect();
+    let mut by_row8 = [0usize; 8];
+    let mut by_colblk = vec![0usize; n.div_ceil(8)];
+    for &i in &bad {
+        by_row8[(i / n) % 8] += 1;
+        by_colblk[(i % n) / 8] += 1;
+    }
+    let first: Vec<String> = bad
+        .iter()
+        .take(6)
+        .map(|&i| format!("({}, {}) {} for {}", i / n, i % n, got[i], want[i]))
+        .collect();
+    format!(
+        "wgmma probe {name}: {} of {} cells wrong; by row mod 8 {by_row8:?}; by 8-column block {by_colblk:?}; first: {}",
+        bad.len(),
+        want.len(),
+        first.join(", ")
+    )
+}

@@ -803,6 +803,9 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
             seed,
             &Tolerances::bf16(),
         )?);
+        rows.extend(empo_engine::kernel_checks::check_wgmma_probe_cuda(
+            &be, seed,
+        )?);
         rows
     };
     print!("{}", format_table(&rows));

@@ -51,6 +51,7 @@ fn cuda_backend_matches_the_cpu_reference() {
     rows.extend(
         empo_engine::kernel_checks::check_policy_loss_cuda(&be, 11, &Tolerances::bf16()).unwrap(),
     );
+    rows.extend(empo_engine::kernel_checks::check_wgmma_probe_cuda(&be, 11).unwrap());
     println!("{}", format_table(&rows));
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
     assert!(failed.is_empty(), "{failed:?}");
@@ -71,4 +72,19 @@ fn chi_square_z_rejects_a_wrong_distribution() {
     assert!(chi_square_z(&[5010, 2990, 2000], &probs, 10_000).abs() < 2.0);
     // 10% of the mass moved from the first token to the last.
     assert!(chi_square_z(&[4000, 3000, 3000], &probs, 10_000) > 10.0);
+}
+
+#[test]
+fn the_wgmma_probes_reference_reads_transposed_operands() {
+    use empo_engine::kernel_checks::plain_product;
+    // A = [[1, 2, 3], [4, 5, 6]] (2 x 3), B = [[1, 0], [0, 1], [1, 1]] (3 x 2): A B = [[4, 5], [10, 11]].
+    let a = [1.0, 2.0, 3.0, 4.0, 5.0, 6.0];
+    let at = [1.0, 4.0, 2.0, 5.0, 3.0, 6.0];
+    let b = [1.0, 0.0, 0.0, 1.0, 1.0, 1.0];
+    let bt = [1.0, 0.0, 1.0, 0.0, 1.0, 1.0];
+    let want = vec![4.0, 5.0, 10.0, 11.0];
+    assert_eq!(plain_product(&a, &b, [2, 3, 2], false, false), want);
+    assert_eq!(plain_product(&at, &b, [2, 3, 2], true, false), want);
+    assert_eq!(plain_product(&a, &bt, [2, 3, 2], false, true), want);
+    assert_eq!(plain_product(&at, &bt, [2, 3, 2], true, true), want);
 }

@@ -431,3 +431,74 @@ pub fn kv_write(
         ],
     );
 }
+
+/// The wgmma forms of the attention kernels, one at a time (`wgmma_probe`, the layout probe in
+/// cuda/attention_wgmma.cu): (name, [m, k, n], A stored transposed, B stored transposed), the
+/// product being D (m × n) = A B with A given as [k][m] where transposed and B as [n][k].
+pub const WGMMA_FORMS: [(&str, [usize; 3], bool, bool); 5] = [
+    (
+        "S = Q Kᵀ (fwd: A, B K-major in smem)",
+        [128, 128, 128],
+        false,
+        true,
+    ),
+    (
+        "O += P V (fwd: A regs, B N-major)",
+        [128, 128, 128],
+        false,
+        false,
+    ),
+    (
+        "Sᵀ = K Qᵀ (bwd: m64n64, K-major)",
+        [128, 128, 64],
+        false,
+        true,
+    ),
+    (
+        "dV += Pᵀ dO (bwd: A regs, B N-major)",
+        [128, 64, 128],
+        false,
+        false,
+    ),
+    (
+        "dQ = dS K (bwd: A M-major, B N-major)",
+        [64, 128, 128],
+        true,
+        false,
+    ),
+];
+
+/// Runs form `form` of `WGMMA_FORMS` on A and B (rounded to bf16) and returns D. Needs
+/// `has_wgmma`.
+pub fn wgmma_probe(
+    be: &CudaBackend,
+    form: usize,
+    a: &[f32],
+    b: &[f32],
+) -> anyhow::Result<Vec<f32>> {
+    use crate::backend::Backend;
+    let [m, k, n] = WGMMA_FORMS[form].1;
+    anyhow::ensure!(
+        a.len() == m * k && b.len() == k * n,
+        "wgmma probe form {form}: operands of {} and {} values, expected {} and {}",
+        a.len(),
+        b.len(),
+        m * k,
+        k * n
+    );
+    let (ba, bb) = (be.upload(a)?, be.upload(b)?);
+    let d = be.upload_f32(&vec![f32::NAN; m * n])?;
+    be.launch(
+        "wgmma_probe",
+        (1, 1, 1),
+        (256, 1, 1),
+        2 * 32768 + 128 * 128 + 1024,
+        &[
+            Arg::P(d.ptr()),
+            Arg::P(ba.ptr()),
+            Arg::P(bb.ptr()),
+            Arg::I(form as i32),
+        ],
+    );
+    be.download(&d)
+}

@@ -163,6 +163,28 @@ static void test_wgmma_layouts() {
     printf("wgmma layouts against CuTe's: %s (%d mismatches)\n", bad ? "FAIL" : "ok", bad);
 }
 
+// wgmma_probe: each wgmma form of the two kernels alone, on small integers, so the product must
+// be exact. The GPU runs the same probe (check-kernels), against the same plain products.
+static void test_wgmma_probe() {
+    struct Form { int m, k, n; bool at, bt; };  // D (m x n) = A B with A stored [k][m] if at, B [n][k] if bt
+    const Form forms[5] = {{128, 128, 128, false, true}, {128, 128, 128, false, false}, {128, 128, 64, false, true},
+                           {128, 64, 128, false, false}, {64, 128, 128, true, false}};
+    for (int f = 0; f < 5; f++) {
+        const Form F = forms[f];
+        std::vector<bf16> a((size_t)F.m * F.k), b((size_t)F.k * F.n);
+        for (auto &x : a) x = to_bf16((float)((int)(rng() % 7) - 3));
+        for (auto &x : b) x = to_bf16((float)((int)(rng() % 7) - 3));
+        std::vector<float> d((size_t)F.m * F.n, NAN);
+        emu_launch({1}, {256}, [&] { wgmma_probe(d.data(), a.data(), b.data(), f); });
+        std::vector<double> want(d.size(), 0);
+        for (int i = 0; i < F.m; i++) for (int j = 0; j < F.n; j++) for (int k = 0; k < F.k; k++)
+            want[(size_t)i * F.n + j] += (double)ld(&a[F.at ? (size_t)k * F.m + i : (size_t)i * F.k + k]) * ld(&b[F.bt ? (size_t)j * F.k + k : (size_t)k * F.n + j]);
+        char name[32];
+        snprintf(name, sizeof name, "form %d", f);
+        check(name, d, want, 0.0);
+    }
+}
+
 // attention_fwd_d128_wgmma and attention_bwd_d128_wgmma against the same oracles; the backward
 // runs between the fast path's preprocess and convert, from the wgmma forward's out and lse.
 static void test_wgmma(Shape s) {
@@ -247,6 +269,7 @@ int main(int argc, char **argv) {
         test_attention({1, 160, 160, 300, 1, 1, D}, true); // several key tiles, no GQA, cap well past tk
     }
     test_wgmma_layouts();
+    test_wgmma_probe();
     test_wgmma({2, 70, 70, 75, 4, 2, 128});     // one row tile, ragged, GQA, cap > tk
     test_wgmma({1, 20, 100, 130, 3, 1, 128});   // chunked prefill: every row past the first key tile
     test_wgmma({1, 256, 256, 256, 2, 2, 128});  // exact tiles, two row tiles, no GQA
