@@ -29,6 +29,9 @@ pub struct BenchRow {
     pub seconds: f64,
     /// Device memory the op needed beyond its inputs and outputs, where the backend tracks it.
     pub extra_bytes: Option<usize>,
+    /// Memory-bound rows on the GPU: seconds of a device-to-device copy that moves the same
+    /// bytes (`add_copy_peers`).
+    pub copy_peer: Option<f64>,
 }
 
 impl BenchRow {
@@ -137,6 +140,7 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             work,
             seconds,
             extra_bytes: None,
+            copy_peer: None,
         })
     };
     // bf16 storage on the GPU: 2 bytes a value (the CPU's f32 moves twice that; its table
@@ -578,6 +582,7 @@ pub fn optimizer_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resu
             work: total as f64 * (4.0 + 4.0 + 4.0 + 4.0 * moment_bytes),
             seconds: t,
             extra_bytes: None,
+            copy_peer: None,
         });
     }
     Ok(rows)
@@ -636,6 +641,7 @@ pub fn sampling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
             work: (rows_n * v) as f64 * 2.0,
             seconds: t,
             extra_bytes: None,
+            copy_peer: None,
         });
     }
     Ok(out)
@@ -688,6 +694,7 @@ pub fn policy_loss_rows_cuda(
             work: n as f64 * 16.0,
             seconds: t,
             extra_bytes: None,
+            copy_peer: None,
         });
     }
     Ok(out)
@@ -753,6 +760,7 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
         work,
         seconds: t,
         extra_bytes: extra(base),
+        copy_peer: None,
     });
 
     be.sync()?;
@@ -784,8 +792,45 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
         work,
         seconds: t,
         extra_bytes: extra(base),
+        copy_peer: None,
     });
     Ok(rows)
+}
+
+/// Times, for each memory-bound row, a device-to-device copy that moves the same bytes (half
+/// read, half written), cycling through copies of its buffers as the rows do so that L2 cannot
+/// serve it. The 1 GiB ceiling copy runs at full speed from start to end; a copy of a row's
+/// size pays the same launch, ramp-up and tail as the row's kernel, so the ratio to it says how
+/// much of a row's distance from the ceiling comes from its size rather than from the kernel.
+/// Sources are left zero: plain device allocations are not compressed, so contents do not
+/// change a copy's speed.
+pub fn add_copy_peers<B: Backend>(be: &B, rows: &mut [BenchRow], iters: usize) -> Result<()> {
+    let mut done: Vec<(f64, f64)> = Vec::new();
+    for r in rows.iter_mut() {
+        if r.unit != Unit::Bytes || r.op.starts_with("ceiling") || !(1e6..=8e9).contains(&r.work) {
+            continue;
+        }
+        if let Some(&(_, t)) = done.iter().find(|(w, _)| *w == r.work) {
+            r.copy_peer = Some(t);
+            continue;
+        }
+        let n = (r.work / 4.0) as usize; // bf16 values read, and as many written
+        let sets = ((512usize << 20) / (4 * n)).clamp(1, 8);
+        let (Ok(src), Ok(mut dst)) = (
+            (0..sets).map(|_| be.alloc(n)).collect::<Result<Vec<_>>>(),
+            (0..sets).map(|_| be.alloc(n)).collect::<Result<Vec<_>>>(),
+        ) else {
+            continue; // no room for the peer: the row keeps its ceiling ratio only
+        };
+        let mut j = 0;
+        let t = time(be, iters, || {
+            j = (j + 1) % sets;
+            be.copy(&mut dst[j], &src[j])
+        })?;
+        done.push((r.work, t));
+        r.copy_peer = Some(t);
+    }
+    Ok(())
 }
 
 /// The table: rate, and the fraction of the matching ceiling.
@@ -794,8 +839,8 @@ pub fn format_table(rows: &[BenchRow]) -> String {
     let w_op = rows.iter().map(|r| r.op.len()).max().unwrap_or(2);
     let w_sh = rows.iter().map(|r| r.shape.len()).max().unwrap_or(5);
     let mut s = format!(
-        "{:<w_op$}  {:<w_sh$}  {:>10}  {:>14}  {:>11}  {:>10}\n",
-        "op", "shape", "time (ms)", "rate", "of ceiling", "extra mem"
+        "{:<w_op$}  {:<w_sh$}  {:>10}  {:>14}  {:>11}  {:>10}  {:>13}\n",
+        "op", "shape", "time (ms)", "rate", "of ceiling", "extra mem", "of same copy"
     );
     for r in rows {
         let (rate, ceil) = match r.unit {
@@ -805,14 +850,18 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         let mem = r.extra_bytes.map_or(String::new(), |b| {
             format!("{:.0} MiB", b as f64 / (1 << 20) as f64)
         });
+        let peer = r
+            .copy_peer
+            .map_or(String::new(), |t| format!("{:.0}%", 100.0 * t / r.seconds));
         s += &format!(
-            "{:<w_op$}  {:<w_sh$}  {:>10.3}  {:>14}  {:>10.0}%  {:>10}\n",
+            "{:<w_op$}  {:<w_sh$}  {:>10.3}  {:>14}  {:>10.0}%  {:>10}  {:>13}\n",
             r.op,
             r.shape,
             r.seconds * 1e3,
             rate,
             100.0 * r.rate() / ceil,
-            mem
+            mem,
+            peer
         );
     }
     s

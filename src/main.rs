@@ -846,6 +846,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         rows.extend(empo_engine::kernel_bench::policy_loss_rows_cuda(
             &be, iters,
         )?);
+        empo_engine::kernel_bench::add_copy_peers(&be, &mut rows, iters)?;
         rows
     };
     print!("{}", format_table(&rows));

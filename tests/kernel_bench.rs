@@ -1,0 +1,47 @@
+//! The bench table's bookkeeping, over the CPU backend (the GPU numbers need a GPU).
+
+use empo_engine::backend::cpu::CpuBackend;
+use empo_engine::kernel_bench::{add_copy_peers, format_table, BenchRow, Unit};
+
+fn row(op: &str, unit: Unit, work: f64) -> BenchRow {
+    BenchRow {
+        op: op.into(),
+        shape: "s".into(),
+        unit,
+        work,
+        seconds: 1e-3,
+        extra_bytes: None,
+        copy_peer: None,
+    }
+}
+
+#[test]
+fn copy_peers_pair_memory_bound_rows_only() {
+    let mut rows = vec![
+        row("ceiling: copy", Unit::Bytes, 8e6),
+        row("ceiling: GEMM", Unit::Flops, 1e9),
+        row("rmsnorm", Unit::Bytes, 8e6),
+        row("residual add", Unit::Bytes, 8e6),
+        row("attention fwd (causal)", Unit::Flops, 1e9),
+        row("tiny", Unit::Bytes, 1e3),
+    ];
+    add_copy_peers(&CpuBackend, &mut rows, 2).unwrap();
+    let paired: Vec<&str> = rows
+        .iter()
+        .filter(|r| r.copy_peer.is_some())
+        .map(|r| r.op.as_str())
+        .collect();
+    assert_eq!(paired, ["rmsnorm", "residual add"]);
+    let t = rows[2].copy_peer.unwrap();
+    assert!(t > 0.0 && t.is_finite(), "{t}");
+    // Rows of the same size share one timed copy.
+    assert_eq!(rows[3].copy_peer, Some(t));
+    let table = format_table(&rows);
+    let line = table.lines().find(|l| l.starts_with("rmsnorm")).unwrap();
+    assert!(
+        line.trim_end()
+            .ends_with(&format!("{:.0}%", 100.0 * t / 1e-3)),
+        "{line}"
+    );
+    assert!(table.lines().next().unwrap().contains("of same copy"));
+}
