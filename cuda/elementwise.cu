@@ -186,28 +186,47 @@ extern "C" __global__ void swiglu_bwd(bf16 *dgate, bf16 *dup, const bf16 *dout, 
     });
 }
 
-// out[t] = table[ids[t]]. grid (rows), block min(256, ⌈dim/16⌉ rounded up to a warp): rows of
-// dim % 8 == 0 with aligned buffers copy EW_U 16-byte packs per thread, loads before stores.
-extern "C" __global__ void embedding_fwd(bf16 *out, const bf16 *table, const uint32_t *ids, int dim) {
-    const int64_t row = blockIdx.x;
-    const bf16 *src = table + (int64_t)ids[row] * dim;
-    bf16 *dst = out + row * dim;
-    if ((dim & 7) == 0 && ew::aligned16(table, out)) {
-        const uint4 *s = reinterpret_cast<const uint4 *>(src);
-        uint4 *d = reinterpret_cast<uint4 *>(dst);
-        const int nv = dim / 8, b = blockDim.x;
-        for (int q = threadIdx.x; q < nv; q += ew::EW_U * b) {
-            uint4 r[ew::EW_U];
+// out[t] = table[ids[t]]. block min(256, ⌈dim/16⌉ rounded up to a warp), so that rows of
+// dim % 8 == 0 with aligned buffers are EW_U 16-byte packs per thread; grid min(rows, resident
+// blocks), block b copying rows b, b + gridDim.x, … A block per row stopped at 73% of copy
+// bandwidth on the H100: each block waited for its id, then for its row, then stored, and only
+// then made room for the next block. Here a thread holds the next row's packs (and the id after
+// that) in flight while it stores the current ones.
+extern "C" __global__ void embedding_fwd(bf16 *out, const bf16 *table, const uint32_t *ids, int rows, int dim) {
+    const int b = blockDim.x, t = threadIdx.x, step = gridDim.x;
+    if ((dim & 7) == 0 && ew::aligned16(table, out) && dim / 8 <= ew::EW_U * b) {
+        const int nv = dim / 8;
+        uint4 cur[ew::EW_U], next[ew::EW_U];
+        int row = blockIdx.x;
+        uint32_t id_next = row + step < rows ? ids[row + step] : 0;
+        if (row < rows) {
+            const uint4 *src = reinterpret_cast<const uint4 *>(table + (int64_t)ids[row] * dim);
 #pragma unroll
             for (int k = 0; k < ew::EW_U; k++)
-                if (q + k * b < nv) r[k] = s[q + k * b];
+                if (t + k * b < nv) cur[k] = src[t + k * b];
+        }
+        for (; row < rows; row += step) {
+            if (row + step < rows) {
+                const uint4 *src = reinterpret_cast<const uint4 *>(table + (int64_t)id_next * dim);
+                id_next = row + 2 * step < rows ? ids[row + 2 * step] : 0;
 #pragma unroll
-            for (int k = 0; k < ew::EW_U; k++)
-                if (q + k * b < nv) d[q + k * b] = r[k];
+                for (int k = 0; k < ew::EW_U; k++)
+                    if (t + k * b < nv) next[k] = src[t + k * b];
+            }
+            uint4 *dst = reinterpret_cast<uint4 *>(out + (int64_t)row * dim);
+#pragma unroll
+            for (int k = 0; k < ew::EW_U; k++) {
+                if (t + k * b < nv) dst[t + k * b] = cur[k];
+                cur[k] = next[k];
+            }
         }
         return;
     }
-    for (int j = threadIdx.x; j < dim; j += blockDim.x) dst[j] = src[j];
+    for (int row = blockIdx.x; row < rows; row += step) {
+        const bf16 *src = table + (int64_t)ids[row] * dim;
+        bf16 *dst = out + (int64_t)row * dim;
+        for (int j = t; j < dim; j += b) dst[j] = src[j];
+    }
 }
 
 // dtable[ids[t]] += dout[t] in fp32; atomics because an id may repeat within a batch.

@@ -945,17 +945,20 @@ impl Backend for CudaBackend {
         let Some(ids_ptr) = self.stage_u32(Slot::Ids, ids) else {
             return;
         };
-        // EW_U packs of 8 per thread cover the row: 224 threads for dim 3584.
-        let block = ((dim / 8).div_ceil(EW_U as usize).next_multiple_of(32)).clamp(32, 256) as u32;
+        // EW_U packs of 8 per thread cover the row (224 threads for dim 3584, packed up to dim
+        // 16384); the blocks that fit at once walk the rows (cuda/elementwise.cu).
+        let block = ((dim / 8).div_ceil(EW_U as usize).next_multiple_of(32)).clamp(32, 1024) as u32;
+        let resident = self.sm_count as usize * self.blocks_per_sm("embedding_fwd", block) as usize;
         self.launch(
             "embedding_fwd",
-            (ids.len() as u32, 1, 1),
+            (ids.len().min(resident) as u32, 1, 1),
             (block, 1, 1),
             0,
             &[
                 Arg::P(out.ptr),
                 Arg::P(table.ptr),
                 Arg::P(ids_ptr),
+                Arg::I(ids.len() as i32),
                 Arg::I(dim as i32),
             ],
         );
@@ -1198,16 +1201,19 @@ impl Backend for CudaBackend {
         if !self.want("rope", "x", x, Dtype::Bf16, rows * heads * head_dim) {
             return;
         }
-        // The packed path (cuda/rope.cu): one thread per (row, ROPE_HG heads, 8 pairs); the
-        // kernel is a grid-stride loop, so this only sizes the grid.
-        let threads = if (head_dim / 2).is_multiple_of(8) && x.ptr.is_multiple_of(16) {
-            rows * heads.div_ceil(ROPE_HG) * (head_dim / 16)
+        // The packed path (cuda/rope.cu): a unit per (row, ROPE_HG heads, 8 pairs), walked by
+        // the blocks that fit at once, each thread loading its next unit while it rotates the
+        // current one. The kernel is a grid-stride loop, so this only sizes the grid.
+        let blocks = if (head_dim / 2).is_multiple_of(8) && x.ptr.is_multiple_of(16) {
+            let units = rows * heads.div_ceil(ROPE_HG) * (head_dim / 16);
+            let resident = self.sm_count as usize * self.blocks_per_sm("rope", 256) as usize;
+            units.div_ceil(256).clamp(1, resident)
         } else {
-            rows * heads * (head_dim / 2)
+            (rows * heads * (head_dim / 2)).div_ceil(256)
         };
         self.launch(
             "rope",
-            (threads.div_ceil(256).min(i32::MAX as usize) as u32, 1, 1),
+            (blocks.min(i32::MAX as usize) as u32, 1, 1),
             (256, 1, 1),
             // The inverse frequencies, computed once per block.
             (head_dim / 2 * 4) as u32,

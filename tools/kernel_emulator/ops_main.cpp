@@ -115,7 +115,7 @@ static unsigned row_block(int dim) {
     if (dim % 8 || dim / 8 > RMS_VPT_RS * 1024) return 256;
     return std::clamp<int64_t>(cdiv(cdiv(dim / 8, RMS_VPT_RS), 32) * 32, 32, 1024);
 }
-static unsigned embedding_block(int dim) { return std::clamp<int64_t>(cdiv(cdiv(dim / 8, EW_U), 32) * 32, 32, 256); }
+static unsigned embedding_block(int dim) { return std::clamp<int64_t>(cdiv(cdiv(dim / 8, EW_U), 32) * 32, 32, 1024); }
 
 // ---- elementwise.cu ----
 
@@ -203,7 +203,7 @@ static void test_bias(int rows, int n, int64_t sms) {
 }
 
 // cpu::embedding and cpu::embedding_bwd, with repeated ids; `skew` misaligns out.
-static void test_embedding(int rows, int dim, int skew) {
+static void test_embedding(int rows, int dim, int skew, int64_t resident = 3) {
     const int vocab = 12;
     std::vector<uint32_t> ids(rows);
     for (int i = 0; i < rows; i++) ids[i] = (i * 7) % 11;
@@ -212,8 +212,9 @@ static void test_embedding(int rows, int dim, int skew) {
     table.rand(1.0f), dout.rand(1.0f), dt.rand(1.0f);
     const auto d0 = dt.vals();
     const unsigned block = embedding_block(dim);
-    printf("embedding rows=%d dim=%d skew %d block %u\n", rows, dim, skew, block);
-    run("embedding_fwd", {(unsigned)rows}, {block}, [&] { sm80::embedding_fwd(out.p, table.p, ids.data(), dim); });
+    const unsigned grid = std::min<int64_t>(rows, resident);
+    printf("embedding rows=%d dim=%d skew %d block %u grid %u\n", rows, dim, skew, block, grid);
+    run("embedding_fwd", {grid}, {block}, [&] { sm80::embedding_fwd(out.p, table.p, ids.data(), rows, dim); });
     run("embedding_bwd", {(unsigned)rows}, {256}, [&] { sm80::embedding_bwd(dt.p, dout.p, ids.data(), dim); });
     std::vector<double> wo(out.n), to(out.n, 0), wd(d0), mag(d0.size()), td(d0.size());
     for (size_t i = 0; i < d0.size(); i++) mag[i] = std::fabs(d0[i]);
@@ -350,7 +351,7 @@ static void test_rmsnorm_bwds(int rows, int dim, int64_t resident, int dx_skew, 
 
 // cpu::rope, both directions: the angle in f32 as the oracle computes it (rope_inv_freq), its
 // sine and cosine and the rotation in double. `skew` misaligns x.
-static void test_rope(int batch, int seq, int heads, int hd, int pos0, int skew) {
+static void test_rope(int batch, int seq, int heads, int hd, int pos0, int skew, int64_t resident = 2) {
     const float theta = 1e6f;
     const int64_t rows = (int64_t)batch * seq, n = rows * heads * hd;
     const int half = hd / 2;
@@ -359,8 +360,8 @@ static void test_rope(int batch, int seq, int heads, int hd, int pos0, int skew)
         x.rand(1.0f);
         const auto x0 = x.vals();
         const bool packed = half % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0;
-        const int64_t threads = packed ? rows * cdiv(heads, ROPE_HG_RS) * (hd / 16) : rows * heads * half;
-        const unsigned grid = cdiv(threads, 256);
+        const unsigned grid = packed ? std::clamp<int64_t>(cdiv(rows * cdiv(heads, ROPE_HG_RS) * (hd / 16), 256), 1, resident)
+                                     : cdiv(rows * heads * half, 256);
         printf("rope batch=%d seq=%d heads=%d head_dim=%d pos0=%d skew %d inverse %d grid %u\n", batch, seq, heads, hd,
                pos0, skew, inverse, grid);
         run("rope", {grid}, {256}, [&] { sm80::rope(x.p, rows, seq, heads, hd, pos0, theta, inverse); });
@@ -393,8 +394,11 @@ int main() {
     test_swiglu(13005, 0, 3);
     test_swiglu(1001, 1, 2);
     test_bias(37, 100, 1);
-    test_embedding(14, 520, 0);   // 65 packs: 64 threads, the second pack of thread 0 only
-    test_embedding(14, 4800, 0);  // 600 packs over 256 threads: two rounds, the second partial
+    test_embedding(14, 520, 0);   // 65 packs: 64 threads, the second pack of thread 0 only; 3 blocks walk 14 rows
+    test_embedding(14, 4800, 0);  // 600 packs over 320 threads, the second pack of the last 20 idle
+    test_embedding(2, 3584, 0);   // fewer rows than blocks
+    test_embedding(17, 3584, 0, 4);  // Qwen2.5-7B's rows: 224 threads, 4 blocks, a ragged last round
+    test_embedding(5, 40000, 0, 2);  // past 16384 values a row: the scalar loop
     test_embedding(14, 77, 0);    // dim % 8: scalar
     test_embedding(14, 520, 1);   // out misaligned: scalar
     test_sum_squares<float>("sum_squares_f32", sum_squares_f32, 5000, 1);
@@ -416,6 +420,8 @@ int main() {
     test_rmsnorm_bwds(3, 16448, 2, 0, 0); // more packs than 256 threads hold: scalar
 
     test_rope(2, 5, 6, 128, 3, 0);     // a group of 4 heads and one of 2
+    test_rope(2, 40, 7, 128, 5, 0);    // 1280 units on 2 resident blocks: 2.5 rounds, the last partial
+    test_rope(3, 37, 28, 128, 9, 0, 3);  // Qwen2.5-7B's q heads: 7 groups, 3 blocks, a ragged last round
     test_rope(1, 7, 3, 64, 3000, 0);   // one group of 3, long positions
     test_rope(2, 5, 4, 128, 32760, 0); // Qwen2.5's 32K context: the reduction to [-pi, pi] matters
     test_rope(1, 3, 2, 520, 1000, 0);  // half 260: more frequencies than threads, scalar
