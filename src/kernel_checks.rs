@@ -172,6 +172,12 @@ pub fn run_all<B: Backend>(
     // without range reduction, or a fast pow in the inverse frequencies, drifts from the oracle.
     check_rope(&mut c, 1, 33, 28, 128, 4000)?;
     check_rope(&mut c, 1, 33, 28, 128, 32700)?;
+    if big {
+        // More rows than the blocks that fit on the GPU at once, so the resident grids of the
+        // embedding and RoPE kernels go round several times, loading ahead as they do.
+        check_embedding(&mut c, 4096, 3584)?;
+        check_rope(&mut c, 2, 2048, 28, 128, 5)?;
+    }
     let attn: Vec<AttnShape> = {
         let s = |batch, tq, tk, cap, heads, kv_heads, head_dim| AttnShape {
             batch,
