@@ -124,13 +124,26 @@ impl<B: Backend> Ctx<'_, B> {
         } else {
             self.tol.bf16_out
         };
-        self.rows.push(CheckRow {
+        self.push(CheckRow {
             op: op.into(),
             shape,
             err: max_rel_err(&got, want),
             tol,
         });
         Ok(())
+    }
+    /// Keeps a row, and prints it to stderr at once: should a kernel hang, what ran before it
+    /// is already out (the table on stdout comes at the end).
+    fn push(&mut self, r: CheckRow) {
+        eprintln!(
+            "  {} {} [{}]: {:.3e} (tol {:.1e})",
+            if r.pass() { "ok  " } else { "FAIL" },
+            r.op,
+            r.shape,
+            r.err,
+            r.tol
+        );
+        self.rows.push(r);
     }
 }
 
@@ -584,7 +597,7 @@ fn check_sum_squares<B: Backend>(c: &mut Ctx<B>, n: usize) -> Result<()> {
     let x = c.rnd(n, 1.0);
     let got = c.be.sum_squares(&c.be.upload_f32(&x)?)?;
     let want: f64 = x.iter().map(|&v| v as f64 * v as f64).sum();
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "sum_squares (grad norm)".into(),
         shape: format!("{n} values"),
         err: (got - want).abs() / want,
@@ -649,7 +662,7 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
     gpu.forward_train(be, &ids, &mut ga)?;
     let mut ca = cpu_m.alloc_activations(&cpu_be, batch, seq, true)?;
     cpu_m.forward_train(&cpu_be, &ids, &mut ca)?;
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "model forward logits".into(),
         shape: tag.clone(),
         err: max_rel_err(&be.download(&ga.logits)?, &ca.logits),
@@ -682,7 +695,7 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
             worst = (e, name.clone());
         }
     }
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: format!(
             "model grads, all {} tensors (worst: {})",
             names.len(),
@@ -709,7 +722,7 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
         gpu.forward_cached(be, &next, &mut gs, &mut got_cache)?;
         cpu_m.forward_cached(&cpu_be, &next, &mut cs, &mut want_cache)?;
     }
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "model KV-cache decode logits (20 + 4 steps)".into(),
         shape: tag,
         err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
@@ -797,7 +810,7 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         sizes.len(),
         sizes.iter().sum::<usize>()
     );
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "optimizer_step grad norm".into(),
         shape: shape.clone(),
         err: (norm - want_norm).abs() / want_norm,
@@ -809,7 +822,7 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         got.extend(c.be.download(b)?);
     }
     // bf16 parameters are written with stochastic rounding: within one bf16 step of the f32 value.
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "optimizer_step AdamW params".into(),
         shape: shape.clone(),
         err: max_rel_err(&got, &cat(&host_p)),
@@ -819,7 +832,7 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
     for b in &dv {
         got.extend(c.be.download(b)?);
     }
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "optimizer_step AdamW v".into(),
         shape: shape.clone(),
         err: max_rel_err(&got, &cat(&hv)),
@@ -839,7 +852,7 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         c.be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
     };
     let after = c.be.download(&dp[1])?;
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "optimizer_step NaN grad: norm NaN, weights kept".into(),
         shape: "2 tensors".into(),
         err: if norm.is_finite() {
@@ -917,7 +930,7 @@ fn check_optimizer_bf16_moments<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         for b in bufs {
             got.extend(c.be.download(b)?);
         }
-        c.rows.push(CheckRow {
+        c.push(CheckRow {
             op: format!("optimizer_step AdamW, backend-type moments: {what}"),
             shape: shape.clone(),
             err: max_rel_err(&got, &want.concat()),
@@ -948,7 +961,7 @@ fn check_optimizer_bf16_moments<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         Ok(c.be.download(b)?.iter().map(|&x| x as f64).sum::<f64>() / n as f64)
     };
     let got = mean(&m)?;
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "AdamW backend-type moments: mean of m (unbiased rounding)".into(),
         shape: format!("{n} values, m halfway between bf16 steps"),
         err: (got - hm1[0] as f64).abs() / hm1[0] as f64,
@@ -1007,7 +1020,7 @@ fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
         0,
     )?;
     let best = argmax(&row);
-    c.rows.push(CheckRow {
+    c.push(CheckRow {
         op: "sample greedy (mismatches)".into(),
         shape: format!("[{rows}, {vocab}]"),
         err: greedy.iter().filter(|&&t| t != best).count() as f64,
@@ -1040,7 +1053,7 @@ fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
             .filter(|(&n, &q)| n > 0 && q == 0.0)
             .count();
         let z = chi_square_z(&counts, &probs, rows as u64 * steps);
-        c.rows.push(CheckRow {
+        c.push(CheckRow {
             op: format!("sample χ² z-score (T {t}, top-k {k}, top-p {p})"),
             shape: format!("{} draws, vocab {vocab}", rows as u64 * steps),
             // A token the truncation removed must never be drawn.

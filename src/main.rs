@@ -797,14 +797,16 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
             "check-kernels: {} against the CPU reference, seed {seed}",
             empo_engine::backend::Backend::name(&be)
         );
-        let mut rows = run_all(&be, seed, &Tolerances::bf16(), !a.quick)?;
+        // The wgmma probe first: if a wgmma attention kernel hangs below, its rows are out.
+        let mut rows = empo_engine::kernel_checks::check_wgmma_probe_cuda(&be, seed)?;
+        if !rows.is_empty() {
+            print!("{}", format_table(&rows));
+        }
+        rows.extend(run_all(&be, seed, &Tolerances::bf16(), !a.quick)?);
         rows.extend(empo_engine::kernel_checks::check_policy_loss_cuda(
             &be,
             seed,
             &Tolerances::bf16(),
-        )?);
-        rows.extend(empo_engine::kernel_checks::check_wgmma_probe_cuda(
-            &be, seed,
         )?);
         rows
     };

@@ -129,6 +129,9 @@ pub struct CudaBackend {
     sm_count: u32,
     /// The training attention kernels for head_dim 128 (see [`AttnKernels`]).
     attn: Cell<AttnKernels>,
+    /// False under `EMPO_WGMMA=0`: the wgmma kernels are neither run nor checked nor timed, as
+    /// on a GPU without them (a way round them should the hardware disagree with them).
+    wgmma_allowed: bool,
     error: RefCell<Option<String>>,
     mem: Arc<MemCounter>,
 }
@@ -137,7 +140,8 @@ pub struct CudaBackend {
 ///
 /// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernels have been checked
 /// and timed on an H100; `EMPO_ATTENTION=wgmma` opts in on sm_90 with sm_90a in the fatbin,
-/// and `check-kernels` and `bench` cover both wherever both can run.
+/// and `check-kernels` and `bench` cover both wherever both can run (`EMPO_WGMMA=0` turns the
+/// wgmma kernels off altogether).
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernels {
     Mma,
@@ -236,6 +240,7 @@ impl CudaBackend {
             scratch: RefCell::new(Vec::new()),
             sm_count,
             attn: Cell::new(AttnKernels::Mma),
+            wgmma_allowed: std::env::var("EMPO_WGMMA").map_or(true, |v| v != "0"),
             error: RefCell::new(None),
             mem: Arc::new(MemCounter::default()),
         };
@@ -249,7 +254,9 @@ impl CudaBackend {
     /// Whether the wgmma attention kernels can run: a compute capability 9.0 GPU, and sm_90a
     /// machine code in the fatbin (wgmma has no PTX form that other targets could carry).
     pub fn has_wgmma(&self) -> bool {
-        self.compute_capability() == (9, 0) && kernel_targets().contains("sm_90a")
+        self.wgmma_allowed
+            && self.compute_capability() == (9, 0)
+            && kernel_targets().contains("sm_90a")
     }
 
     pub fn attention_kernels(&self) -> AttnKernels {
