@@ -17,8 +17,8 @@ use crate::device::KERNELS_FATBIN;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
 use cudarc::driver::{
-    CudaContext, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr, LaunchConfig,
-    PushKernelArg,
+    CudaContext, CudaEvent, CudaFunction, CudaModule, CudaSlice, CudaStream, DevicePtr,
+    LaunchConfig, PinnedHostSlice, PushKernelArg,
 };
 use half::bf16;
 use std::cell::{Cell, RefCell};
@@ -104,6 +104,31 @@ pub enum Arg {
     U(u64),
 }
 
+/// Page-locked host buffers for the small uploads of `stage_u32` (token ids, cache lengths). A
+/// copy from pageable memory may make the driver wait for the stream to drain first (CUDA's "API
+/// synchronization behavior"), which then idles the GPU for a launch latency on every upload:
+/// likely why the embedding gather, which uploads its ids, stopped at 73% of copy bandwidth on
+/// the H100. A copy from pinned memory is queued like a kernel. The slots are used in turn, and
+/// each has the event recorded after the last copy that read it, so a slot is rewritten only once
+/// that copy has run; with PINNED_SLOTS of them the host runs that many uploads ahead.
+#[derive(Default)]
+struct PinnedRing {
+    slots: Vec<(PinnedHostSlice<u32>, CudaEvent)>,
+    next: usize,
+    /// Page-locked memory could not be had: stay with pageable copies.
+    unavailable: bool,
+}
+const PINNED_SLOTS: usize = 8;
+
+impl Drop for PinnedRing {
+    fn drop(&mut self) {
+        // Page-locked memory must outlive the copies queued from it.
+        for (_, done) in &self.slots {
+            let _ = done.synchronize();
+        }
+    }
+}
+
 /// Host data staged on the device for one op; each slot has its own buffer so that one op can
 /// use several at once.
 #[derive(Clone, Copy)]
@@ -121,6 +146,8 @@ pub struct CudaBackend {
     /// Blocks per SM of (kernel, threads per block), for the grids sized to what is resident.
     occupancy: RefCell<HashMap<(String, u32), u32>>,
     staging: RefCell<[Option<CudaSlice<u32>>; 2]>,
+    /// Page-locked host memory the staged values are copied from (`PinnedRing`).
+    pinned: RefCell<PinnedRing>,
     /// The host values last staged in the KvLen slot: every layer of a decode step passes the
     /// same lengths, so only the first copies them.
     kv_len_staged: RefCell<Vec<u32>>,
@@ -236,6 +263,7 @@ impl CudaBackend {
             funcs: RefCell::new(HashMap::new()),
             occupancy: RefCell::new(HashMap::new()),
             staging: RefCell::new([None, None]),
+            pinned: RefCell::new(PinnedRing::default()),
             kv_len_staged: RefCell::new(Vec::new()),
             scratch: RefCell::new(Vec::new()),
             sm_count,
@@ -534,17 +562,68 @@ impl CudaBackend {
             }
         }
         let s = cell.as_mut().expect("allocated above");
+        let p = s.device_ptr(&self.stream).0;
         if !host.is_empty() {
-            if let Err(e) = self
-                .stream
-                .memcpy_htod(host, &mut s.slice_mut(..host.len()))
-            {
+            let copied = match self.copy_pinned(p, host) {
+                Some(r) => r,
+                None => self
+                    .stream
+                    .memcpy_htod(host, &mut s.slice_mut(..host.len())),
+            };
+            if let Err(e) = copied {
                 self.fail(format!("staging {} values: {e:?}", host.len()));
                 return None;
             }
         }
-        let p = s.device_ptr(&self.stream).0;
         Some(p)
+    }
+
+    /// Queues the copy of `host` to device address `dst` through the next pinned slot (see
+    /// `PinnedRing`); None where no page-locked memory could be had.
+    fn copy_pinned(
+        &self,
+        dst: u64,
+        host: &[u32],
+    ) -> Option<std::result::Result<(), cudarc::driver::DriverError>> {
+        let mut ring = self.pinned.borrow_mut();
+        if ring.unavailable {
+            return None;
+        }
+        let i = ring.next;
+        ring.next = (i + 1) % PINNED_SLOTS;
+        if ring.slots.get(i).is_none_or(|(b, _)| b.len() < host.len()) {
+            if let Some((_, done)) = ring.slots.get(i) {
+                // The copy from the slot being replaced must have run before its memory is freed.
+                if let Err(e) = done.synchronize() {
+                    return Some(Err(e));
+                }
+            }
+            let cap = host.len().max(4096).next_power_of_two();
+            // SAFETY: page-locked u32s, written below before any copy reads them.
+            let made = unsafe { self.ctx.alloc_pinned::<u32>(cap) }
+                .and_then(|b| Ok((b, self.ctx.new_event(None)?)));
+            match made {
+                Ok(slot) if i < ring.slots.len() => ring.slots[i] = slot,
+                Ok(slot) => ring.slots.push(slot),
+                Err(_) => {
+                    ring.unavailable = true;
+                    return None;
+                }
+            }
+        }
+        let (buf, done) = &mut ring.slots[i];
+        let r = (|| {
+            done.synchronize()?; // the copy that last read this slot has run
+            let mem = &mut buf.as_mut_slice()?[..host.len()];
+            mem.copy_from_slice(host);
+            // SAFETY: `dst` is a live device buffer of at least host.len() u32s (stage_u32), and
+            // `mem` stays untouched until `done`, recorded right after, has passed.
+            unsafe {
+                cudarc::driver::result::memcpy_htod_async(dst, mem, self.stream.cu_stream())?
+            };
+            done.record(&self.stream)
+        })();
+        Some(r)
     }
 
     /// Per-sequence KV lengths for decode attention, copied only when they change.
