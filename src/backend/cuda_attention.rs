@@ -435,37 +435,13 @@ pub fn kv_write(
 /// The wgmma forms of the attention kernels, one at a time (`wgmma_probe`, the layout probe in
 /// cuda/attention_wgmma.cu): (name, [m, k, n], A stored transposed, B stored transposed), the
 /// product being D (m × n) = A B with A given as [k][m] where transposed and B as [n][k].
+#[rustfmt::skip]
 pub const WGMMA_FORMS: [(&str, [usize; 3], bool, bool); 5] = [
-    (
-        "S = Q Kᵀ (fwd: A, B K-major in smem)",
-        [128, 128, 128],
-        false,
-        true,
-    ),
-    (
-        "O += P V (fwd: A regs, B N-major)",
-        [128, 128, 128],
-        false,
-        false,
-    ),
-    (
-        "Sᵀ = K Qᵀ (bwd: m64n64, K-major)",
-        [128, 128, 64],
-        false,
-        true,
-    ),
-    (
-        "dV += Pᵀ dO (bwd: A regs, B N-major)",
-        [128, 64, 128],
-        false,
-        false,
-    ),
-    (
-        "dQ = dS K (bwd: A M-major, B N-major)",
-        [64, 128, 128],
-        true,
-        false,
-    ),
+    ("S = Q Kᵀ (fwd: A, B K-major in smem)", [128, 128, 128], false, true),
+    ("O += P V (fwd: A regs, B N-major)", [128, 128, 128], false, false),
+    ("Sᵀ = K Qᵀ (bwd: m64n64, K-major)", [128, 128, 64], false, true),
+    ("dV += Pᵀ dO (bwd: A regs, B N-major)", [128, 64, 128], false, false),
+    ("dQ = dS K (bwd: A M-major, B N-major)", [64, 128, 128], true, false),
 ];
 
 /// Runs form `form` of `WGMMA_FORMS` on A and B (rounded to bf16) and returns D. Needs
