@@ -41,9 +41,7 @@ __device__ __forceinline__ void sincos_of(float a, int inverse, float *s, float 
     __sincosf(r, s, c);
     if (inverse) *s = -*s;
 }
-}  // namespace rope_k
 
-namespace rope_k {
 // The two 16-byte packs (x1 and x2 halves) of each of the up to ROPE_HG heads of unit idx.
 struct Unit {
     uint4 lo[ROPE_HG], hi[ROPE_HG];
