@@ -833,6 +833,60 @@ pub fn add_copy_peers<B: Backend>(be: &B, rows: &mut [BenchRow], iters: usize) -
     Ok(())
 }
 
+/// The H100 targets of issues 3 and 4, as (row op, shape prefix, least rate, unit of the least
+/// rate): TFLOP/s for attention at t 4096, the fraction of the copy ceiling for the memory-bound
+/// rows.
+#[rustfmt::skip]
+const TARGETS: &[(&str, &str, f64, &str)] = &[
+    ("attention fwd (causal)", "t 4096", 350.0, "TFLOP/s"),
+    ("attention fwd (causal, wgmma)", "t 4096", 350.0, "TFLOP/s"),
+    ("attention bwd (causal)", "t 4096", 250.0, "TFLOP/s"),
+    ("attention bwd (causal, wgmma)", "t 4096", 250.0, "TFLOP/s"),
+    ("residual add", "", 0.8, "of copy"),
+    ("rmsnorm", "", 0.8, "of copy"),
+    ("rmsnorm_bwd", "", 0.8, "of copy"),
+    ("embedding", "", 0.8, "of copy"),
+    ("rope (q)", "", 0.8, "of copy"),
+    ("swiglu", "", 0.8, "of copy"),
+    ("swiglu_bwd", "", 0.8, "of copy"),
+    ("softmax-entropy fwd", "", 0.8, "of copy"),
+    ("softmax-entropy bwd", "", 0.8, "of copy"),
+];
+
+/// Each target of `TARGETS` this run has a row for: the row's figure, the target, met or not.
+/// Only an H100 run speaks to the issues; elsewhere the lines say how far another GPU is.
+pub fn format_targets(rows: &[BenchRow]) -> String {
+    let (copy, _) = ceilings(rows);
+    let mut s = String::from("targets (issues 3 and 4, on an H100):\n");
+    for &(op, shape, least, unit) in TARGETS {
+        let Some(r) = rows
+            .iter()
+            .find(|r| r.op == op && r.shape.starts_with(shape))
+        else {
+            continue;
+        };
+        let (got, shown) = if unit == "of copy" {
+            let f = r.rate() / copy;
+            (f, format!("{:.0}% of copy", 100.0 * f))
+        } else {
+            (r.rate(), format!("{:.0} TFLOP/s", r.rate()))
+        };
+        let want = if unit == "of copy" {
+            format!("{:.0}% of copy", 100.0 * least)
+        } else {
+            format!("{least:.0} TFLOP/s")
+        };
+        let met = if got >= least { "met" } else { "MISSED" };
+        let at = if shape.is_empty() {
+            String::new()
+        } else {
+            format!(" {shape}")
+        };
+        s += &format!("  {op}{at}: {shown}, target {want}: {met}\n");
+    }
+    s
+}
+
 /// The table: rate, and the fraction of the matching ceiling.
 pub fn format_table(rows: &[BenchRow]) -> String {
     let (copy, gemm) = ceilings(rows);

@@ -820,7 +820,7 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
-    use empo_engine::kernel_bench::{format_table, run_all, BenchShapes};
+    use empo_engine::kernel_bench::{format_table, format_targets, run_all, BenchShapes};
     let shapes = if a.small || a.device == DeviceArg::Cpu {
         BenchShapes::small()
     } else {
@@ -852,6 +852,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         rows
     };
     print!("{}", format_table(&rows));
+    if a.device != DeviceArg::Cpu {
+        print!("{}", format_targets(&rows));
+    }
     if let Some(path) = &a.json {
         let text = serde_json::to_string_pretty(&rows)?;
         empo_engine::io::write_atomic(path, text.as_bytes())?;

@@ -1,7 +1,7 @@
 //! The bench table's bookkeeping, over the CPU backend (the GPU numbers need a GPU).
 
 use empo_engine::backend::cpu::CpuBackend;
-use empo_engine::kernel_bench::{add_copy_peers, format_table, BenchRow, Unit};
+use empo_engine::kernel_bench::{add_copy_peers, format_table, format_targets, BenchRow, Unit};
 
 fn row(op: &str, unit: Unit, work: f64) -> BenchRow {
     BenchRow {
@@ -44,4 +44,33 @@ fn copy_peers_pair_memory_bound_rows_only() {
         "{line}"
     );
     assert!(table.lines().next().unwrap().contains("of same copy"));
+}
+
+#[test]
+fn targets_are_read_off_the_right_rows() {
+    let mut rows = vec![
+        row("ceiling: copy", Unit::Bytes, 3e9), // 3000 GB/s in 1 ms
+        row("rmsnorm", Unit::Bytes, 2.5e9),     // 83%
+        row("rmsnorm_bwd", Unit::Bytes, 2.2e9), // 73%
+        row("attention fwd (causal)", Unit::Flops, 3.07e11),
+        row("attention fwd (causal)", Unit::Flops, 4.0e11),
+    ];
+    rows[3].shape = "t 1024, heads 28/4, d 128".into();
+    rows[4].shape = "t 4096, heads 28/4, d 128".into();
+    let t = format_targets(&rows);
+    assert!(
+        t.contains("rmsnorm: 83% of copy, target 80% of copy: met"),
+        "{t}"
+    );
+    assert!(
+        t.contains("rmsnorm_bwd: 73% of copy, target 80% of copy: MISSED"),
+        "{t}"
+    );
+    // The t 4096 row, not the first attention row.
+    assert!(
+        t.contains("attention fwd (causal) t 4096: 400 TFLOP/s, target 350 TFLOP/s: met"),
+        "{t}"
+    );
+    // No row, no line.
+    assert!(!t.contains("softmax"), "{t}");
 }
