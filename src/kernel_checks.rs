@@ -1159,6 +1159,8 @@ pub fn check_wgmma_probe_cuda(
         let err = max_rel_err(&got, &want);
         if !(err == 0.0) {
             println!("{}", probe_mismatches(name, &got, &want, n));
+            let run = |a: &[f32], b: &[f32]| wgmma_probe(be, f, a, b);
+            println!("{}", probe_decode(&run, [m, k, n], at, bt)?);
         }
         rows.push(CheckRow {
             op: format!("wgmma probe {f}: {name}"),
@@ -1168,6 +1170,68 @@ pub fn check_wgmma_probe_cuda(
         });
     }
     Ok(rows)
+}
+
+/// D of one probe form from A and B as stored.
+pub type ProbeRun<'a> = dyn Fn(&[f32], &[f32]) -> Result<Vec<f32>> + 'a;
+
+/// Which row of A and which column of B the hardware paired with each row and column of D, for
+/// a form whose product came out wrong: A coded by row (every value of row i is i + 1) times a B
+/// of ones gives D[i][j] = k (r + 1), where r is the row of A that D's row i read; a matrix of
+/// ones times B coded by column gives the column likewise. Both right, yet the product wrong:
+/// then A and B disagree on the order of k. `run` computes D from A and B as stored.
+pub fn probe_decode(run: &ProbeRun, [m, k, n]: [usize; 3], at: bool, bt: bool) -> Result<String> {
+    // A logical rows × cols matrix of value(r, c), stored transposed or not.
+    let fill = |rows: usize, cols: usize, transposed: bool, value: &dyn Fn(usize, usize) -> f32| {
+        let mut v = vec![0.0f32; rows * cols];
+        for r in 0..rows {
+            for c in 0..cols {
+                v[if transposed {
+                    c * rows + r
+                } else {
+                    r * cols + c
+                }] = value(r, c);
+            }
+        }
+        v
+    };
+    let d_rows = run(
+        &fill(m, k, at, &|r, _| (r + 1) as f32),
+        &fill(k, n, bt, &|_, _| 1.0),
+    )?;
+    let d_cols = run(
+        &fill(m, k, at, &|_, _| 1.0),
+        &fill(k, n, bt, &|_, c| (c + 1) as f32),
+    )?;
+    // The code a cell of D carries; -1 where it is not a whole multiple of k (NaN, a mix).
+    let decode = |x: f32| {
+        let q = x / k as f32;
+        if q.is_finite() && q == q.round() {
+            q as i64 - 1
+        } else {
+            -1
+        }
+    };
+    let row_of: Vec<i64> = (0..m).map(|i| decode(d_rows[i * n])).collect();
+    let col_of: Vec<i64> = (0..n).map(|j| decode(d_cols[j])).collect();
+    let off = |v: &[i64]| {
+        v.iter()
+            .enumerate()
+            .filter(|&(i, &r)| r != i as i64)
+            .count()
+    };
+    let (bad_r, bad_c) = (off(&row_of), off(&col_of));
+    let show = |v: &[i64]| format!("{:?}", &v[..v.len().min(16)]);
+    Ok(format!(
+        "  decode: {bad_r} of {m} rows of D read another row of A (D row -> A row, first 16: {}); {bad_c} of {n} columns read another column of B (first 16: {}){}",
+        show(&row_of),
+        show(&col_of),
+        if bad_r == 0 && bad_c == 0 {
+            "; both right, so A and B disagree on the order of k"
+        } else {
+            ""
+        }
+    ))
 }
 
 /// D (m × n) = A B, with A stored [k][m] where `at` (else [m][k]) and B stored [n][k] where `bt`

@@ -88,3 +88,38 @@ fn the_wgmma_probes_reference_reads_transposed_operands() {
     assert_eq!(plain_product(&a, &bt, [2, 3, 2], false, true), want);
     assert_eq!(plain_product(&at, &bt, [2, 3, 2], true, true), want);
 }
+
+#[test]
+fn the_wgmma_probes_decoder_names_the_rows_and_columns_read() {
+    use empo_engine::kernel_checks::{plain_product, probe_decode};
+    let dims = [8, 16, 4];
+    // Right: every row and column of D reads its own.
+    let right = |a: &[f32], b: &[f32]| Ok(plain_product(a, b, dims, true, false));
+    let t = probe_decode(&right, dims, true, false).unwrap();
+    assert!(
+        t.contains("0 of 8 rows") && t.contains("0 of 4 columns"),
+        "{t}"
+    );
+    assert!(t.contains("both right"), "{t}");
+    // D's rows 0 and 1 swapped, and its column 3 a copy of column 2.
+    let wrong = |a: &[f32], b: &[f32]| {
+        let mut d = plain_product(a, b, dims, false, true);
+        for j in 0..4 {
+            d.swap(j, 4 + j);
+        }
+        for i in 0..8 {
+            d[i * 4 + 3] = d[i * 4 + 2];
+        }
+        Ok(d)
+    };
+    let t = probe_decode(&wrong, dims, false, true).unwrap();
+    assert!(
+        t.contains("2 of 8 rows") && t.contains("[1, 0, 2, 3, 4, 5, 6, 7]"),
+        "{t}"
+    );
+    assert!(
+        t.contains("1 of 4 columns") && t.contains("[0, 1, 2, 2]"),
+        "{t}"
+    );
+    assert!(!t.contains("both right"), "{t}");
+}
