@@ -5,7 +5,8 @@
 //!
 //! Generic over `Backend`: on the CPU (`--device cpu`, with `--small` shapes) it measures the
 //! reference; on the GPU the numbers are what the targets are about. Each case runs
-//! once to warm up, then `iters` times between two `sync`s.
+//! twice to warm up, then between two `sync`s at least `iters` times and for at least 10 ms
+//! (`time`).
 
 use crate::backend::{AdamWStep, AttnShape, Backend, StatsLoss};
 use anyhow::Result;
@@ -90,16 +91,31 @@ impl BenchShapes {
     }
 }
 
-/// Times `f` (already queued work excluded): one warm-up call, then `iters` calls.
+/// The least wall time one measurement spans. The clock runs from the host's first launch to its
+/// return from the final sync, so it also holds that launch's latency and the sync's wake-up,
+/// some 10–20 µs on a GPU: 10 calls of a 30 µs kernel would be charged 3–7% for them, where
+/// PyTorch's side (tools/bench_torch_gpu.py) times between CUDA events and is not.
+const MIN_WINDOW_S: f64 = 0.01;
+
+/// Times `f` (already queued work excluded): two warm-up calls, the second timed to size the
+/// measurement, then at least `iters` calls, and as many more as fill MIN_WINDOW_S (at most
+/// 10000).
 pub fn time<B: Backend>(be: &B, iters: usize, mut f: impl FnMut()) -> Result<f64> {
-    f();
+    f(); // the first call may load a kernel or allocate scratch
     be.sync()?;
     let t = Instant::now();
-    for _ in 0..iters {
+    f();
+    be.sync()?;
+    let one = t.elapsed().as_secs_f64();
+    let n = iters
+        .max((MIN_WINDOW_S / one.max(1e-9)).ceil() as usize)
+        .min(iters.max(10_000));
+    let t = Instant::now();
+    for _ in 0..n {
         f();
     }
     be.sync()?;
-    Ok(t.elapsed().as_secs_f64() / iters as f64)
+    Ok(t.elapsed().as_secs_f64() / n as f64)
 }
 
 /// Uniform random values in [-scale, scale], a fresh stream per call: never time on constants
