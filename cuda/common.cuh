@@ -60,3 +60,21 @@ __device__ __forceinline__ void atomic_add2(float *p, float a, float b) {
     atomicAdd(p + 1, b);
 #endif
 }
+
+// Programmatic dependent launch (sm_90): a kernel the host launches with programmatic stream
+// serialization may start while the kernel before it in the stream is still finishing, so that
+// its launch and prologue overlap that kernel's tail. It must not touch global memory the earlier
+// kernel reads or writes before wait_for_prior_grids(), which returns once that kernel has
+// completed and its writes are visible. let_next_grid_launch() allows the next such kernel to be
+// scheduled as soon as every block of this one has called it. Both do nothing where the launch
+// was an ordinary one, and on GPUs before sm_90.
+__device__ __forceinline__ void wait_for_prior_grids() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.wait;\n" ::: "memory");
+#endif
+}
+__device__ __forceinline__ void let_next_grid_launch() {
+#if defined(__CUDA_ARCH__) && __CUDA_ARCH__ >= 900
+    asm volatile("griddepcontrol.launch_dependents;\n" ::: "memory");
+#endif
+}

@@ -16,7 +16,9 @@
 // EW_U packs of every operand before it stores any, so EW_U 16-byte requests per operand are in
 // flight per thread; the compiler would not hoist the next load above a store by itself (as far
 // as it knows, y may alias x). Packs need 16-byte aligned pointers (buffers are, but copy_range
-// hands in offsets): anything else, and the n % 8 tail, takes the scalar loop.
+// hands in offsets): anything else, and the n % 8 tail, takes the scalar loop. Both loops wait for
+// the previous grid first, so the host may launch them with programmatic stream serialization
+// (common.cuh); the embedding gather does not, as the copy of its ids comes right before it.
 namespace ew {
 constexpr int EW_U = 2;
 
@@ -50,6 +52,8 @@ __device__ __forceinline__ void store8(float *p, const Pack &x) {
 
 // y[i] = f(y[i], x[i]) for i < n (f(0, x[i]) when !ReadY: y is only written).
 template <bool ReadY, typename Y, typename X, typename F> __device__ void update(Y *y, const X *x, int64_t n, F f) {
+    wait_for_prior_grids();
+    let_next_grid_launch();
     int64_t done = 0;
     if (aligned16(y, x)) {
         const int64_t nv = n / 8, s = stride();
@@ -77,6 +81,8 @@ template <bool ReadY, typename Y, typename X, typename F> __device__ void update
 // out[o][i] = f(in[0][i], …)[o] over bf16 operands: NI inputs, NO outputs, n values each.
 template <int NO, int NI, typename F>
 __device__ void map_bf16(bf16 *const (&out)[NO], const bf16 *const (&in)[NI], int64_t n, F f) {
+    wait_for_prior_grids();
+    let_next_grid_launch();
     bool vec = true;
     for (int o = 0; o < NO; o++) vec &= aligned16(out[o]);
     for (int j = 0; j < NI; j++) vec &= aligned16(in[j]);

@@ -54,6 +54,8 @@ __device__ __forceinline__ void load_row(uint4 (&dv)[RMS_VPT], uint4 (&xv)[RMS_V
 // out = x · rstd · w, rstd[row] = 1/sqrt(mean(x²) + eps). grid (rows), block as above.
 extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, const bf16 *w, int dim,
                                        float eps) {
+    wait_for_prior_grids();  // both kernels here may be launched programmatically (common.cuh)
+    let_next_grid_launch();
     const int64_t row = blockIdx.x;
     const bf16 *xr = x + row * dim;
     if (rms::packed_rows(dim, out, x, w)) {
@@ -120,6 +122,8 @@ extern "C" __global__ void rmsnorm_fwd(bf16 *out, float *rstd, const bf16 *x, co
 extern "C" __global__ void __launch_bounds__(640)
     rmsnorm_bwd(bf16 *dx, float *dw, const bf16 *dout, const bf16 *x, const bf16 *w, const float *rstd, int64_t rows,
                 int dim) {
+    wait_for_prior_grids();
+    let_next_grid_launch();
     if (rms::packed_rows(dim, dx, dout, x, w)) {
         const int nv = dim / 8, b = blockDim.x, t = threadIdx.x;
         const uint4 *wp = reinterpret_cast<const uint4 *>(w);

@@ -76,6 +76,8 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
     extern __shared__ __align__(16) unsigned char rope_smem[];
     float *inv_s = reinterpret_cast<float *>(rope_smem);
     const bool packed = (half & 7) == 0 && (reinterpret_cast<uintptr_t>(x) & 15) == 0;
+    wait_for_prior_grids();  // may be launched programmatically (common.cuh)
+    let_next_grid_launch();
     const int groups = (heads + ROPE_HG - 1) / ROPE_HG;
     const int64_t units = packed ? rows * groups * (half / 8) : 0;
     rope_k::Unit cur;

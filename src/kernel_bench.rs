@@ -210,124 +210,9 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     }
     drop(x);
 
-    // Memory-bound ops over [tokens, hidden]. One [4096, 3584] bf16 tensor is 29 MB and the
-    // H100's L2 holds 50 MB, so repeating one call would time the cache: each op cycles
-    // through `sets` copies of its operands, 512 MB or more in all.
-    let sets = ((512usize << 20) / (m * h * 2 * 4)).clamp(1, 16);
-    let mk = |scale: f32| -> Result<Vec<B::Buf>> {
-        (0..sets).map(|_| be.upload(&rnd(m * h, scale))).collect()
-    };
-    let xa = mk(0.5)?;
-    let mut xb = mk(0.25)?;
-    let mut out = mk(0.0)?;
-    let mut dx = mk(0.0)?;
-    let wn = be.upload(&rnd(h, 1.0))?;
-    let mut rstd = (0..sets)
-        .map(|_| be.alloc_f32(m))
-        .collect::<Result<Vec<_>>>()?;
-    let mut k = 0;
-    let mut next = || {
-        k = (k + 1) % sets;
-        k
-    };
-    let t = time(be, iters, || {
-        let j = next();
-        be.add(&mut xb[j], &xa[j])
-    })?;
-    push(
-        "residual add",
-        format!("[{m}, {h}]"),
-        Unit::Bytes,
-        3.0 * (m * h) as f64 * e,
-        t,
-    );
-    let t = time(be, iters, || {
-        let j = next();
-        be.rmsnorm(&mut out[j], &mut rstd[j], &xa[j], &wn, m, h, 1e-6)
-    })?;
-    push(
-        "rmsnorm",
-        format!("[{m}, {h}]"),
-        Unit::Bytes,
-        2.0 * (m * h) as f64 * e,
-        t,
-    );
-    let mut dw = be.alloc_f32(h)?;
-    let t = time(be, iters, || {
-        let j = next();
-        be.rmsnorm_bwd(&mut dx[j], &mut dw, &xb[j], &xa[j], &wn, &rstd[j], m, h)
-    })?;
-    push(
-        "rmsnorm_bwd",
-        format!("[{m}, {h}]"),
-        Unit::Bytes,
-        4.0 * (m * h) as f64 * e,
-        t,
-    );
-    // Each set gathers other rows of the table.
-    let ids: Vec<Vec<u32>> = (0..sets as u32)
-        .map(|j| {
-            (0..m as u32)
-                .map(|t| (t * 7919 + j * 104729) % v as u32)
-                .collect()
-        })
-        .collect();
-    let table = be.upload(&rnd(v * h, 0.05))?;
-    let t = time(be, iters, || {
-        let j = next();
-        be.embedding(&mut out[j], &table, &ids[j], h)
-    })?;
-    push(
-        "embedding",
-        format!("{m} ids of [{v}, {h}]"),
-        Unit::Bytes,
-        2.0 * (m * h) as f64 * e,
-        t,
-    );
-    drop((xb, out, dx, dw, table, rstd));
-
-    // RoPE in place on q: the same cycling, over the [tokens, heads, head_dim] copies.
-    let nq = m * s.heads * s.head_dim;
-    let qsets = ((512usize << 20) / (nq * 2 * 2)).clamp(1, 16);
-    let mut qs = (0..qsets)
-        .map(|_| be.upload(&rnd(nq, 0.5)))
-        .collect::<Result<Vec<_>>>()?;
-    let mut kq = 0;
-    let t = time(be, iters, || {
-        kq = (kq + 1) % qsets;
-        be.rope(&mut qs[kq], 1, m, s.heads, s.head_dim, 0, 1e6, false)
-    })?;
-    push(
-        "rope (q)",
-        format!("[{m}, {}, {}]", s.heads, s.head_dim),
-        Unit::Bytes,
-        2.0 * nq as f64 * e,
-        t,
-    );
-    drop((qs, xa));
-
-    let (gate, up) = (be.upload(&rnd(m * i, 0.5))?, be.upload(&rnd(m * i, 0.5))?);
-    let mut hh = be.alloc(m * i)?;
-    let t = time(be, iters, || be.swiglu(&mut hh, &gate, &up))?;
-    push(
-        "swiglu",
-        format!("[{m}, {i}]"),
-        Unit::Bytes,
-        3.0 * (m * i) as f64 * e,
-        t,
-    );
-    let (mut dg, mut du) = (be.alloc(m * i)?, be.alloc(m * i)?);
-    let t = time(be, iters, || {
-        be.swiglu_bwd(&mut dg, &mut du, &hh, &gate, &up)
-    })?;
-    push(
-        "swiglu_bwd",
-        format!("[{m}, {i}]"),
-        Unit::Bytes,
-        5.0 * (m * i) as f64 * e,
-        t,
-    );
-    drop((gate, up, hh, dg, du));
+    for r in memory_bound_rows(be, s, iters)? {
+        push(&r.op, r.shape, r.unit, r.work, r.seconds);
+    }
 
     // Attention, causal: 2·2·t²·d per head for the forward (half the square is masked), and
     // 2.5 times that for the backward (dS, dP, dQ, dK, dV), as FlashAttention counts.
@@ -499,6 +384,168 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     rows.extend(sampling_rows(be, s, iters)?);
     rows.extend(lm_head_rows(be, s, iters)?);
     Ok(rows)
+}
+
+/// The memory-bound ops over [tokens, hidden] and [tokens, intermediate]: residual add, RMSNorm
+/// and its backward, the embedding gather, RoPE on q, SwiGLU and its backward.
+fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow {
+            op: op.into(),
+            shape,
+            unit,
+            work,
+            seconds,
+            extra_bytes: None,
+            copy_peer: None,
+        })
+    };
+    let e = 2.0;
+    let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
+    // Memory-bound ops over [tokens, hidden]. One [4096, 3584] bf16 tensor is 29 MB and the
+    // H100's L2 holds 50 MB, so repeating one call would time the cache: each op cycles
+    // through `sets` copies of its operands, 512 MB or more in all.
+    let sets = ((512usize << 20) / (m * h * 2 * 4)).clamp(1, 16);
+    let mk = |scale: f32| -> Result<Vec<B::Buf>> {
+        (0..sets).map(|_| be.upload(&rnd(m * h, scale))).collect()
+    };
+    let xa = mk(0.5)?;
+    let mut xb = mk(0.25)?;
+    let mut out = mk(0.0)?;
+    let mut dx = mk(0.0)?;
+    let wn = be.upload(&rnd(h, 1.0))?;
+    let mut rstd = (0..sets)
+        .map(|_| be.alloc_f32(m))
+        .collect::<Result<Vec<_>>>()?;
+    let mut k = 0;
+    let mut next = || {
+        k = (k + 1) % sets;
+        k
+    };
+    let t = time(be, iters, || {
+        let j = next();
+        be.add(&mut xb[j], &xa[j])
+    })?;
+    push(
+        "residual add",
+        format!("[{m}, {h}]"),
+        Unit::Bytes,
+        3.0 * (m * h) as f64 * e,
+        t,
+    );
+    let t = time(be, iters, || {
+        let j = next();
+        be.rmsnorm(&mut out[j], &mut rstd[j], &xa[j], &wn, m, h, 1e-6)
+    })?;
+    push(
+        "rmsnorm",
+        format!("[{m}, {h}]"),
+        Unit::Bytes,
+        2.0 * (m * h) as f64 * e,
+        t,
+    );
+    let mut dw = be.alloc_f32(h)?;
+    let t = time(be, iters, || {
+        let j = next();
+        be.rmsnorm_bwd(&mut dx[j], &mut dw, &xb[j], &xa[j], &wn, &rstd[j], m, h)
+    })?;
+    push(
+        "rmsnorm_bwd",
+        format!("[{m}, {h}]"),
+        Unit::Bytes,
+        4.0 * (m * h) as f64 * e,
+        t,
+    );
+    // Each set gathers other rows of the table.
+    let ids: Vec<Vec<u32>> = (0..sets as u32)
+        .map(|j| {
+            (0..m as u32)
+                .map(|t| (t * 7919 + j * 104729) % v as u32)
+                .collect()
+        })
+        .collect();
+    let table = be.upload(&rnd(v * h, 0.05))?;
+    let t = time(be, iters, || {
+        let j = next();
+        be.embedding(&mut out[j], &table, &ids[j], h)
+    })?;
+    push(
+        "embedding",
+        format!("{m} ids of [{v}, {h}]"),
+        Unit::Bytes,
+        2.0 * (m * h) as f64 * e,
+        t,
+    );
+    drop((xb, out, dx, dw, table, rstd));
+
+    // RoPE in place on q: the same cycling, over the [tokens, heads, head_dim] copies.
+    let nq = m * s.heads * s.head_dim;
+    let qsets = ((512usize << 20) / (nq * 2 * 2)).clamp(1, 16);
+    let mut qs = (0..qsets)
+        .map(|_| be.upload(&rnd(nq, 0.5)))
+        .collect::<Result<Vec<_>>>()?;
+    let mut kq = 0;
+    let t = time(be, iters, || {
+        kq = (kq + 1) % qsets;
+        be.rope(&mut qs[kq], 1, m, s.heads, s.head_dim, 0, 1e6, false)
+    })?;
+    push(
+        "rope (q)",
+        format!("[{m}, {}, {}]", s.heads, s.head_dim),
+        Unit::Bytes,
+        2.0 * nq as f64 * e,
+        t,
+    );
+    drop((qs, xa));
+
+    let (gate, up) = (be.upload(&rnd(m * i, 0.5))?, be.upload(&rnd(m * i, 0.5))?);
+    let mut hh = be.alloc(m * i)?;
+    let t = time(be, iters, || be.swiglu(&mut hh, &gate, &up))?;
+    push(
+        "swiglu",
+        format!("[{m}, {i}]"),
+        Unit::Bytes,
+        3.0 * (m * i) as f64 * e,
+        t,
+    );
+    let (mut dg, mut du) = (be.alloc(m * i)?, be.alloc(m * i)?);
+    let t = time(be, iters, || {
+        be.swiglu_bwd(&mut dg, &mut du, &hh, &gate, &up)
+    })?;
+    push(
+        "swiglu_bwd",
+        format!("[{m}, {i}]"),
+        Unit::Bytes,
+        5.0 * (m * i) as f64 * e,
+        t,
+    );
+    drop((gate, up, hh, dg, du));
+    Ok(rows)
+}
+
+/// The rows of `memory_bound_rows` whose kernels allow programmatic dependent launch, again with
+/// it on (`CudaBackend::set_pdl`), as "<op> (pdl)": one run shows whether it pays. Empty before
+/// sm_90.
+pub fn pdl_rows_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    s: &BenchShapes,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
+    let was = be.pdl();
+    if !be.set_pdl(true) {
+        return Ok(Vec::new());
+    }
+    let rows = memory_bound_rows(be, s, iters);
+    be.set_pdl(was);
+    Ok(rows?
+        .into_iter()
+        .filter(|r| r.op != "embedding")
+        .map(|mut r| {
+            r.op += " (pdl)";
+            r
+        })
+        .collect())
 }
 
 /// The parameter tensors of one decoder layer (shapes as in a Qwen2 checkpoint).
@@ -874,7 +921,12 @@ const TARGETS: &[(&str, &str, f64, &str)] = &[
 pub fn format_targets(rows: &[BenchRow]) -> String {
     let (copy, _) = ceilings(rows);
     let mut s = String::from("targets (issues 3 and 4, on an H100):\n");
-    for &(op, shape, least, unit) in TARGETS {
+    // Each memory-bound op also as its programmatic-launch row, where the run has one.
+    let with_pdl = TARGETS.iter().flat_map(|&(op, shape, least, unit)| {
+        let pdl = (unit == "of copy").then(|| (format!("{op} (pdl)"), shape, least, unit));
+        std::iter::once((op.to_string(), shape, least, unit)).chain(pdl)
+    });
+    for (op, shape, least, unit) in with_pdl {
         let Some(r) = rows
             .iter()
             .find(|r| r.op == op && r.shape.starts_with(shape))

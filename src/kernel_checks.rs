@@ -1276,3 +1276,47 @@ fn probe_mismatches(name: &str, got: &[f32], want: &[f32], n: usize) -> String {
         first.join(", ")
     )
 }
+
+/// The kernels that allow programmatic dependent launch, again with it on
+/// (`CudaBackend::set_pdl`, sm_90 and later), as "<op> (pdl)" rows: the elementwise, RMSNorm
+/// and RoPE checks, and the model checks, whose forward and backward chain those kernels
+/// directly after one another and after cuBLAS, where a missing wait would read a result
+/// before it is written. Empty before sm_90.
+pub fn check_pdl_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    seed: u64,
+    tol: &Tolerances,
+) -> Result<Vec<CheckRow>> {
+    let was = be.pdl();
+    if !be.set_pdl(true) {
+        return Ok(Vec::new());
+    }
+    let mut c = Ctx {
+        be,
+        seed: seed ^ 0x9d1,
+        stream: 0,
+        tol,
+        rows: Vec::new(),
+    };
+    let run = |c: &mut Ctx<crate::backend::cuda::CudaBackend>| -> Result<()> {
+        for (rows, dim) in [(64, 3584), (4096, 3584)] {
+            check_elementwise(c, rows, dim)?;
+            check_rmsnorm(c, rows, dim)?;
+        }
+        check_rope(c, 2, 2048, 28, 128, 5)?;
+        for cfg in model_configs() {
+            check_model(c, &cfg)?;
+        }
+        Ok(())
+    };
+    let r = run(&mut c);
+    be.set_pdl(was);
+    r?;
+    Ok(c.rows
+        .into_iter()
+        .map(|mut r| {
+            r.op += " (pdl)";
+            r
+        })
+        .collect())
+}

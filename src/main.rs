@@ -808,6 +808,11 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
             seed,
             &Tolerances::bf16(),
         )?);
+        rows.extend(empo_engine::kernel_checks::check_pdl_cuda(
+            &be,
+            seed,
+            &Tolerances::bf16(),
+        )?);
         rows
     };
     print!("{}", format_table(&rows));
@@ -847,6 +852,9 @@ fn bench(a: &BenchArgs) -> Result<()> {
         let mut rows = run_all(&be, &shapes, iters)?;
         rows.extend(empo_engine::kernel_bench::policy_loss_rows_cuda(
             &be, iters,
+        )?);
+        rows.extend(empo_engine::kernel_bench::pdl_rows_cuda(
+            &be, &shapes, iters,
         )?);
         empo_engine::kernel_bench::add_copy_peers(&be, &mut rows, iters)?;
         rows

@@ -52,6 +52,7 @@ fn cuda_backend_matches_the_cpu_reference() {
         empo_engine::kernel_checks::check_policy_loss_cuda(&be, 11, &Tolerances::bf16()).unwrap(),
     );
     rows.extend(empo_engine::kernel_checks::check_wgmma_probe_cuda(&be, 11).unwrap());
+    rows.extend(empo_engine::kernel_checks::check_pdl_cuda(&be, 11, &Tolerances::bf16()).unwrap());
     println!("{}", format_table(&rows));
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
     assert!(failed.is_empty(), "{failed:?}");

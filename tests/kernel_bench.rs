@@ -52,11 +52,12 @@ fn targets_are_read_off_the_right_rows() {
         row("ceiling: copy", Unit::Bytes, 3e9), // 3000 GB/s in 1 ms
         row("rmsnorm", Unit::Bytes, 2.5e9),     // 83%
         row("rmsnorm_bwd", Unit::Bytes, 2.2e9), // 73%
+        row("rmsnorm_bwd (pdl)", Unit::Bytes, 2.4e9), // 80%
         row("attention fwd (causal)", Unit::Flops, 3.07e11),
         row("attention fwd (causal)", Unit::Flops, 4.0e11),
     ];
-    rows[3].shape = "t 1024, heads 28/4, d 128".into();
-    rows[4].shape = "t 4096, heads 28/4, d 128".into();
+    rows[4].shape = "t 1024, heads 28/4, d 128".into();
+    rows[5].shape = "t 4096, heads 28/4, d 128".into();
     let t = format_targets(&rows);
     assert!(
         t.contains("rmsnorm: 83% of copy, target 80% of copy: met"),
@@ -64,6 +65,10 @@ fn targets_are_read_off_the_right_rows() {
     );
     assert!(
         t.contains("rmsnorm_bwd: 73% of copy, target 80% of copy: MISSED"),
+        "{t}"
+    );
+    assert!(
+        t.contains("rmsnorm_bwd (pdl): 80% of copy, target 80% of copy: met"),
         "{t}"
     );
     // The t 4096 row, not the first attention row.

@@ -159,6 +159,9 @@ pub struct CudaBackend {
     /// False under `EMPO_WGMMA=0`: the wgmma kernels are neither run nor checked nor timed, as
     /// on a GPU without them (a way round them should the hardware disagree with them).
     wgmma_allowed: bool,
+    /// Launch the kernels that `programmatic` names with programmatic stream serialization, on
+    /// sm_90 and later: off unless `EMPO_PDL=1` until an H100 run has checked and timed it.
+    pdl: Cell<bool>,
     error: RefCell<Option<String>>,
     mem: Arc<MemCounter>,
 }
@@ -182,6 +185,20 @@ impl AttnKernels {
             AttnKernels::Wgmma => "wgmma",
         }
     }
+}
+
+/// The kernels that wait for the previous grid before they touch memory (`wait_for_prior_grids`
+/// in cuda/common.cuh), which may therefore be launched with programmatic stream serialization:
+/// the elementwise updates, SwiGLU, RMSNorm and RoPE. Not the embedding gather, whose ids are
+/// copied in right before it.
+fn programmatic(name: &str) -> bool {
+    ["add_", "axpy_", "convert_"]
+        .iter()
+        .any(|p| name.starts_with(p))
+        || matches!(
+            name,
+            "swiglu_fwd" | "swiglu_bwd" | "rmsnorm_fwd" | "rmsnorm_bwd" | "rope"
+        )
 }
 
 /// Threads per block of the elementwise kernels; they loop over n with a grid stride.
@@ -269,9 +286,11 @@ impl CudaBackend {
             sm_count,
             attn: Cell::new(AttnKernels::Mma),
             wgmma_allowed: std::env::var("EMPO_WGMMA").map_or(true, |v| v != "0"),
+            pdl: Cell::new(false),
             error: RefCell::new(None),
             mem: Arc::new(MemCounter::default()),
         };
+        be.set_pdl(std::env::var("EMPO_PDL").is_ok_and(|v| v == "1"));
         if let Ok(v) = std::env::var("EMPO_ATTENTION") {
             be.set_attention_variant(&v)
                 .map_err(|e| anyhow!("EMPO_ATTENTION: {e}"))?;
@@ -285,6 +304,19 @@ impl CudaBackend {
         self.wgmma_allowed
             && self.compute_capability() == (9, 0)
             && kernel_targets().contains("sm_90a")
+    }
+
+    /// Whether programmatic dependent launch is on (`set_pdl`).
+    pub fn pdl(&self) -> bool {
+        self.pdl.get()
+    }
+
+    /// Programmatic dependent launch for the kernels that allow it (`programmatic`): their
+    /// launch and first instructions overlap the previous kernel's tail. Only on sm_90 and later,
+    /// where `griddepcontrol` exists; returns whether it is on.
+    pub fn set_pdl(&self, on: bool) -> bool {
+        self.pdl.set(on && self.compute_capability().0 >= 9);
+        self.pdl.get()
     }
 
     pub fn attention_kernels(&self) -> AttnKernels {
@@ -382,9 +414,68 @@ impl CudaBackend {
                 return;
             }
         }
-        if let Err(e) = self.launch_func(&f, grid, block, smem, args) {
+        let launched = if self.pdl.get() && programmatic(name) {
+            self.launch_programmatic(&f, grid, block, smem, args)
+        } else {
+            self.launch_func(&f, grid, block, smem, args)
+        };
+        if let Err(e) = launched {
             self.fail(format!("launching {name}: {e}"));
         }
+    }
+
+    /// `launch_func` through cuLaunchKernelEx, with programmatic stream serialization allowed:
+    /// the kernel may start while the previous kernel in the stream finishes, and waits for it
+    /// (`wait_for_prior_grids`) before it touches memory.
+    fn launch_programmatic(
+        &self,
+        f: &CudaFunction,
+        grid: (u32, u32, u32),
+        block: (u32, u32, u32),
+        smem: u32,
+        args: &[Arg],
+    ) -> std::result::Result<(), String> {
+        use cudarc::driver::sys;
+        use std::ffi::c_void;
+        // cuLaunchKernelEx takes the address of each argument's value.
+        let mut params: Vec<*mut c_void> = args
+            .iter()
+            .map(|a| match a {
+                Arg::P(p) | Arg::U(p) => p as *const u64 as *mut c_void,
+                Arg::I(x) => x as *const i32 as *mut c_void,
+                Arg::L(x) => x as *const i64 as *mut c_void,
+                Arg::F(x) => x as *const f32 as *mut c_void,
+            })
+            .collect();
+        // SAFETY: an all-zero launch attribute is a valid value of the C union.
+        let mut attr: sys::CUlaunchAttribute = unsafe { std::mem::zeroed() };
+        attr.id = sys::CUlaunchAttributeID::CU_LAUNCH_ATTRIBUTE_PROGRAMMATIC_STREAM_SERIALIZATION;
+        attr.value.programmaticStreamSerializationAllowed = 1;
+        let cfg = sys::CUlaunchConfig {
+            gridDimX: grid.0,
+            gridDimY: grid.1,
+            gridDimZ: grid.2,
+            blockDimX: block.0,
+            blockDimY: block.1,
+            blockDimZ: block.2,
+            sharedMemBytes: smem,
+            hStream: self.stream.cu_stream(),
+            attrs: &mut attr,
+            numAttrs: 1,
+        };
+        self.ctx.bind_to_thread().map_err(|e| format!("{e:?}"))?;
+        // SAFETY: as in launch_func; `params` points into `args`, which outlives the call, and
+        // the configuration names this backend's live stream.
+        unsafe {
+            sys::cuLaunchKernelEx(
+                &cfg,
+                f.cu_function(),
+                params.as_mut_ptr(),
+                std::ptr::null_mut(),
+            )
+        }
+        .result()
+        .map_err(|e| format!("{e:?}"))
     }
 
     /// Launches `f`, returning the launch error (a bad configuration, say) instead of keeping it.
