@@ -47,7 +47,7 @@ if has sanitize; then
 fi
 if has bench; then
     echo "== bench"
-    timeout 150 "$BIN" bench --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
+    timeout 200 "$BIN" bench --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
     echo "bench exit $?" | tee -a "$OUT/bench.txt"
     PYTHONUNBUFFERED=1 timeout 120 python3 tools/bench_torch_gpu.py --ours "$OUT/bench.json" \
         >"$OUT/torch.txt" 2>&1
