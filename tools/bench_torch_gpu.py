@@ -272,6 +272,13 @@ def main():
         else:
             tail = f"{'-':>14} {'-':>10}"
         print(f"{r['op']:<24} {r['shape']:<30} {rate:>9.1f} {unit:<4} {100 * frac:>9.0f}% {tail}")
+        # Our other kernel sets for the same op and shape: "attention fwd (causal, wgmma)",
+        # "rmsnorm (pdl)", each against the same PyTorch figure.
+        for (op, shape), o in ours.items():
+            alt = op.startswith(r["op"] + " (") or (r["op"].endswith(")") and op.startswith(r["op"][:-1] + ", "))
+            if shape == r["shape"] and op != r["op"] and alt:
+                orate = o["work"] / o["seconds"] / (1e9 if o["unit"] == "Bytes" else 1e12)
+                print(f"{'  ' + op:<24} {shape:<30} {'':>14} {'':>10} {orate:>9.1f} {unit:<4} {orate / rate:>10.2f}")
 
 
 if __name__ == "__main__":
