@@ -414,25 +414,19 @@ impl CudaBackend {
                 return;
             }
         }
-        let launched = if self.pdl.get() && programmatic(name) {
-            self.launch_programmatic(&f, grid, block, smem, args)
-        } else {
-            self.launch_func(&f, grid, block, smem, args)
-        };
-        if let Err(e) = launched {
+        let pdl = self.pdl.get() && programmatic(name);
+        if let Err(e) = self.launch_func(&f, grid, block, smem, args, pdl) {
             self.fail(format!("launching {name}: {e}"));
         }
     }
 
-    /// `launch_func` through cuLaunchKernelEx, with programmatic stream serialization allowed:
-    /// the kernel may start while the previous kernel in the stream finishes, and waits for it
+    /// Launches `f` through cuLaunchKernelEx with programmatic stream serialization allowed: the
+    /// kernel may start while the previous kernel in the stream finishes, and waits for it
     /// (`wait_for_prior_grids`) before it touches memory.
     fn launch_programmatic(
         &self,
         f: &CudaFunction,
-        grid: (u32, u32, u32),
-        block: (u32, u32, u32),
-        smem: u32,
+        (grid, block, smem): ((u32, u32, u32), (u32, u32, u32), u32),
         args: &[Arg],
     ) -> std::result::Result<(), String> {
         use cudarc::driver::sys;
@@ -478,7 +472,8 @@ impl CudaBackend {
         .map_err(|e| format!("{e:?}"))
     }
 
-    /// Launches `f`, returning the launch error (a bad configuration, say) instead of keeping it.
+    /// Launches `f` (programmatically where `pdl`), returning the launch error (a bad
+    /// configuration, say) instead of keeping it.
     fn launch_func(
         &self,
         f: &CudaFunction,
@@ -486,7 +481,11 @@ impl CudaBackend {
         block: (u32, u32, u32),
         smem: u32,
         args: &[Arg],
+        pdl: bool,
     ) -> std::result::Result<(), String> {
+        if pdl {
+            return self.launch_programmatic(f, (grid, block, smem), args);
+        }
         let mut b = self.stream.launch_builder(f);
         for a in args {
             match a {
