@@ -529,12 +529,9 @@ pub fn pdl_rows_cuda(
     s: &BenchShapes,
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
-    let was = be.pdl();
-    if !be.set_pdl(true) {
+    let Some(rows) = be.with_pdl(|| memory_bound_rows(be, s, iters)) else {
         return Ok(Vec::new());
-    }
-    let rows = memory_bound_rows(be, s, iters);
-    be.set_pdl(was);
+    };
     Ok(rows?
         .into_iter()
         .filter(|r| r.op != "embedding")

@@ -319,6 +319,17 @@ impl CudaBackend {
         self.pdl.get()
     }
 
+    /// `f` with programmatic dependent launch on, then the setting as it was; None before sm_90.
+    pub fn with_pdl<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+        let was = self.pdl();
+        if !self.set_pdl(true) {
+            return None;
+        }
+        let r = f();
+        self.set_pdl(was);
+        Some(r)
+    }
+
     pub fn attention_kernels(&self) -> AttnKernels {
         self.attn.get()
     }
