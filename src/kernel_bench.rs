@@ -757,9 +757,11 @@ pub fn policy_loss_rows_cuda(
     Ok(out)
 }
 
-/// lm_head + entropy/log-prob, forward and backward, over 4·tokens rows: the full [N, V]
-/// logits against the chunked path. Work is counted as the three useful GEMMs for both (the
-/// chunked backward recomputes its logits, a fourth), so the rates compare times.
+/// lm_head + entropy/log-prob, forward and backward. Over 4·tokens rows: the full [N, V]
+/// logits against the chunked paths, in two passes (statistics, then a backward that recomputes
+/// each chunk's logits) and in one (per-row coefficients). Over `tokens` rows, one chunk: the
+/// full logits against one pass. Work is counted as the three useful GEMMs throughout (the
+/// two-pass recompute is a fourth), so the rates compare times.
 pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let (n, h, v) = (s.tokens * 4, s.hidden, s.vocab);
     let x = be.upload(&rnd(n * h, 1.0))?;
@@ -768,89 +770,98 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
     let mut dw = be.alloc_f32(v * h)?;
     let targets: Vec<u32> = (0..n as u32).map(|i| i % v as u32).collect();
     let (a, b) = (vec![1.0f32; n], vec![1.0f32; n]);
-    let work = 3.0 * 2.0 * (n * h * v) as f64;
-    let shape = format!("[{n}, {h}] x [{v}, {h}]ᵀ");
-    let extra = |base: Option<usize>| base.and_then(|b| be.memory().map(|m| m.1 - b));
-    let mut rows = Vec::new();
-
-    be.sync()?;
-    be.reset_peak_memory();
-    let base = be.memory().map(|m| m.0);
-    let t = {
+    let shape = |n: usize| format!("[{n}, {h}] x [{v}, {h}]ᵀ");
+    let row = |op: &str, n: usize, seconds: f64, extra_bytes: Option<usize>| BenchRow {
+        op: format!("lm_head+entropy f+b, {op}"),
+        shape: shape(n),
+        unit: Unit::Flops,
+        work: 3.0 * 2.0 * (n * h * v) as f64,
+        seconds,
+        extra_bytes,
+        copy_peer: None,
+    };
+    // Runs f once the peak-memory counter is reset; the extra memory is its peak over the
+    // memory in use before it.
+    let measured = |f: &mut dyn FnMut() -> Result<f64>| -> Result<(f64, Option<usize>)> {
+        be.sync()?;
+        be.reset_peak_memory();
+        let base = be.memory().map(|m| m.0);
+        let t = f()?;
+        Ok((t, base.and_then(|b| be.memory().map(|m| m.1 - b))))
+    };
+    let full = |n: usize, dx: &mut B::Buf, dw: &mut B::Buf| -> Result<f64> {
         let mut logits = be.alloc(n * v)?;
         let mut dlogits = be.alloc(n * v)?;
         let mut stats = be.alloc_f32(3 * n)?;
+        let loss = StatsLoss {
+            targets: &targets[..n],
+            temperature: 1.0,
+            a: &a[..n],
+            b: &b[..n],
+        };
         time(be, iters, || {
             be.matmul(&mut logits, &x, &w, None, n, h, v);
-            let _ = be.softmax_stats_into(&mut stats, &logits, n, v, &targets, 1.0);
-            be.softmax_stats_bwd_saved(
-                &mut dlogits,
-                &logits,
-                &stats,
-                n,
-                v,
-                &StatsLoss {
-                    targets: &targets,
-                    temperature: 1.0,
-                    a: &a,
-                    b: &b,
-                },
-            );
-            be.zero(&mut dx);
-            be.matmul_bwd(
-                Some(&mut dx),
-                Some(&mut dw),
-                None,
-                &dlogits,
+            let _ = be.softmax_stats_into(&mut stats, &logits, n, v, &targets[..n], 1.0);
+            be.softmax_stats_bwd_saved(&mut dlogits, &logits, &stats, n, v, &loss);
+            be.zero(dx);
+            be.matmul_bwd(Some(dx), Some(dw), None, &dlogits, &x, &w, n, h, v);
+        })
+    };
+    let mut rows = Vec::new();
+
+    let (t, extra) = measured(&mut || full(n, &mut dx, &mut dw))?;
+    rows.push(row("full logits", n, t, extra));
+    let (t, extra) = measured(&mut || {
+        let mut chunks = crate::lm_head::Chunks::new(be, n, h, v)?;
+        time(be, iters, || {
+            let stats = crate::lm_head::stats(be, &mut chunks, &x, &w, (n, h, v), &targets, 1.0)
+                .unwrap_or_default();
+            let _ = crate::lm_head::stats_bwd(
+                be,
+                &mut chunks,
+                &mut dx,
+                &mut dw,
                 &x,
                 &w,
-                n,
-                h,
-                v,
+                (n, h, v),
+                &stats,
+                &targets,
+                1.0,
+                &a,
+                &b,
             );
-        })?
-    };
-    rows.push(BenchRow {
-        op: "lm_head+entropy f+b, full logits".into(),
-        shape: shape.clone(),
-        unit: Unit::Flops,
-        work,
-        seconds: t,
-        extra_bytes: extra(base),
-        copy_peer: None,
-    });
-
-    be.sync()?;
-    be.reset_peak_memory();
-    let base = be.memory().map(|m| m.0);
-    let mut chunks = crate::lm_head::Chunks::new(be, n, h, v)?;
-    let t = time(be, iters, || {
-        let stats = crate::lm_head::stats(be, &mut chunks, &x, &w, (n, h, v), &targets, 1.0)
-            .unwrap_or_default();
-        let _ = crate::lm_head::stats_bwd(
-            be,
-            &mut chunks,
-            &mut dx,
-            &mut dw,
-            &x,
-            &w,
-            (n, h, v),
-            &stats,
-            &targets,
-            1.0,
-            &a,
-            &b,
-        );
+        })
     })?;
-    rows.push(BenchRow {
-        op: "lm_head+entropy f+b, chunked".into(),
-        shape,
-        unit: Unit::Flops,
-        work,
-        seconds: t,
-        extra_bytes: extra(base),
-        copy_peer: None,
-    });
+    rows.push(row("chunked, two passes", n, t, extra));
+    let one_pass = |n: usize, dx: &mut B::Buf, dw: &mut B::Buf| -> Result<f64> {
+        let mut chunks = crate::lm_head::Chunks::new(be, n, h, v)?;
+        let mut xn = be.alloc(n * h)?;
+        be.copy_range(&mut xn, 0, &x, 0, n * h);
+        let coef = |r: usize, _: &crate::backend::RowStats| (a[r], b[r]);
+        time(be, iters, || {
+            let _ = crate::lm_head::stats_and_grad(
+                be,
+                &mut chunks,
+                dx,
+                dw,
+                &xn,
+                &w,
+                (n, h, v),
+                &targets[..n],
+                1.0,
+                crate::lm_head::Coef::PerRow(&coef),
+            );
+        })
+    };
+    let (t, extra) = measured(&mut || one_pass(n, &mut dx, &mut dw))?;
+    rows.push(row("chunked, one pass", n, t, extra));
+
+    // One chunk's rows, a training sequence, where PyTorch's autograd fits beside it.
+    let n1 = s.tokens.min(crate::lm_head::chunk_rows(n, v));
+    let (t, extra) = measured(&mut || full(n1, &mut dx, &mut dw))?;
+    rows.push(row("full logits", n1, t, extra));
+    let (t, extra) = measured(&mut || one_pass(n1, &mut dx, &mut dw))?;
+    rows.push(row("one pass", n1, t, extra));
     Ok(rows)
 }
 

@@ -563,6 +563,16 @@ fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) ->
         &want,
         false,
     )?;
+    // Over the logits themselves, as the chunked lm_head now runs it.
+    let mut bp = c.be.upload(&logits)?;
+    c.be.softmax_stats_bwd_saved_in_place(&mut bp, &stats, rows, vocab, &loss);
+    c.row(
+        "softmax_stats_bwd_saved in place",
+        shape.clone(),
+        &bp,
+        &want,
+        false,
+    )?;
     let mut bd = c.nan(rows * vocab)?;
     c.be.softmax_stats_bwd(&mut bd, &bl, rows, vocab, &loss);
     c.row("softmax_stats_bwd dlogits", shape, &bd, &want, false)

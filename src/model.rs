@@ -573,6 +573,41 @@ impl<B: Backend> Qwen2<B> {
         self.backward_from_xf(be, acts, grads)
     }
 
+    /// `lm_head_stats` and then `lm_head_stats_bwd`, with (a, b) from the statistics by
+    /// `coef`, as one call that computes the logits once where `coef` allows
+    /// (`lm_head::stats_and_grad`). Returns the statistics.
+    pub fn lm_head_stats_grad(
+        &self,
+        be: &B,
+        acts: &mut Activations<B::Buf>,
+        targets: &[u32],
+        temperature: f32,
+        coef: crate::lm_head::Coef,
+        grads: &mut Params<B::Buf>,
+    ) -> Result<Vec<RowStats>> {
+        let n = acts.batch * acts.seq;
+        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
+        self.alloc_scratch(be, acts)?;
+        self.chunk_bufs(be, acts)?;
+        let s = acts.scratch.as_mut().expect("allocated above");
+        let ch = acts.chunk.as_mut().expect("allocated above");
+        let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
+        let stats = crate::lm_head::stats_and_grad(
+            be,
+            ch,
+            &mut s.dxn,
+            dlm,
+            &acts.xf,
+            self.lm_head(),
+            (n, h, v),
+            targets,
+            temperature,
+            coef,
+        )?;
+        self.backward_from_xf(be, acts, grads)?;
+        Ok(stats)
+    }
+
     /// Incremental forward: appends `ids` = [batch, seq] to the cache and leaves the logits of
     /// each sequence's last new position in `acts.logits` = [batch, vocab].
     pub fn forward_cached(

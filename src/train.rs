@@ -6,6 +6,7 @@ use crate::backend::{Backend, RowStats, NO_TARGET};
 use crate::checkpoint;
 use crate::data::{Example, Prompt};
 use crate::grader::{self, GoldAnswer};
+use crate::lm_head::Coef;
 use crate::model::{Activations, Params, Qwen2};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::rl::{self, ClipConfig, LossAgg, PolicyLoss, SeqSpan};
@@ -360,17 +361,13 @@ pub struct StepMetrics {
     pub seconds: f64,
 }
 
-/// Activations, targets and softmax statistics of one sequence's forward.
-type SeqForward<T> = (Activations<T>, Vec<u32>, Vec<RowStats>);
-
-/// Forward of one sequence and the softmax statistics of its completion rows (row r predicts
+/// Forward of one sequence up to the final norm, and the target of each row (row r predicts
 /// token r + 1; rows before the last prompt token have no target).
-fn seq_forward<B: Backend>(
+fn seq_hidden<B: Backend>(
     be: &B,
     model: &Qwen2<B>,
     s: &TrainSeq,
-    temperature: f32,
-) -> Result<SeqForward<B::Buf>> {
+) -> Result<(Activations<B::Buf>, Vec<u32>)> {
     let seq = s.ids.len();
     let mut acts = model.alloc_activations(be, 1, seq, true)?;
     model.forward_hidden(be, &s.ids, &mut acts)?;
@@ -383,12 +380,12 @@ fn seq_forward<B: Backend>(
             }
         })
         .collect();
-    let stats = model.lm_head_stats(be, &mut acts, &targets, temperature)?;
-    Ok((acts, targets, stats))
+    Ok((acts, targets))
 }
 
 /// Forward + backward of one sequence; `coef` maps (entropies, logprobs) of the completion
-/// rows to (d/dentropy, d/dlogprob) per row.
+/// rows to (d/dentropy, d/dlogprob) per row. A sequence that fits in one lm_head chunk
+/// computes its logits once.
 fn seq_backward<B: Backend>(
     be: &B,
     model: &Qwen2<B>,
@@ -398,16 +395,21 @@ fn seq_backward<B: Backend>(
     coef: impl FnOnce(&[f32], &[f32]) -> (Vec<f32>, Vec<f32>),
 ) -> Result<()> {
     let seq = s.ids.len();
-    let (mut acts, targets, stats) = seq_forward(be, model, s, temperature)?;
+    let (mut acts, targets) = seq_hidden(be, model, s)?;
     let rows = s.prompt_len - 1..seq - 1;
-    let ent: Vec<f32> = stats[rows.clone()].iter().map(|x| x.entropy).collect();
-    let lp: Vec<f32> = stats[rows.clone()].iter().map(|x| x.logprob).collect();
-    let (da, db) = coef(&ent, &lp);
-    let mut a = vec![0.0f32; seq];
-    let mut b = vec![0.0f32; seq];
-    a[rows.clone()].copy_from_slice(&da);
-    b[rows].copy_from_slice(&db);
-    model.lm_head_stats_bwd(be, &mut acts, &stats, &targets, temperature, &a, &b, grads)
+    let row_coef = |stats: &[RowStats]| {
+        let ent: Vec<f32> = stats[rows.clone()].iter().map(|x| x.entropy).collect();
+        let lp: Vec<f32> = stats[rows.clone()].iter().map(|x| x.logprob).collect();
+        let (da, db) = coef(&ent, &lp);
+        let mut a = vec![0.0f32; seq];
+        let mut b = vec![0.0f32; seq];
+        a[rows.clone()].copy_from_slice(&da);
+        b[rows.clone()].copy_from_slice(&db);
+        (a, b)
+    };
+    let coef = Coef::Whole(Box::new(row_coef));
+    model.lm_head_stats_grad(be, &mut acts, &targets, temperature, coef, grads)?;
+    Ok(())
 }
 
 /// Log-probs of the completion tokens under the current weights (the "old" policy).
@@ -417,7 +419,8 @@ fn seq_logprobs<B: Backend>(
     s: &TrainSeq,
     temperature: f32,
 ) -> Result<Vec<f32>> {
-    let (_, _, stats) = seq_forward(be, model, s, temperature)?;
+    let (mut acts, targets) = seq_hidden(be, model, s)?;
+    let stats = model.lm_head_stats(be, &mut acts, &targets, temperature)?;
     Ok(stats[s.prompt_len - 1..s.ids.len() - 1]
         .iter()
         .map(|x| x.logprob)
@@ -709,25 +712,26 @@ impl<'a, B: Backend> Trainer<'a, B> {
         let n_tok = targets.iter().filter(|&&t| t != NO_TARGET).count();
         let mut acts = self.model.alloc_activations(self.be, batch, seq, true)?;
         self.model.forward_hidden(self.be, &ids, &mut acts)?;
-        let stats = self
-            .model
-            .lm_head_stats(self.be, &mut acts, &targets, 1.0)?;
-        let nll = -stats.iter().map(|s| s.logprob as f64).sum::<f64>() / n_tok.max(1) as f64;
-        let a = vec![0.0f32; batch * seq];
-        let b: Vec<f32> = targets
-            .iter()
-            .map(|&t| {
-                if t == NO_TARGET {
-                    0.0
-                } else {
-                    -1.0 / n_tok.max(1) as f32
-                }
-            })
-            .collect();
+        // Cross-entropy's gradient does not depend on the statistics: b = −1/n per target.
+        let per_target = -1.0 / n_tok.max(1) as f32;
+        let b = |r: usize, _: &RowStats| {
+            let b = if targets[r] == NO_TARGET {
+                0.0
+            } else {
+                per_target
+            };
+            (0.0, b)
+        };
         let mut grads = self.model.zeros_like_params(self.be)?;
-        self.model.lm_head_stats_bwd(
-            self.be, &mut acts, &stats, &targets, 1.0, &a, &b, &mut grads,
+        let stats = self.model.lm_head_stats_grad(
+            self.be,
+            &mut acts,
+            &targets,
+            1.0,
+            Coef::PerRow(&b),
+            &mut grads,
         )?;
+        let nll = -stats.iter().map(|s| s.logprob as f64).sum::<f64>() / n_tok.max(1) as f64;
         let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
         self.state.step += 1;
         self.state.optimizer_step = self.opt.step;

@@ -250,6 +250,10 @@ fn softmax_entropy_logprob_backward() {
     let mut ds = vec![f32::NAN; rows * vocab];
     cpu::softmax_stats_bwd_saved(&mut ds, &logits, &stats, rows, vocab, &loss);
     fd_check("softmax entropy+logprob, saved stats", &logits, &ds, f);
+    // In place (what the chunked lm_head runs): the gradient over the logits it came from.
+    let mut dp = logits.clone();
+    cpu::softmax_stats_bwd_saved_in_place(&mut dp, &stats, rows, vocab, &loss);
+    fd_check("softmax entropy+logprob, in place", &logits, &dp, f);
     // Entropy of a uniform row is ln V, and a target's log-prob there is −ln V.
     let s = cpu::softmax_stats(&[2.0; 8], 1, 8, &[3], 0.5)[0];
     assert!((s.entropy - 8f32.ln()).abs() < 1e-6 && (s.logprob + 8f32.ln()).abs() < 1e-6);

@@ -503,10 +503,53 @@ fn stats_bwd_rows(
         });
 }
 
+/// softmax_stats_bwd_saved with each row's gradient written over its logits.
+pub fn softmax_stats_bwd_saved_in_place(
+    logits: &mut [f32],
+    stats: &[f32],
+    rows: usize,
+    vocab: usize,
+    loss: &StatsLoss,
+) {
+    let StatsLoss {
+        targets,
+        temperature,
+        a,
+        b,
+    } = *loss;
+    logits[..rows * vocab]
+        .par_chunks_mut(vocab)
+        .enumerate()
+        .for_each(|(r, row)| {
+            let (lse, entropy) = (stats[3 * r], stats[3 * r + 1]);
+            stats_grad_in_place(
+                row,
+                (lse, lse - entropy),
+                targets[r],
+                temperature,
+                a[r],
+                b[r],
+            );
+        });
+}
+
 /// One row's gradient of a·entropy + b·logprob given its (logsumexp, E[z]).
 fn stats_grad(
     drow: &mut [f32],
     row: &[f32],
+    moments: (f32, f32),
+    target: u32,
+    temperature: f32,
+    a: f32,
+    b: f32,
+) {
+    drow.copy_from_slice(row);
+    stats_grad_in_place(drow, moments, target, temperature, a, b);
+}
+
+/// `stats_grad` over the row it reads: each logit is replaced by its own gradient.
+fn stats_grad_in_place(
+    row: &mut [f32],
     (lse, mean_z): (f32, f32),
     target: u32,
     temperature: f32,
@@ -517,13 +560,13 @@ fn stats_grad(
     // dlogp_y/dz_j = [j = y] − p_j; the chain rule through z adds the 1/T.
     let inv_t = 1.0 / temperature;
     let cb = if target == NO_TARGET { 0.0 } else { b };
-    for (d, &x) in drow.iter_mut().zip(row) {
-        let z = x * inv_t;
+    for x in row.iter_mut() {
+        let z = *x * inv_t;
         let p = (z - lse).exp();
-        *d = (a * (-p * (z - mean_z)) - cb * p) * inv_t;
+        *x = (a * (-p * (z - mean_z)) - cb * p) * inv_t;
     }
     if target != NO_TARGET {
-        drow[target as usize] += cb * inv_t;
+        row[target as usize] += cb * inv_t;
     }
 }
 
@@ -794,5 +837,15 @@ impl Backend for CpuBackend {
         loss: &StatsLoss,
     ) {
         softmax_stats_bwd_saved(dlogits, logits, stats, rows, vocab, loss)
+    }
+    fn softmax_stats_bwd_saved_in_place(
+        &self,
+        logits: &mut Vec<f32>,
+        stats: &Vec<f32>,
+        rows: usize,
+        vocab: usize,
+        loss: &StatsLoss,
+    ) {
+        softmax_stats_bwd_saved_in_place(logits, stats, rows, vocab, loss)
     }
 }

@@ -1593,6 +1593,42 @@ impl Backend for CudaBackend {
         vocab: usize,
         loss: &StatsLoss,
     ) {
+        if self.want(
+            "softmax_stats_bwd",
+            "dlogits",
+            dlogits,
+            Dtype::Bf16,
+            rows * vocab,
+        ) {
+            self.stats_bwd_saved_to(dlogits.ptr, logits, stats, rows, vocab, loss);
+        }
+    }
+
+    fn softmax_stats_bwd_saved_in_place(
+        &self,
+        logits: &mut CudaBuf,
+        stats: &CudaBuf,
+        rows: usize,
+        vocab: usize,
+        loss: &StatsLoss,
+    ) {
+        // The kernel reads each pack of logits before the same thread writes its gradient there.
+        self.stats_bwd_saved_to(logits.ptr, logits, stats, rows, vocab, loss);
+    }
+}
+
+impl CudaBackend {
+    /// softmax_stats_bwd_saved writing dlogits at `dst`: a checked bf16 [rows, vocab] buffer,
+    /// or the logits' own address.
+    fn stats_bwd_saved_to(
+        &self,
+        dst: u64,
+        logits: &CudaBuf,
+        stats: &CudaBuf,
+        rows: usize,
+        vocab: usize,
+        loss: &StatsLoss,
+    ) {
         let StatsLoss {
             targets,
             temperature,
@@ -1600,8 +1636,7 @@ impl Backend for CudaBackend {
             b,
         } = *loss;
         let op = "softmax_stats_bwd";
-        if !(self.want(op, "dlogits", dlogits, Dtype::Bf16, rows * vocab)
-            && self.want(op, "logits", logits, Dtype::Bf16, rows * vocab)
+        if !(self.want(op, "logits", logits, Dtype::Bf16, rows * vocab)
             && self.want(op, "stats", stats, Dtype::F32, 3 * rows))
         {
             return;
@@ -1641,7 +1676,7 @@ impl Backend for CudaBackend {
             let (n, r) = (MAX_GRID_Y.min(rows - r0), r0 as u64);
             let row_bytes = 2 * vocab as u64 * r;
             let args = [
-                Arg::P(dlogits.ptr + row_bytes),
+                Arg::P(dst + row_bytes),
                 Arg::P(logits.ptr + row_bytes),
                 Arg::P(stats.ptr + 12 * r),
                 Arg::P(t + 4 * r),

@@ -424,6 +424,17 @@ pub trait Backend {
         vocab: usize,
         loss: &StatsLoss,
     );
+    /// `softmax_stats_bwd_saved` with the gradient written over the logits it is computed
+    /// from: one [rows, vocab] buffer serves both, so the chunked lm_head's chunks can be twice
+    /// as tall in the same memory.
+    fn softmax_stats_bwd_saved_in_place(
+        &self,
+        logits: &mut Self::Buf,
+        stats: &Self::Buf,
+        rows: usize,
+        vocab: usize,
+        loss: &StatsLoss,
+    );
 }
 
 /// The argument checks every backend's softmax_stats makes.
