@@ -8,7 +8,7 @@ use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use empo_engine::backend::cpu::CpuBackend;
 use empo_engine::backend::{AttnShape, Backend, StatsLoss};
-use empo_engine::kernel_bench::{rnd, BenchShapes};
+use empo_engine::kernel_bench::{gather_ids, rnd, BenchShapes};
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
 
@@ -171,15 +171,8 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
             be.add(&mut outs[k], &xs[k])
         },
     );
-    // Each set gathers other rows of the table.
     let table = be.upload(&rnd(v * h, 0.05)).unwrap();
-    let ids: Vec<Vec<u32>> = (0..sets as u32)
-        .map(|j| {
-            (0..m as u32)
-                .map(|t| (t * 7919 + j * 104729) % v as u32)
-                .collect()
-        })
-        .collect();
+    let ids = gather_ids(sets, m, v);
     g.bench(
         format!("embedding {m} ids of [{v}, {h}]"),
         Work::Bytes((2 * m * h * 2) as u64),

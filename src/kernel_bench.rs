@@ -391,6 +391,17 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     Ok(rows)
 }
 
+/// `sets` lists of m token ids below v, each gathering other rows of the table.
+pub fn gather_ids(sets: usize, m: usize, v: usize) -> Vec<Vec<u32>> {
+    (0..sets as u32)
+        .map(|j| {
+            (0..m as u32)
+                .map(|t| (t * 7919 + j * 104729) % v as u32)
+                .collect()
+        })
+        .collect()
+}
+
 /// The memory-bound ops over [tokens, hidden] and [tokens, intermediate]: residual add, RMSNorm
 /// and its backward, the embedding gather, RoPE on q, SwiGLU and its backward.
 fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
@@ -454,14 +465,7 @@ fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
         4.0 * (m * h) as f64 * e,
         t,
     );
-    // Each set gathers other rows of the table.
-    let ids: Vec<Vec<u32>> = (0..sets as u32)
-        .map(|j| {
-            (0..m as u32)
-                .map(|t| (t * 7919 + j * 104729) % v as u32)
-                .collect()
-        })
-        .collect();
+    let ids = gather_ids(sets, m, v);
     let table = be.upload(&rnd(v * h, 0.05))?;
     let t = time(be, iters, || {
         let j = next();

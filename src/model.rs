@@ -534,48 +534,10 @@ impl<B: Backend> Qwen2<B> {
         )
     }
 
-    /// Backward of Σ_r a[r]·entropy[r] + b[r]·logprob[r] through the chunked lm_head and the
-    /// whole model, accumulating (+=) into `grads`, given what `lm_head_stats` returned for the
-    /// same activations and temperature. Each chunk's logits are recomputed.
-    #[allow(clippy::too_many_arguments)]
-    pub fn lm_head_stats_bwd(
-        &self,
-        be: &B,
-        acts: &mut Activations<B::Buf>,
-        stats: &[RowStats],
-        targets: &[u32],
-        temperature: f32,
-        a: &[f32],
-        b: &[f32],
-        grads: &mut Params<B::Buf>,
-    ) -> Result<()> {
-        let n = acts.batch * acts.seq;
-        let (h, v) = (self.cfg.hidden_size, self.cfg.vocab_size);
-        self.alloc_scratch(be, acts)?;
-        self.chunk_bufs(be, acts)?;
-        let s = acts.scratch.as_mut().expect("allocated above");
-        let ch = acts.chunk.as_mut().expect("allocated above");
-        let dlm = grads.lm_head.as_mut().unwrap_or(&mut grads.embed);
-        crate::lm_head::stats_bwd(
-            be,
-            ch,
-            &mut s.dxn,
-            dlm,
-            &acts.xf,
-            self.lm_head(),
-            (n, h, v),
-            stats,
-            targets,
-            temperature,
-            a,
-            b,
-        )?;
-        self.backward_from_xf(be, acts, grads)
-    }
-
-    /// `lm_head_stats` and then `lm_head_stats_bwd`, with (a, b) from the statistics by
-    /// `coef`, as one call that computes the logits once where `coef` allows
-    /// (`lm_head::stats_and_grad`). Returns the statistics.
+    /// The statistics of `lm_head_stats` and the backward of Σ_r a[r]·entropy[r] +
+    /// b[r]·logprob[r] through the chunked lm_head and the whole model, accumulating (+=) into
+    /// `grads`, with (a, b) from the statistics by `coef`: the logits are computed once where
+    /// `coef` allows (`lm_head::stats_and_grad`). Returns the statistics.
     pub fn lm_head_stats_grad(
         &self,
         be: &B,
