@@ -20,8 +20,8 @@ use anyhow::{bail, Result};
 /// Rows per chunk. One [rows, V] buffer holds a chunk's logits and then their gradient: 4096 ×
 /// 152064 × bf16 is 1.25 GB at Qwen2.5's vocabulary, under the 2 GB budget. Taller chunks are
 /// fewer passes of the dlm_head GEMM over its f32 [V, H] output (beta = 1 reads and writes all
-/// 2.2 GB of it once per chunk, as long as the GEMM's own math at K = 1024 rows) and let a
-/// whole 4k-token sequence take the one-pass path.
+/// 2.2 GB of it once per chunk: as long as the GEMM's own math at K = 1024 rows, a quarter of it
+/// at 4096) and let a whole 4k-token sequence take the one-pass path.
 pub const LM_HEAD_CHUNK: usize = 4096;
 
 /// The most one chunk's bf16 logits may take, which shortens chunks for vocabularies larger
