@@ -776,13 +776,14 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
     let (a, b) = (vec![1.0f32; n], vec![1.0f32; n]);
     let shape = |n: usize| format!("[{n}, {h}] x [{v}, {h}]ᵀ");
     let row = |op: &str, n: usize, seconds: f64, extra_bytes: Option<usize>| BenchRow {
-        op: format!("lm_head+entropy f+b, {op}"),
-        shape: shape(n),
-        unit: Unit::Flops,
-        work: 3.0 * 2.0 * (n * h * v) as f64,
-        seconds,
         extra_bytes,
-        copy_peer: None,
+        ..BenchRow::new(
+            &format!("lm_head+entropy f+b, {op}"),
+            shape(n),
+            Unit::Flops,
+            3.0 * 2.0 * (n * h * v) as f64,
+            seconds,
+        )
     };
     // Runs f once the peak-memory counter is reset; the extra memory is its peak over the
     // memory in use before it.
@@ -839,8 +840,6 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
     rows.push(row("chunked, two passes", n, t, extra));
     let one_pass = |n: usize, dx: &mut B::Buf, dw: &mut B::Buf| -> Result<f64> {
         let mut chunks = crate::lm_head::Chunks::new(be, n, h, v)?;
-        let mut xn = be.alloc(n * h)?;
-        be.copy_range(&mut xn, 0, &x, 0, n * h);
         let coef = |r: usize, _: &crate::backend::RowStats| (a[r], b[r]);
         time(be, iters, || {
             let _ = crate::lm_head::stats_and_grad(
@@ -848,7 +847,7 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
                 &mut chunks,
                 dx,
                 dw,
-                &xn,
+                &x,
                 &w,
                 (n, h, v),
                 &targets[..n],
@@ -860,7 +859,8 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
     let (t, extra) = measured(&mut || one_pass(n, &mut dx, &mut dw))?;
     rows.push(row("chunked, one pass", n, t, extra));
 
-    // One chunk's rows, a training sequence, where PyTorch's autograd fits beside it.
+    // One chunk's rows, a training sequence, where PyTorch's autograd fits beside it: the first
+    // rows of x, dx and the targets serve.
     let n1 = s.tokens.min(crate::lm_head::chunk_rows(n, v));
     let (t, extra) = measured(&mut || full(n1, &mut dx, &mut dw))?;
     rows.push(row("full logits", n1, t, extra));
