@@ -88,9 +88,10 @@ fn ratio_table(spent: &[Spent]) {
     );
     // A benchmark a filter left out was never called.
     for s in spent.iter().filter(|s| s.calls > 0) {
-        let (r, unit, ceiling) = match s.work {
-            Work::Bytes(_) => (rate(s), "GB/s", copy),
-            Work::Flops(_) => (rate(s), "TFLOP/s", gemm),
+        let r = rate(s);
+        let (unit, ceiling) = match s.work {
+            Work::Bytes(_) => ("GB/s", copy),
+            Work::Flops(_) => ("TFLOP/s", gemm),
         };
         let frac = ceiling.map_or("-".to_string(), |c| format!("{:.0}%", 100.0 * r / c));
         let ms = 1e3 * s.time.as_secs_f64() / s.calls.max(1) as f64;
