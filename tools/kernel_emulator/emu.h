@@ -32,9 +32,11 @@ struct Fiber {
     ucontext_t ctx; dim3e tid; bool done = false; std::vector<char> stack; std::vector<PendingCopy> pend; int committed = 0;
     const Bar *wait = nullptr; int wait_gen = 0;  // the barrier this thread waits at, and its generation then
     std::vector<PendingMma> mma_pend; int mma_committed = 0; bool mma_fenced = false;  // emu_wgmma.h
+    int proxy_gen = 0;  // emu_wgmma.h: the async-proxy generation this thread's last fence asks for
 };
 static ucontext_t g_sched;
 static Fiber *g_cur;
+static std::vector<Fiber> *g_fibers;  // the running block's threads
 static dim3e g_block, g_grid, g_bdim;
 #define threadIdx (g_cur->tid)
 #define blockIdx g_block
@@ -45,6 +47,18 @@ static dim3e g_block, g_grid, g_bdim;
 #define EMU_STACK_BYTES (256 * 1024)
 #endif
 alignas(1024) static unsigned char emu_dyn_smem[232448];  // 227 KB, the sm_90 opt-in maximum
+// A kernel's dynamic shared memory starts g_dyn_off bytes into the buffer (its shared-window
+// address; the GPU guarantees 16-byte alignment only) and, when g_dyn_bytes is set, holds that
+// many bytes: a write outside them is reported when the block ends.
+static uint32_t g_dyn_off = 0, g_dyn_bytes = 0;
+// What the async proxy (wgmma's operand reads) sees of the buffer: emu_wgmma.h copies the generic
+// view over it once every live thread of the block has passed a fence.proxy.async.
+alignas(1024) static unsigned char emu_async_smem[sizeof emu_dyn_smem];
+static int g_proxy_gen = 0;
+// The shared bytes (address, value at issue) that the wgmma groups of each warpgroup read and
+// have not been waited for: emu_wgmma.h checks them unchanged when the group is waited for.
+struct OperandReads { int wg, group; std::vector<std::pair<uint32_t, uint16_t>> bytes; };
+static std::vector<OperandReads> g_operand_reads;
 static long g_conflicts = 0, g_ldsm = 0;
 
 inline void yield_() { swapcontext(&g_cur->ctx, &g_sched); }
@@ -171,8 +185,12 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
             for (unsigned x = 0; x < grid.x; x++) {
                 g_block = {x, y, z};
                 memset(emu_dyn_smem, 0xff, sizeof emu_dyn_smem);  // NaN garbage
+                memset(emu_async_smem, 0xff, sizeof emu_async_smem);
+                g_proxy_gen = 0;
+                g_operand_reads.clear();
                 g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{}; for (auto &w : g_wgbar) w = Bar{};
                 std::vector<Fiber> fs(nt);
+                g_fibers = &fs;
                 for (int i = 0; i < nt; i++) {
                     fs[i].tid = {i % block.x, i / block.x % block.y, i / (block.x * block.y)};
                     fs[i].stack.resize(EMU_STACK_BYTES);
@@ -209,6 +227,14 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
                     }
                 }
                 for (auto &f : fs) assert(f.pend.empty() && f.mma_pend.empty());
+                assert(g_operand_reads.empty());
+                if (g_dyn_bytes)
+                    for (uint32_t a = 0; a < sizeof emu_dyn_smem; a++)
+                        if ((a < g_dyn_off || a >= g_dyn_off + g_dyn_bytes) && emu_dyn_smem[a] != 0xff) {
+                            fprintf(stderr, "block (%u, %u, %u) wrote shared byte %u, outside its %u bytes at %u\n", x, y, z,
+                                    a, g_dyn_bytes, g_dyn_off);
+                            abort();
+                        }
             }
 }
 

@@ -6,11 +6,33 @@
 // that covers it, so a kernel that touches S or O too early fails here. Each issue is a
 // warpgroup barrier (the instruction is .sync.aligned: all 128 threads must reach it), and each
 // needs a wgmma.fence since the thread's last wait, as the PTX rules ask.
+//
+// Its shared operands are read through the async proxy (PTX ISA 9.7.15.4): here from
+// emu_async_smem, which catches up with the generic view only once every live thread of the
+// block has passed a fence.proxy.async. Each issue asserts that the bytes it reads look the same
+// through both proxies (a tile published by a barrier without its writers' fences would not),
+// and each wait that every byte a finished group read is still as it was at issue (the tensor
+// cores may read it at any time before the wait). The whole-block rule is stricter than the
+// hardware's, which asks only the writing threads to fence; the kernels fence in every thread.
 inline uint32_t smem_addr(const void *p) { return attn::smem_u32(p); }
-inline void cp_async16(uint32_t dst, const void *src, bool valid) { attn::cp_async16(emu_dyn_smem + dst, src, valid); }
+// A shared access must stay inside the launch's dynamic shared memory (emu.h: g_dyn_off, g_dyn_bytes).
+inline void check_dyn(uint32_t a, uint32_t n) {
+    const uint32_t end = g_dyn_bytes ? g_dyn_off + g_dyn_bytes : (uint32_t)sizeof emu_dyn_smem;
+    assert(a >= g_dyn_off && a + n <= end && "shared access outside the launch's dynamic shared memory");
+}
+inline void cp_async16(uint32_t dst, const void *src, bool valid) {
+    check_dyn(dst, 16);
+    attn::cp_async16(emu_dyn_smem + dst, src, valid);
+}
 inline void cp_async_commit() { attn::cp_async_commit(); }
 template <int N> inline void cp_async_wait() { attn::cp_async_wait<N>(); }
-inline void fence_async_smem() {}
+inline void fence_async_smem() {
+    g_cur->proxy_gen = g_proxy_gen + 1;
+    for (auto &f : *g_fibers)
+        if (!f.done && f.proxy_gen <= g_proxy_gen) return;
+    memcpy(emu_async_smem, emu_dyn_smem, sizeof emu_dyn_smem);
+    g_proxy_gen++;
+}
 inline float ex2(float x) { return attn::ex2(x); }
 inline uint32_t pack(float lo, float hi) { return attn::pack(lo, hi); }
 
@@ -36,6 +58,23 @@ template <int N> inline void wg_wait() {
     }
     p = keep;
     g_cur->mma_fenced = false;
+    // The first thread of the warpgroup to wait for a group checks what the group read: a thread
+    // that wrote those bytes since the issue wrote them before its own wait.
+    auto &reads = g_operand_reads;
+    for (size_t i = 0; i < reads.size();) {
+        const OperandReads &r = reads[i];
+        if (r.wg != emu_wg() || r.group >= g_cur->mma_committed - N) { i++; continue; }
+        for (auto &b : r.bytes) {
+            uint16_t now;
+            memcpy(&now, emu_dyn_smem + b.first, 2);
+            if (now != b.second) {
+                fprintf(stderr, "shared bytes %u-%u, read by wgmma group %d of warpgroup %d, changed before its wait\n",
+                        b.first, b.first + 1, r.group, r.wg);
+                abort();
+            }
+        }
+        reads.erase(reads.begin() + i);
+    }
 }
 
 struct MatDesc { uint32_t start, lbo, sbo; };
@@ -49,10 +88,30 @@ inline MatDesc decode(uint64_t d) {
 inline uint32_t swizzle128(uint32_t a) { return a ^ (((a >> 7) & 7) << 4); }
 inline float smem_at(uint32_t a) {
     a = swizzle128(a);
-    assert(a + 2 <= sizeof emu_dyn_smem);
+    check_dyn(a, 2);
     bf16 h;
-    memcpy(&h, emu_dyn_smem + a, 2);
+    memcpy(&h, emu_async_smem + a, 2);
     return __bfloat162float(h);
+}
+// Run by one thread of the warpgroup at an issue, over the (unswizzled) addresses of every
+// element the issue reads: each must read the same through both proxies, and is noted for the
+// wait (wg_wait).
+inline void note_reads(const std::vector<uint32_t> &addrs) {
+    OperandReads r{emu_wg(), g_cur->mma_committed, {}};
+    for (uint32_t a : addrs) {
+        a = swizzle128(a);
+        check_dyn(a, 2);
+        uint16_t gen, async;
+        memcpy(&gen, emu_dyn_smem + a, 2);
+        memcpy(&async, emu_async_smem + a, 2);
+        if (gen != async) {
+            fprintf(stderr, "wgmma of warpgroup %d reads shared bytes %u-%u, written with no fence.proxy.async since\n",
+                    r.wg, a, a + 1);
+            abort();
+        }
+        r.bytes.push_back({a, gen});
+    }
+    g_operand_reads.push_back(std::move(r));
 }
 // K-major: byte offset of element (row, k) of a (rows x 16) operand: rows 128 bytes apart in
 // 8-row groups `sbo` apart, k contiguous.
@@ -112,6 +171,14 @@ template <int TA, int TB, int NB>
 inline void wg_issue_ss(float (&d)[NB][4], uint64_t da, uint64_t db, int accumulate) {
     wg_sync();
     const MatDesc a = decode(da), b = decode(db);
+    if ((emu_tid() & 127) == 0) {
+        std::vector<uint32_t> addrs;
+        for (int k = 0; k < 16; k++) {
+            for (int row = 0; row < 64; row++) addrs.push_back(a.start + (TA ? nmajor_off(a, k, row) : kmajor_off(a, row, k)));
+            for (int col = 0; col < 8 * NB; col++) addrs.push_back(b.start + (TB ? nmajor_off(b, k, col) : kmajor_off(b, col, k)));
+        }
+        note_reads(addrs);
+    }
     wg_issue(d, accumulate != 0, [&](int row, int k) { return TA ? nmajor(a, k, row) : kmajor(a, row, k); },
              [&](int k, int col) { return TB ? nmajor(b, k, col) : kmajor(b, col, k); });
     wg_sync();
@@ -125,6 +192,12 @@ inline void wgmma_rs(float (&d)[16][4], const uint32_t (&a)[4], uint64_t db) {
     memcpy(g_wga[emu_wg()][emu_tid() & 127], a, 16);
     wg_sync();
     const MatDesc b = decode(db);
+    if ((emu_tid() & 127) == 0) {
+        std::vector<uint32_t> addrs;
+        for (int k = 0; k < 16; k++)
+            for (int col = 0; col < 128; col++) addrs.push_back(b.start + nmajor_off(b, k, col));
+        note_reads(addrs);
+    }
     uint32_t (*wa)[4] = g_wga[emu_wg()];
     // A of m64nNk16 from registers: warp row / 16 holds its 16 rows in the mma.sync A layout.
     auto areg = [&](int row, int k) {

@@ -50,9 +50,9 @@ def common_helpers(cuda_dir):
 
 def host_shared_memory(src):
     """src with each kernel's dynamic shared memory (extern __shared__ unsigned char NAME[])
-    pointed at emu.h's one 227 KB buffer."""
+    pointed into emu.h's one 227 KB buffer, g_dyn_off bytes in."""
     return re.sub(r"extern __shared__ (?:__align__\(\d+\) )?unsigned char (\w+)\[\];",
-                  r"unsigned char *\1 = emu_dyn_smem;", src)
+                  r"unsigned char *\1 = emu_dyn_smem + g_dyn_off;", src)
 
 
 def main():

@@ -163,6 +163,20 @@ static void test_wgmma_layouts() {
     printf("wgmma layouts against CuTe's: %s (%d mismatches)\n", bad ? "FAIL" : "ok", bad);
 }
 
+// The wgmma kernels round their dynamic shared memory up to the swizzle's 1 KB period
+// themselves: each launch places it at the next of these window offsets (16 is the worst case,
+// 1008 bytes of padding) and holds it to the bytes its launcher in
+// src/backend/cuda_attention.rs gives (probe 2·32768 + 128·128 + 1024, forward 5·32768 + 1024,
+// backward 149504).
+static void launch_wgmma(uint32_t bytes, dim3e grid, std::function<void()> fn) {
+    static const uint32_t offsets[] = {16, 0, 528, 1008};
+    static int next = 0;
+    g_dyn_off = offsets[next++ % 4];
+    g_dyn_bytes = bytes;
+    emu_launch(grid, {256}, fn);
+    g_dyn_off = g_dyn_bytes = 0;
+}
+
 // wgmma_probe: each wgmma form of the two kernels alone, on small integers, so the product must
 // be exact. The GPU runs the same probe (check-kernels), against the same plain products.
 static void test_wgmma_probe() {
@@ -175,7 +189,7 @@ static void test_wgmma_probe() {
         for (auto &x : a) x = to_bf16((float)((int)(rng() % 7) - 3));
         for (auto &x : b) x = to_bf16((float)((int)(rng() % 7) - 3));
         std::vector<float> d((size_t)F.m * F.n, NAN);
-        emu_launch({1}, {256}, [&] { wgmma_probe(d.data(), a.data(), b.data(), f); });
+        launch_wgmma(2 * 32768 + 128 * 128 + 1024, {1}, [&] { wgmma_probe(d.data(), a.data(), b.data(), f); });
         std::vector<double> want(d.size(), 0);
         for (int i = 0; i < F.m; i++) for (int j = 0; j < F.n; j++) for (int k = 0; k < F.k; k++)
             want[(size_t)i * F.n + j] += (double)ld(&a[F.at ? (size_t)k * F.m + i : (size_t)i * F.k + k]) * ld(&b[F.bt ? (size_t)j * F.k + k : (size_t)k * F.n + j]);
@@ -197,7 +211,7 @@ static void test_wgmma(Shape s) {
     std::vector<double> ro, rl;
     ref_fwd(ro, rl, qf, kf, vf, s);
     dim3e grid = {(unsigned)(s.batch * s.heads), (unsigned)((s.tq + 127) / 128)};
-    emu_launch(grid, {256}, [&] { attention_fwd_d128_wgmma(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
+    launch_wgmma(5 * 32768 + 1024, grid, [&] { attention_fwd_d128_wgmma(out.data(), lse.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
     check("out", f32(out), ro, 1.5e-2);
     check("lse", lse, rl, 1e-4);
     if (s.tq != s.tk) return;  // training backward only runs over full sequences
@@ -211,7 +225,7 @@ static void test_wgmma(Shape s) {
     float *dkvp = group > 1 ? dkvacc.data() : nullptr;
     emu_launch({(unsigned)((rows + 3) / 4)}, {128}, [&] { attention_bwd_preprocess(delta.data(), lse2.data(), dqacc.data(), dkvp, dout.data(), out.data(), lse.data(), s.batch, s.tq, s.heads, s.D, dkvp ? 2 * nkv : 0); });
     const int nkeys = dkvp ? s.tk : s.cap;
-    emu_launch({(unsigned)(s.batch * s.heads), (unsigned)((nkeys + 127) / 128)}, {256}, [&] {
+    launch_wgmma(149504, {(unsigned)(s.batch * s.heads), (unsigned)((nkeys + 127) / 128)}, [&] {
         attention_bwd_d128_wgmma(dqacc.data(), dkvp, dk.data(), dv.data(), dout.data(), lse2.data(), delta.data(), q.data(), k.data(), v.data(), s.tq, s.tk, s.cap, s.heads, s.kv); });
     const int64_t n = nq + (dkvp ? 2 * nkv : 0);
     emu_launch({(unsigned)((n + 1023) / 1024)}, {256}, [&] { attention_bwd_convert(dq.data(), dk.data(), dv.data(), dqacc.data(), dkvp, nq, nkv); });
