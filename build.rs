@@ -116,18 +116,28 @@ fn main() {
                 kernels.push(head.split_whitespace().last().unwrap_or("").to_string());
             }
         }
-        let status = Command::new(&nvcc)
+        // ptxas's resource report (registers, stack, spills, and its advisories such as a
+        // serialized wgmma) is kept for `empo-engine info --resources` and tests/kernel_resources.rs:
+        // the one performance property of a kernel that can be checked without a GPU.
+        let output = Command::new(&nvcc)
             .arg("-fatbin")
-            .args(["-O3", "-std=c++17", "--use_fast_math", "-lineinfo"])
+            .args([
+                "-O3",
+                "-std=c++17",
+                "--use_fast_math",
+                "-lineinfo",
+                "-Xptxas=-v",
+            ])
             .args(gencode_flags())
             .arg("-I")
             .arg(root.join("cuda"))
             .arg(&unity)
             .arg("-o")
             .arg(&fatbin)
-            .status();
-        match status {
-            Ok(s) if s.success() => {
+            .output();
+        match output {
+            Ok(o) if o.status.success() => {
+                std::fs::write(out.join("ptxas.txt"), &o.stderr).unwrap();
                 compiled = true;
                 println!(
                     "cargo:rustc-env=EMPO_CUDA_TARGETS={}",
@@ -140,9 +150,11 @@ fn main() {
                 );
             }
             // A kernel that does not compile fails the build: CI must catch it.
-            Ok(s) => panic!(
-                "nvcc ({}) failed with {s} compiling cuda/*.cu",
-                nvcc.display()
+            Ok(o) => panic!(
+                "nvcc ({}) failed with {} compiling cuda/*.cu:\n{}",
+                nvcc.display(),
+                o.status,
+                String::from_utf8_lossy(&o.stderr)
             ),
             Err(e) => panic!("cannot run nvcc at {}: {e}", nvcc.display()),
         }
@@ -151,6 +163,7 @@ fn main() {
     }
     if !compiled {
         std::fs::write(&fatbin, b"").unwrap();
+        std::fs::write(out.join("ptxas.txt"), b"").unwrap();
     }
     println!(
         "cargo:rustc-env=EMPO_CUDA_KERNELS={}",

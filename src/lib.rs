@@ -15,6 +15,7 @@ pub mod hub;
 pub mod io;
 pub mod kernel_bench;
 pub mod kernel_checks;
+pub mod kernel_resources;
 pub mod lm_head;
 pub mod model;
 pub mod optim;

@@ -46,13 +46,21 @@ enum Cmd {
     /// Grade a prediction file against its gold answers.
     Grade(GradeArgs),
     /// Print the version, the compiled kernels and the devices found.
-    Info,
+    Info(InfoArgs),
     /// Check every CUDA kernel, then the whole model on the GPU, against the CPU reference;
     /// prints one row per check and exits non-zero on any failure (2 when there is no GPU).
     CheckKernels(CheckArgs),
     /// Kernel throughput at Qwen2.5-7B shapes, as TFLOP/s or GB/s and as a fraction of the
     /// copy-bandwidth and GEMM ceilings measured in the same run (exits 2 when there is no GPU).
     Bench(BenchArgs),
+}
+
+#[derive(Args)]
+struct InfoArgs {
+    /// Also print ptxas's report for every kernel and target: registers, stack, spills,
+    /// static shared memory and its performance advisories.
+    #[arg(long)]
+    resources: bool,
 }
 
 #[derive(Args)]
@@ -737,7 +745,8 @@ fn run_select<B: Backend>(be: &B, dir: &Path, a: &SelectArgs) -> Result<()> {
     Ok(())
 }
 
-fn info() {
+fn info(a: &InfoArgs) -> Result<()> {
+    use empo_engine::kernel_resources::{format_table, parse, PTXAS_REPORT};
     println!("empo-engine {}", empo_engine::VERSION);
     if device::kernels_compiled() {
         println!(
@@ -751,6 +760,30 @@ fn info() {
                 .unwrap_or("")
                 .replace(',', ", ")
         );
+        let res = parse(PTXAS_REPORT)?;
+        let spilling: Vec<String> = res
+            .iter()
+            .filter(|r| r.spills() || r.stack_bytes > 0)
+            .map(|r| format!("{} ({})", r.kernel, r.arch))
+            .collect();
+        let advised = res.iter().filter(|r| !r.advisories.is_empty()).count();
+        println!(
+            "  ptxas: {} kernel builds; stack or spills: {}; with advisories: {advised}{}",
+            res.len(),
+            if spilling.is_empty() {
+                "none".to_string()
+            } else {
+                spilling.join(", ")
+            },
+            if a.resources {
+                ""
+            } else {
+                " (info --resources)"
+            }
+        );
+        if a.resources {
+            print!("{}", format_table(&res));
+        }
     } else {
         println!("CUDA kernels: not compiled (built without nvcc)");
     }
@@ -772,6 +805,7 @@ fn info() {
         }
         Err(e) => println!("  cuda: none ({e:#})"),
     }
+    Ok(())
 }
 
 fn check_kernels(a: &CheckArgs) -> Result<()> {
@@ -969,10 +1003,7 @@ fn run(cli: Cli) -> Result<()> {
             );
             Ok(())
         }
-        Cmd::Info => {
-            info();
-            Ok(())
-        }
+        Cmd::Info(a) => info(&a),
         Cmd::CheckKernels(a) => check_kernels(&a),
         Cmd::Bench(a) => bench(&a),
     }

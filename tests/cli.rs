@@ -381,5 +381,31 @@ fn info_lists_the_kernels_and_the_devices() {
             !out.contains("__launch_bounds__"),
             "an attribute listed as a kernel: {out}"
         );
+        assert!(out.contains("stack or spills: none"), "{out}");
+        // --resources: a row per kernel with its registers for each target.
+        let o = run(&["info", "--resources"]);
+        assert!(o.status.success());
+        let out = String::from_utf8_lossy(&o.stdout);
+        let row = out
+            .lines()
+            .find(|l| l.starts_with("attention_fwd_d128_wgmma "))
+            .unwrap_or_else(|| panic!("no attention_fwd_d128_wgmma row: {out}"));
+        let header = out.lines().find(|l| l.starts_with("kernel ")).unwrap();
+        // Without sm_90a among the targets (CUDA_COMPUTE_CAP) the wgmma kernels are empty.
+        if let Some(col) = header.split('|').position(|c| c.contains("sm_90a")) {
+            let regs: u32 = row
+                .split('|')
+                .nth(col)
+                .unwrap()
+                .split_whitespace()
+                .next()
+                .unwrap()
+                .parse()
+                .unwrap();
+            assert!(
+                regs > 128 && regs <= 255,
+                "the sm_90a wgmma forward should hold its accumulators in registers: {row}"
+            );
+        }
     }
 }
