@@ -24,6 +24,8 @@ export LD_LIBRARY_PATH
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 "$BIN" info | tail -4
+# ptxas's registers, spills and advisories per kernel, as built (the same table as on the host).
+"$BIN" info --resources >"$OUT/resources.txt" 2>&1
 
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
