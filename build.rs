@@ -137,7 +137,12 @@ fn main() {
             .output();
         match output {
             Ok(o) if o.status.success() => {
-                std::fs::write(out.join("ptxas.txt"), &o.stderr).unwrap();
+                // Lossy: include_str! needs UTF-8, and host-compiler warnings may quote in another encoding.
+                std::fs::write(
+                    out.join("ptxas.txt"),
+                    String::from_utf8_lossy(&o.stderr).as_bytes(),
+                )
+                .unwrap();
                 compiled = true;
                 println!(
                     "cargo:rustc-env=EMPO_CUDA_TARGETS={}",

@@ -124,7 +124,6 @@ pub fn parse(report: &str) -> Result<Vec<KernelResources>> {
 /// The report as a table, one row per kernel, one column group per target.
 pub fn format_table(rows: &[KernelResources]) -> String {
     let mut archs: Vec<&str> = rows.iter().map(|r| r.arch.as_str()).collect();
-    archs.dedup();
     archs.sort_unstable();
     archs.dedup();
     let mut kernels: Vec<&str> = rows.iter().map(|r| r.kernel.as_str()).collect();

@@ -746,7 +746,7 @@ fn run_select<B: Backend>(be: &B, dir: &Path, a: &SelectArgs) -> Result<()> {
 }
 
 fn info(a: &InfoArgs) -> Result<()> {
-    use empo_engine::kernel_resources::{format_table, parse, PTXAS_REPORT};
+    use empo_engine::kernel_resources::{format_table, kernel_names, parse, PTXAS_REPORT};
     println!("empo-engine {}", empo_engine::VERSION);
     if device::kernels_compiled() {
         println!(
@@ -754,12 +754,7 @@ fn info(a: &InfoArgs) -> Result<()> {
             option_env!("EMPO_CUDA_TARGETS").unwrap_or("")
         );
         println!("  files: {}", option_env!("EMPO_CUDA_FILES").unwrap_or(""));
-        println!(
-            "  kernels: {}",
-            option_env!("EMPO_CUDA_KERNEL_NAMES")
-                .unwrap_or("")
-                .replace(',', ", ")
-        );
+        println!("  kernels: {}", kernel_names().join(", "));
         let res = parse(PTXAS_REPORT)?;
         let spilling: Vec<String> = res
             .iter()
