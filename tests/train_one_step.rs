@@ -1,6 +1,11 @@
 //! One SGD update of `train` on fixed rollouts, against PyTorch autograd
 //! (tools/make_train_fixtures.py): the weights written to OUT/final/ must move exactly as
 //! transformers' do, and the logged loss and gradient norm must agree.
+//!
+//! The same steps run on the GPU when one is present (they skip with a reason otherwise): the
+//! whole driver on the CUDA backend, bf16 weights, against the same PyTorch numbers. On the GPU
+//! machine, which has no cargo, tools/gpu-run.sh runs this executable with EMPO_BIN and
+//! EMPO_FIXTURES pointing into its copy of the repository.
 
 mod common;
 
@@ -15,9 +20,15 @@ fn train_dir(tag: &str) -> PathBuf {
     d
 }
 
+fn engine() -> PathBuf {
+    std::env::var_os("EMPO_BIN")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_BIN_EXE_empo-engine")))
+}
+
 fn expected(case: &str) -> (WeightFiles, std::collections::HashMap<String, String>) {
     let path = fixtures().join(format!("train/{case}.expected.safetensors"));
-    let bytes = std::fs::read(&path).unwrap();
+    let bytes = std::fs::read(&path).unwrap_or_else(|e| panic!("{}: {e}", path.display()));
     let (_, meta) = safetensors::SafeTensors::read_metadata(&bytes).unwrap();
     (
         WeightFiles::open_files(&[path]).unwrap(),
@@ -25,18 +36,69 @@ fn expected(case: &str) -> (WeightFiles, std::collections::HashMap<String, Strin
     )
 }
 
+#[derive(Clone, Copy, PartialEq)]
+enum On {
+    Cpu,
+    /// bf16 weights and activations, f32 gradients: the update is held to the PyTorch one
+    /// rounded as the GPU must round it (below), the loss and gradient norm to 2%.
+    Cuda,
+}
+
+/// bf16(x), round to nearest even: the weights the CUDA backend holds.
+fn bf16(x: f32) -> f32 {
+    half::bf16::from_f32(x).to_f32()
+}
+
+/// The spacing of bf16 values at |x|: 2^(exponent − 7), bf16 keeping 7 fraction bits.
+fn bf16_ulp(x: f32) -> f32 {
+    f32::from_bits(x.abs().max(f32::MIN_POSITIVE).to_bits() & 0x7f80_0000) / 128.0
+}
+
+/// The bound on a GPU step's weights, as a fraction of each tensor's largest update beyond bf16
+/// rounding: check-kernels' bound on the model gradients (`Tolerances::bf16().model_grads`).
+/// Rounding the fixture's weights to bf16 alone, on the CPU, moves the updates by 1.7% of that.
+const GPU_UPDATE_TOL: f32 = 0.1;
+/// The bound on the GPU step's logged loss and gradient norm, relative (bf16 weights alone: 0.1%).
+const GPU_STAT_TOL: f64 = 2e-2;
+
+/// How far a GPU step's weights `got` are from PyTorch's `want` (both from `w0`), as a fraction
+/// of the tensor's largest update, and where. The GPU stores bf16(bf16(w0) − lr·g): against
+/// PyTorch's update applied to bf16(w0) the same way, a weight may differ by one bf16 spacing
+/// (the two results round apart) plus lr times its gradient's error, which bf16 activations keep
+/// to a few percent of the largest update. A wrong gradient is off by whole updates.
+fn bf16_update_excess(w0: &[f32], want: &[f32], got: &[f32]) -> (f32, usize) {
+    let scale = w0
+        .iter()
+        .zip(want)
+        .fold(1e-30f32, |m, (a, b)| m.max((b - a).abs()));
+    let (mut worst, mut at) = (0.0f32, 0);
+    for i in 0..w0.len() {
+        let exp = bf16(bf16(w0[i]) + (want[i] - w0[i]));
+        let e = if got[i].is_finite() {
+            let slack = bf16_ulp(exp.abs().max(got[i].abs()));
+            ((got[i] - exp).abs() - slack).max(0.0) / scale
+        } else {
+            f32::INFINITY
+        };
+        if e > worst {
+            (worst, at) = (e, i);
+        }
+    }
+    (worst, at)
+}
+
 /// Runs one step and compares the weight change and the logged loss and gradient norm.
-fn check_case(case: &str, args: &[&str]) {
+fn check_case(case: &str, args: &[&str], on: On) {
     let model = fixtures().join("tiny-qwen2-a");
     let out = train_dir(case);
     let (want, meta) = expected(case);
-    let mut cmd = Command::new(env!("CARGO_BIN_EXE_empo-engine"));
+    let mut cmd = Command::new(engine());
     cmd.args([
         "train",
         "--weights",
         model.to_str().unwrap(),
         "--device",
-        "cpu",
+        if on == On::Cpu { "cpu" } else { "cuda" },
     ])
     .args([
         "--optimizer",
@@ -67,22 +129,49 @@ fn check_case(case: &str, args: &[&str]) {
     for name in want.names().map(str::to_string).collect::<Vec<_>>() {
         let shape = want.shape(&name).unwrap().to_vec();
         let w0 = before.load_f32(&name, &shape).unwrap();
-        let delta = |w: Vec<f32>| w.iter().zip(&w0).map(|(a, b)| a - b).collect::<Vec<f32>>();
-        let d_got = delta(got.load_f32(&name, &shape).unwrap());
-        let d_want = delta(want.load_f32(&name, &shape).unwrap());
-        let err = rel_err(&d_got, &d_want);
-        worst = worst.max(err);
-        assert!(
-            err < 1e-3,
-            "{case}: update of {name} differs from PyTorch: rel err {err:e}"
-        );
+        let w_got = got.load_f32(&name, &shape).unwrap();
+        let w_want = want.load_f32(&name, &shape).unwrap();
+        let delta = |w: &[f32]| w.iter().zip(&w0).map(|(a, b)| a - b).collect::<Vec<f32>>();
+        let err = rel_err(&delta(&w_got), &delta(&w_want));
+        match on {
+            On::Cpu => {
+                worst = worst.max(err);
+                assert!(
+                    err < 1e-3,
+                    "{case}: update of {name} differs from PyTorch: rel err {err:e}"
+                );
+            }
+            On::Cuda => {
+                let (excess, at) = bf16_update_excess(&w0, &w_want, &w_got);
+                worst = worst.max(excess);
+                assert!(
+                    excess <= GPU_UPDATE_TOL,
+                    "{case}: {name}[{at}] is {} after the GPU step where PyTorch's update, \
+                     rounded to bf16, gives {}: off by {excess:.2e} of the tensor's largest \
+                     update beyond one bf16 spacing (update rel err {err:.2e})",
+                    w_got[at],
+                    bf16(bf16(w0[at]) + (w_want[at] - w0[at]))
+                );
+            }
+        }
     }
     let metrics = std::fs::read_to_string(out.join("metrics.jsonl")).unwrap();
     let m: serde_json::Value = serde_json::from_str(metrics.lines().next().unwrap()).unwrap();
-    let close = |a: f64, b: f64| (a - b).abs() <= 1e-4 * b.abs().max(1e-3);
+    let rel = if on == On::Cpu { 1e-4 } else { GPU_STAT_TOL };
+    let close = |a: f64, b: f64| (a - b).abs() <= rel * b.abs().max(1e-3);
     let want_loss: f64 = meta["loss_f64"].parse().unwrap();
     let want_norm: f64 = meta["grad_norm_f64"].parse().unwrap();
-    println!("{case}: max rel err of the update {worst:.2e}; loss {} vs {want_loss}; grad norm {} vs {want_norm}", m["loss"], m["grad_norm"]);
+    let unit = if on == On::Cpu {
+        "max rel err of the update"
+    } else {
+        "worst error beyond bf16 rounding, of the largest update"
+    };
+    println!(
+        "{case} ({}): {unit} {worst:.2e}; loss {} vs {want_loss}; grad norm {} vs {want_norm}",
+        if on == On::Cpu { "cpu" } else { "cuda" },
+        m["loss"],
+        m["grad_norm"]
+    );
     assert!(
         close(m["loss"].as_f64().unwrap(), want_loss),
         "{case}: loss {} vs {want_loss}",
@@ -123,39 +212,8 @@ fn rollouts(name: &str) -> String {
         .to_string()
 }
 
-#[test]
-fn em_one_step_matches_pytorch() {
-    check_case(
-        "em",
-        &["--algo", "em", "--rollouts", &rollouts("em_rollouts.jsonl")],
-    );
-}
-
-#[test]
-fn empo_token_mean_one_step_matches_pytorch() {
-    let r = rollouts("empo_rollouts.jsonl");
-    let args = [
-        "--algo",
-        "empo",
-        "--rollouts",
-        &r,
-        "--prompt-template",
-        "raw",
-        "--entropy-min",
-        "0.05",
-    ];
-    check_case(
-        "empo_token_mean",
-        &[
-            &args[..],
-            &["--entropy-max", "10", "--loss-agg", "token-mean"],
-        ]
-        .concat(),
-    );
-}
-
-#[test]
-fn empo_seq_mean_token_mean_one_step_matches_pytorch_for_grpo_and_gspo() {
+/// The EMPO cases share rollouts, which keep two of the three groups (the third is unanimous).
+fn empo_args(extra: &[&str]) -> Vec<String> {
     let r = rollouts("empo_rollouts.jsonl");
     let base = [
         "--algo",
@@ -169,13 +227,95 @@ fn empo_seq_mean_token_mean_one_step_matches_pytorch_for_grpo_and_gspo() {
         "--entropy-max",
         "10",
     ];
-    check_case(
-        "empo_seq_mean_token_mean",
-        &[&base[..], &["--loss-agg", "seq-mean-token-mean"]].concat(),
+    base.iter().chain(extra).map(|s| s.to_string()).collect()
+}
+
+fn run(case: &str, args: &[String], on: On) {
+    let args: Vec<&str> = args.iter().map(String::as_str).collect();
+    check_case(case, &args, on);
+}
+
+fn em_case(on: On) {
+    let r = rollouts("em_rollouts.jsonl");
+    check_case("em", &["--algo", "em", "--rollouts", &r], on);
+}
+
+fn empo_token_mean_case(on: On) {
+    run(
+        "empo_token_mean",
+        &empo_args(&["--loss-agg", "token-mean"]),
+        on,
     );
+}
+
+fn empo_seq_mean_token_mean_cases(on: On) {
+    let case = "empo_seq_mean_token_mean";
+    run(case, &empo_args(&["--loss-agg", "seq-mean-token-mean"]), on);
     // On the first, on-policy step GSPO's gradient is GRPO's with seq-mean-token-mean.
-    check_case(
-        "empo_seq_mean_token_mean",
-        &[&base[..], &["--policy-loss", "gspo"]].concat(),
-    );
+    run(case, &empo_args(&["--policy-loss", "gspo"]), on);
+}
+
+#[test]
+fn em_one_step_matches_pytorch() {
+    em_case(On::Cpu);
+}
+
+#[test]
+fn empo_token_mean_one_step_matches_pytorch() {
+    empo_token_mean_case(On::Cpu);
+}
+
+#[test]
+fn empo_seq_mean_token_mean_one_step_matches_pytorch_for_grpo_and_gspo() {
+    empo_seq_mean_token_mean_cases(On::Cpu);
+}
+
+/// The four steps above on the GPU: sampling aside, everything `train` does on a GPU (the
+/// forward and backward through every kernel, the chunked lm_head statistics, the policy loss,
+/// the optimizer and the checkpoint) against PyTorch autograd.
+#[test]
+fn one_step_on_the_gpu_matches_pytorch_within_bf16() {
+    if let Err(e) = empo_engine::device::open_cuda() {
+        println!("skipped: no GPU ({e:#})");
+        return;
+    }
+    em_case(On::Cuda);
+    empo_token_mean_case(On::Cuda);
+    empo_seq_mean_token_mean_cases(On::Cuda);
+}
+
+/// The GPU criterion on made-up updates: a bf16 step whose gradient is 4% off passes, one whose
+/// gradient is 20% off, or whose weights were never updated, or NaN, fails.
+#[test]
+fn the_bf16_update_criterion_separates_rounding_from_a_wrong_gradient() {
+    let w0: Vec<f32> = (0..4096)
+        .map(|i| {
+            ((i * 7919 % 4096) as f32 / 4096.0 - 0.5) * 0.1 + if i % 64 == 0 { 1.0 } else { 0.0 }
+        })
+        .collect();
+    let g: Vec<f32> = (0..4096)
+        .map(|i| ((i * 104729 % 4093) as f32 / 4093.0 - 0.5) * 0.2)
+        .collect();
+    let lr = 0.5;
+    let want: Vec<f32> = w0.iter().zip(&g).map(|(w, g)| w - lr * g).collect();
+    let gpu = |gerr: f32| -> Vec<f32> {
+        w0.iter()
+            .zip(&g)
+            .enumerate()
+            .map(|(i, (w, g))| {
+                // An error of gerr of the largest gradient, alternating in sign.
+                let e = if i % 2 == 0 { gerr } else { -gerr } * 0.1;
+                bf16(bf16(*w) - lr * (g + e))
+            })
+            .collect()
+    };
+    let (ok, _) = bf16_update_excess(&w0, &want, &gpu(0.04));
+    assert!(ok <= GPU_UPDATE_TOL, "{ok}");
+    let (bad, _) = bf16_update_excess(&w0, &want, &gpu(0.2));
+    assert!(bad > GPU_UPDATE_TOL, "{bad}");
+    let stale: Vec<f32> = w0.iter().map(|&w| bf16(w)).collect();
+    assert!(bf16_update_excess(&w0, &want, &stale).0 > 0.5);
+    let mut nan = gpu(0.0);
+    nan[17] = f32::NAN;
+    assert_eq!(bf16_update_excess(&w0, &want, &nan), (f32::INFINITY, 17));
 }

@@ -5,12 +5,20 @@
 #
 #   strip -o .gpu/empo-engine target/release/empo-engine
 #   strip -o .gpu/kernels-bench target/release/deps/kernels-<hash>
-#   tools/gpu-run.sh [check|sanitize|bench|prev|criterion|all]...
+#   strip -o .gpu/train-one-step target/release/deps/train_one_step-<hash>
+#   tools/gpu-run.sh [check|sanitize|train|demo|bench|prev|criterion|all]...
 #
-# Logs go to $OUT (or ./gpu-out), and a short summary is printed last.
+# Logs are written under $OUT/logs (OUT defaults to ./gpu-out) and packed into
+# $OUT/gpu-logs.tgz on exit, since the device tool brings back at most 8 files; a short summary
+# is printed last. The steps' own time limits add up to more than one 10-minute call: in a
+# lease, run `check train demo` in one call and `bench criterion` in the next.
 set -uo pipefail
-OUT=${OUT:-gpu-out}
+DEST=${OUT:-gpu-out}
+OUT=$DEST/logs
 mkdir -p "$OUT"
+pack() { tar czf "$DEST/gpu-logs.tgz" -C "$DEST" logs && rm -rf "$OUT"; }
+trap pack EXIT
+trap 'exit 143' TERM INT
 BIN=${BIN:-.gpu/empo-engine}
 steps=${*:-all}
 
@@ -20,7 +28,7 @@ for lib in libcublas.so.13 libcublasLt.so.13 libnvrtc.so.13; do
     d=$(find /usr/local/cuda*/ /opt /usr/lib -name "$lib" 2>/dev/null | head -1)
     [ -n "$d" ] && LD_LIBRARY_PATH="$(dirname "$d"):${LD_LIBRARY_PATH:-}"
 done
-export LD_LIBRARY_PATH
+export LD_LIBRARY_PATH=${LD_LIBRARY_PATH:-}
 echo "LD_LIBRARY_PATH=$LD_LIBRARY_PATH"
 nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu --format=csv | tee "$OUT/gpu.txt"
 "$BIN" info | tail -4
@@ -47,6 +55,23 @@ if has sanitize; then
         >"$OUT/sanitize.txt" 2>&1
     echo "sanitize exit $?" | tee -a "$OUT/sanitize.txt"
 fi
+# The driver on the GPU: `train` one step on fixed rollouts against PyTorch autograd
+# (tests/train_one_step.rs, whose GPU test skips everywhere else), then EMPO on the embedded demo,
+# sampling included, with greedy accuracy and semantic entropy before and after.
+if has train && [ -x .gpu/train-one-step ]; then
+    echo "== train one step vs PyTorch"
+    EMPO_BIN=$BIN EMPO_FIXTURES=tests/fixtures timeout 120 .gpu/train-one-step \
+        --test-threads 1 --nocapture >"$OUT/train.txt" 2>&1
+    echo "train-one-step exit $?" | tee -a "$OUT/train.txt"
+fi
+if has demo; then
+    echo "== EMPO on the embedded demo"
+    EMPO_DEMO_DIR=assets/demo timeout 300 "$BIN" train --device cuda --out "$OUT/demo-run" \
+        >"$OUT/demo.txt" 2>&1
+    echo "demo exit $?" | tee -a "$OUT/demo.txt"
+    cp "$OUT/demo-run/summary.json" "$OUT/demo-summary.json" 2>/dev/null
+    rm -rf "$OUT/demo-run"
+fi
 if has bench; then
     echo "== bench"
     timeout 200 "$BIN" bench --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
@@ -69,6 +94,6 @@ if has criterion; then
     echo "criterion exit $?" | tee -a "$OUT/criterion.txt"
 fi
 
-for f in check sanitize bench torch bench-prev criterion; do
+for f in check sanitize train demo bench torch bench-prev criterion; do
     [ -f "$OUT/$f.txt" ] && { echo "---- $f"; tail -n 60 "$OUT/$f.txt"; }
 done

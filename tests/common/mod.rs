@@ -10,8 +10,12 @@ use safetensors::{Dtype, SafeTensors};
 use std::collections::HashMap;
 use std::path::PathBuf;
 
+/// tests/fixtures of this checkout, or EMPO_FIXTURES: a test executable carried to the GPU
+/// machine (tools/gpu-run.sh) finds them in the copy of the repository there.
 pub fn fixtures() -> PathBuf {
-    PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures")
+    std::env::var_os("EMPO_FIXTURES")
+        .map(PathBuf::from)
+        .unwrap_or_else(|| PathBuf::from(env!("CARGO_MANIFEST_DIR")).join("tests/fixtures"))
 }
 
 pub const MODELS: [&str; 2] = ["tiny-qwen2-a", "tiny-qwen2-b"];
