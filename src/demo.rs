@@ -138,6 +138,7 @@ pub fn demo_config(dir: &Path, o: &DemoOptions) -> TrainConfig {
         clip_high: 0.2,
         dual_clip: None,
         kl_coef: 0.0,
+        recompute: Default::default(),
         mini_batches: 1,
         ppo_epochs: 1,
         optim: OptimConfig {

@@ -647,7 +647,7 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
         .iter()
         .map(|t| round_bf16(t))
         .collect();
-    let gpu = Qwen2::from_host(be, cfg.clone(), &tensors)?;
+    let mut gpu = Qwen2::from_host(be, cfg.clone(), &tensors)?;
     let cpu_be = cpu::CpuBackend;
     let cpu_m = Qwen2::from_host(&cpu_be, cfg.clone(), &tensors)?;
     let (batch, seq) = (2, 37);
@@ -667,19 +667,11 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
         if cfg.tie_word_embeddings { " tied" } else { "" }
     );
 
-    // Forward logits.
-    let mut ga = gpu.alloc_activations(be, batch, seq, true)?;
-    gpu.forward_train(be, &ids, &mut ga)?;
+    // Forward logits, and the gradients of every parameter for the scalar loss
+    // Σ entropy(T=1) + Σ logprob(next), on the oracle once; on the backend with every layer's
+    // activations kept, then with each layer recomputed in the backward (`Qwen2::recompute`).
     let mut ca = cpu_m.alloc_activations(&cpu_be, batch, seq, true)?;
     cpu_m.forward_train(&cpu_be, &ids, &mut ca)?;
-    c.push(CheckRow {
-        op: "model forward logits".into(),
-        shape: tag.clone(),
-        err: max_rel_err(&be.download(&ga.logits)?, &ca.logits),
-        tol: c.tol.model_logits,
-    });
-
-    // Gradients of every parameter for the scalar loss Σ entropy(T=1) + Σ logprob(next).
     let v = cfg.vocab_size;
     let targets = next_token_targets(&ids, batch, seq);
     let (a, b) = (vec![1.0f32; batch * seq], vec![1.0f32; batch * seq]);
@@ -689,32 +681,47 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
         a: &a,
         b: &b,
     };
-    let mut gd = be.alloc(batch * seq * v)?;
-    be.softmax_stats_bwd(&mut gd, &ga.logits, batch * seq, v, &loss);
-    let mut gg = gpu.zeros_like_params(be)?;
-    gpu.backward(be, &mut ga, &gd, &mut gg)?;
     let mut cd = vec![0.0; batch * seq * v];
     cpu::softmax_stats_bwd(&mut cd, &ca.logits, batch * seq, v, &loss);
     let mut cg = cpu_m.zeros_like_params(&cpu_be)?;
     cpu_m.backward(&cpu_be, &mut ca, &cd, &mut cg)?;
     let names = tensor_specs(cfg);
-    let mut worst = (0.0f64, String::new());
-    for ((g, w), (name, _)) in gg.list().into_iter().zip(cg.list()).zip(&names) {
-        let e = max_rel_err(&be.download(g)?, w);
-        if e.is_nan() || e > worst.0 || worst.1.is_empty() {
-            worst = (e, name.clone());
+    for recompute in [false, true] {
+        gpu.recompute = recompute;
+        let mut ga = gpu.alloc_activations(be, batch, seq, true)?;
+        gpu.forward_train(be, &ids, &mut ga)?;
+        if !recompute {
+            c.push(CheckRow {
+                op: "model forward logits".into(),
+                shape: tag.clone(),
+                err: max_rel_err(&be.download(&ga.logits)?, &ca.logits),
+                tol: c.tol.model_logits,
+            });
         }
+        let mut gd = be.alloc(batch * seq * v)?;
+        be.softmax_stats_bwd(&mut gd, &ga.logits, batch * seq, v, &loss);
+        let mut gg = gpu.zeros_like_params(be)?;
+        gpu.backward(be, &mut ga, &gd, &mut gg)?;
+        let mut worst = (0.0f64, String::new());
+        for ((g, w), (name, _)) in gg.list().into_iter().zip(cg.list()).zip(&names) {
+            let e = max_rel_err(&be.download(g)?, w);
+            if e.is_nan() || e > worst.0 || worst.1.is_empty() {
+                worst = (e, name.clone());
+            }
+        }
+        c.push(CheckRow {
+            op: format!(
+                "model grads{}, all {} tensors (worst: {})",
+                if recompute { " (recompute)" } else { "" },
+                names.len(),
+                worst.1
+            ),
+            shape: tag.clone(),
+            err: worst.0,
+            tol: c.tol.model_grads,
+        });
     }
-    c.push(CheckRow {
-        op: format!(
-            "model grads, all {} tensors (worst: {})",
-            names.len(),
-            worst.1
-        ),
-        shape: tag.clone(),
-        err: worst.0,
-        tol: c.tol.model_grads,
-    });
+    gpu.recompute = false;
 
     // KV-cache decode: prefill 20 tokens, then 4 single-token steps; the last step's logits
     // against the oracle's.

@@ -17,6 +17,7 @@ pub mod kernel_bench;
 pub mod kernel_checks;
 pub mod kernel_resources;
 pub mod lm_head;
+pub mod memory_plan;
 pub mod model;
 pub mod optim;
 pub mod rl;

@@ -48,6 +48,14 @@ pub struct Chunks<T> {
 }
 
 impl<T> Chunks<T> {
+    /// Values held, for the memory plan's tests.
+    pub fn held<B: Backend<Buf = T>>(&self, be: &B) -> usize {
+        [&self.x, &self.logits, &self.dx, &self.stats]
+            .iter()
+            .map(|b| be.len(b))
+            .sum()
+    }
+
     pub fn new<B: Backend<Buf = T>>(be: &B, n: usize, h: usize, v: usize) -> Result<Self> {
         let rows = chunk_rows(n, v);
         Ok(Chunks {

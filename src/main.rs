@@ -2,9 +2,11 @@ use anyhow::{bail, Context, Result};
 use clap::{Args, Parser, Subcommand};
 use empo_engine::backend::cpu::CpuBackend;
 use empo_engine::backend::Backend;
+use empo_engine::config::ModelConfig;
 use empo_engine::device::{self, Device, DeviceArg};
 use empo_engine::eval::{self, EvalOptions};
 use empo_engine::generate::{generate, score, GenerateOptions};
+use empo_engine::memory_plan::Recompute;
 use empo_engine::model::Qwen2;
 use empo_engine::optim::{MomentDtype, OptimConfig, OptimizerKind};
 use empo_engine::rl::{LossAgg, PolicyLoss};
@@ -285,6 +287,10 @@ struct TrainArgs {
     /// GPU (the CPU reference stays f32).
     #[arg(long, value_enum, default_value = "f32")]
     moments: MomentDtype,
+    /// Activation checkpointing: keep each layer's input only and recompute the layer in the
+    /// backward. auto: on where the run would not fit on the GPU without it.
+    #[arg(long, value_enum, default_value = "auto")]
+    recompute: Recompute,
     #[arg(long)]
     lr: Option<f32>,
     #[arg(long)]
@@ -578,6 +584,7 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
         clip_high: a.clip_high.unwrap_or(clip_hi),
         dual_clip: a.dual_clip,
         kl_coef: a.kl_coef.unwrap_or(0.0),
+        recompute: a.recompute,
         mini_batches: a.mini_batches.unwrap_or(1),
         ppo_epochs: a.ppo_epochs.unwrap_or(1),
         optim: OptimConfig {
@@ -625,6 +632,7 @@ fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
         clip_high: 0.0,
         dual_clip: None,
         kl_coef: 0.0,
+        recompute: Default::default(),
         mini_batches: 1,
         ppo_epochs: 1,
         optim: OptimConfig {
@@ -648,7 +656,6 @@ fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
 }
 
 fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<()> {
-    let model = Qwen2::load_dir(be, &cfg.weights)?;
     let tok = Tokenizer::from_dir(&cfg.weights)?;
     let source = match (&cfg.rollouts, &cfg.data) {
         (None, Some(d)) if cfg.algo == Algo::Sft => Source::Supervised(train::load_sft(d)?),
@@ -656,6 +663,11 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
         (None, Some(d)) => Source::Prompts(empo_engine::data::load_examples(d)?),
         (None, None) => bail!("no --data or --rollouts"),
     };
+    // Planned before the weights are uploaded, so that a run that cannot fit says so first.
+    let model_cfg = ModelConfig::from_file(&cfg.weights.join("config.json"))?;
+    let recompute = train::plan_memory(be, &model_cfg, &cfg, &tok, &source)?;
+    let mut model = Qwen2::load_dir(be, &cfg.weights)?;
+    model.recompute = recompute;
     let mut t = Trainer::new(be, cfg, model, tok, source)?;
     if let Some(ck) = resume_from {
         t.restore(&ck)?;

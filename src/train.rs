@@ -4,9 +4,11 @@
 
 use crate::backend::{Backend, RowStats, NO_TARGET};
 use crate::checkpoint;
+use crate::config::ModelConfig;
 use crate::data::{Example, Prompt};
 use crate::grader::{self, GoldAnswer};
 use crate::lm_head::Coef;
+use crate::memory_plan::{self, Recompute, RunShape};
 use crate::model::{Activations, Params, Qwen2};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::rl::{self, ClipConfig, LossAgg, PolicyLoss, SeqSpan};
@@ -81,6 +83,10 @@ pub struct TrainConfig {
     /// Weight of the KL penalty to the initial weights; 0 (default) loads no reference model.
     #[serde(default)]
     pub kl_coef: f32,
+    /// Activation checkpointing (`Qwen2::recompute`); `auto` turns it on only where the run
+    /// would not fit on the GPU without it (`memory_plan::resolve`).
+    #[serde(default)]
+    pub recompute: Recompute,
     pub mini_batches: usize,
     pub ppo_epochs: usize,
     pub optim: OptimConfig,
@@ -121,6 +127,91 @@ pub enum Source {
     Prompts(Vec<Example>),
     Rollouts(Vec<RolloutRecord>),
     Supervised(Vec<SftRecord>),
+}
+
+/// The longest prompt and the longest sequence a backward will run over, in tokens, for the
+/// memory plan: every prompt is rendered and tokenized once (about a second for 20,000). None
+/// for supervised data, whose batches are planned by their size instead.
+pub fn run_lengths(
+    tok: &Tokenizer,
+    cfg: &TrainConfig,
+    source: &Source,
+) -> Result<Option<(usize, usize)>> {
+    let (mut prompt, mut seq) = (0, 0);
+    match source {
+        Source::Supervised(_) => return Ok(None),
+        Source::Prompts(ex) => {
+            for e in ex {
+                let text = render_prompt(tok, &e.prompt, cfg.prompt_template, &cfg.suffix)?;
+                prompt = prompt.max(tok.encode(&text)?.len());
+            }
+            seq = prompt + cfg.max_new_tokens;
+        }
+        Source::Rollouts(recs) => {
+            for r in recs {
+                let (p, longest) = match r {
+                    RolloutRecord::Ids {
+                        prompt_ids,
+                        completion_ids,
+                        ..
+                    } => (
+                        prompt_ids.len(),
+                        completion_ids.iter().map(Vec::len).max().unwrap_or(0),
+                    ),
+                    RolloutRecord::Text {
+                        prompt: q,
+                        completions,
+                        ..
+                    } => {
+                        let text = render_prompt(
+                            tok,
+                            &Prompt::Text(q.clone()),
+                            cfg.prompt_template,
+                            &cfg.suffix,
+                        )?;
+                        let mut longest = 0;
+                        for c in completions {
+                            longest = longest.max(tok.encode(c)?.len());
+                        }
+                        (tok.encode(&text)?.len(), longest)
+                    }
+                };
+                prompt = prompt.max(p);
+                seq = seq.max(p + longest);
+            }
+        }
+    }
+    Ok(Some((prompt, seq)))
+}
+
+/// Counts what the run will hold in the backend's memory (`memory_plan`), prints it, and settles
+/// `cfg.recompute`: whether the model should recompute its layers in the backward. Fails, with
+/// the plan and what would fit, where the run cannot fit on the GPU.
+pub fn plan_memory<B: Backend>(
+    be: &B,
+    model: &ModelConfig,
+    cfg: &TrainConfig,
+    tok: &Tokenizer,
+    source: &Source,
+) -> Result<bool> {
+    let Some((prompt, train_seq)) = run_lengths(tok, cfg, source)? else {
+        return Ok(cfg.recompute == Recompute::On);
+    };
+    let replay = matches!(source, Source::Rollouts(_));
+    let shape = RunShape {
+        storage: be.storage_bytes(),
+        prompt,
+        max_new: if replay { 0 } else { cfg.max_new_tokens },
+        group: cfg.group_size,
+        train_seq,
+        optim: cfg.optim,
+        reference: cfg.kl_coef > 0.0,
+        recompute: false,
+    };
+    let free = be.device_memory().map(|(free, _)| free as u64);
+    let plan = memory_plan::resolve(model, shape, cfg.recompute, free)?;
+    eprintln!("{}", plan.summary(free));
+    Ok(plan.shape.recompute)
 }
 
 /// A prompt and the completion supervised training teaches.
@@ -359,6 +450,10 @@ pub struct StepMetrics {
     #[serde(skip_serializing_if = "Option::is_none")]
     pub label_accuracy: Option<f64>,
     pub seconds: f64,
+    /// Most bytes the backend's buffers held so far, in GB, where it tracks them (the GPU):
+    /// beside the memory plan printed at the start.
+    #[serde(skip_serializing_if = "Option::is_none")]
+    pub peak_memory_gb: Option<f64>,
 }
 
 /// Forward of one sequence up to the final norm, and the target of each row (row r predicts
@@ -450,7 +545,9 @@ impl<'a, B: Backend> Trainer<'a, B> {
     ) -> Result<Self> {
         let opt = Optimizer::new(be, &model, cfg.optim)?;
         let reference = if cfg.kl_coef > 0.0 {
-            Some(Qwen2::load_dir(be, &cfg.weights)?)
+            let mut r = Qwen2::load_dir(be, &cfg.weights)?;
+            r.recompute = model.recompute;
+            Some(r)
         } else {
             None
         };
@@ -960,7 +1057,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             .unwrap_or_else(|_| indicatif::ProgressStyle::default_bar()),
         );
         while self.state.step < self.cfg.steps {
-            let m = self.train_step()?;
+            let mut m = self.train_step()?;
+            m.peak_memory_gb = self.be.memory().map(|(_, peak)| peak as f64 / 1e9);
             writeln!(metrics, "{}", serde_json::to_string(&m)?)?;
             metrics.sync_data()?;
             let label = m
@@ -977,6 +1075,10 @@ impl<'a, B: Backend> Trainer<'a, B> {
                     "loss {:+.4} | sem-ent {:.3} | maj {:.2} | kept {:.2} | clip {:.3} | gnorm {:.3}{label} | {:.0} tok/s",
                     m.loss, m.semantic_entropy, m.majority_share, m.kept_fraction, m.clip_fraction, m.grad_norm, m.tokens_per_s
                 )
+            };
+            let summary = match m.peak_memory_gb {
+                Some(gb) => format!("{summary} | peak {gb:.1} GB"),
+                None => summary,
             };
             bar.inc(1);
             if bar.is_hidden() {

@@ -18,6 +18,81 @@ fn logits_logprobs_entropy_grads_and_decode_match_transformers() {
     }
 }
 
+/// Activation checkpointing recomputes each layer from its saved input, on the same backend
+/// with the same operands, so every gradient must come out bit for bit the same, through the
+/// full-logits backward and through the chunked lm_head the drivers use.
+#[test]
+fn recomputed_layers_give_bit_identical_gradients() {
+    use empo_engine::backend::{Backend, RowStats, StatsLoss};
+    use empo_engine::generate::next_token_targets;
+    use empo_engine::lm_head::Coef;
+    let be = CpuBackend;
+    for m in MODELS {
+        let r = Reference::load(m);
+        let (shape, ids) = r.ids("input_ids");
+        let (batch, seq) = (shape[0], shape[1]);
+        let targets = next_token_targets(&ids, batch, seq);
+        let grads = |recompute: bool, chunked: bool| -> Vec<Vec<f32>> {
+            let mut model = Qwen2::load_dir(&be, &fixtures().join(m)).unwrap();
+            model.recompute = recompute;
+            let v = model.cfg.vocab_size;
+            let mut acts = model.alloc_activations(&be, batch, seq, true).unwrap();
+            let mut grads = model.zeros_like_params(&be).unwrap();
+            let coef = |i: usize, _: &RowStats| (0.3 + (i % 5) as f32 * 0.1, -1.0);
+            if chunked {
+                model.forward_hidden(&be, &ids, &mut acts).unwrap();
+                model
+                    .lm_head_stats_grad(
+                        &be,
+                        &mut acts,
+                        &targets,
+                        0.7,
+                        Coef::PerRow(&coef),
+                        &mut grads,
+                    )
+                    .unwrap();
+            } else {
+                model.forward_train(&be, &ids, &mut acts).unwrap();
+                let n = batch * seq;
+                let stats = be.softmax_stats(&acts.logits, n, v, &targets, 0.7).unwrap();
+                let (a, b): (Vec<f32>, Vec<f32>) =
+                    stats.iter().enumerate().map(|(i, s)| coef(i, s)).unzip();
+                let mut dlogits = be.alloc(n * v).unwrap();
+                let loss = StatsLoss {
+                    targets: &targets,
+                    temperature: 0.7,
+                    a: &a,
+                    b: &b,
+                };
+                be.softmax_stats_bwd(&mut dlogits, &acts.logits, n, v, &loss);
+                model
+                    .backward(&be, &mut acts, &dlogits, &mut grads)
+                    .unwrap();
+            }
+            grads
+                .list()
+                .iter()
+                .map(|g| be.download(g).unwrap())
+                .collect()
+        };
+        for chunked in [false, true] {
+            let kept = grads(false, chunked);
+            let recomputed = grads(true, chunked);
+            for (i, (k, rc)) in kept.iter().zip(&recomputed).enumerate() {
+                assert!(
+                    k.iter().any(|&x| x != 0.0),
+                    "{m}: tensor {i} has no gradient"
+                );
+                let same = k.iter().zip(rc).all(|(a, b)| a.to_bits() == b.to_bits());
+                assert!(
+                    same,
+                    "{m} (chunked {chunked}): tensor {i} differs under recompute"
+                );
+            }
+        }
+    }
+}
+
 #[test]
 fn greedy_generation_is_identical_to_transformers() {
     for m in MODELS {

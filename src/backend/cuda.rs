@@ -968,6 +968,12 @@ impl Backend for CudaBackend {
             self.mem.peak.load(Ordering::Relaxed),
         ))
     }
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        self.ctx.mem_get_info().ok()
+    }
+    fn storage_bytes(&self) -> usize {
+        2
+    }
     fn reset_peak_memory(&self) {
         self.mem
             .peak

@@ -133,6 +133,15 @@ pub trait Backend {
         None
     }
     fn reset_peak_memory(&self) {}
+    /// The device's (free, total) bytes, where the backend has a device of its own; the CPU
+    /// reference has none (a run there is not planned against memory).
+    fn device_memory(&self) -> Option<(usize, usize)> {
+        None
+    }
+    /// Bytes of one stored activation or weight value.
+    fn storage_bytes(&self) -> usize {
+        4
+    }
     /// Waits for queued work and reports the first error since the last check.
     fn sync(&self) -> Result<()> {
         Ok(())

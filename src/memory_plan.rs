@@ -1,0 +1,326 @@
+//! What a training run holds in device memory, counted from the model's config and the run's
+//! settings before anything is allocated. A 7B model's f32 gradients and AdamW moments alone
+//! take 91 GB, so on an 80 GB GPU a run must know before its first generation whether it fits,
+//! and with which settings, rather than fail on an allocation an hour in.
+//!
+//! The counts follow the allocations of `Qwen2::alloc_activations`, `alloc_scratch`,
+//! `alloc_cache`, `lm_head::Chunks`, `Optimizer::new` and the CUDA attention backward.
+
+use crate::config::ModelConfig;
+use crate::lm_head::chunk_rows;
+use crate::model::tensor_specs;
+use crate::optim::{MomentDtype, OptimConfig, OptimizerKind};
+use anyhow::{bail, Result};
+
+/// Whether the backward recomputes each layer from its saved input (`Qwen2::recompute`).
+#[derive(
+    Debug,
+    Clone,
+    Copy,
+    Default,
+    PartialEq,
+    Eq,
+    clap::ValueEnum,
+    serde::Serialize,
+    serde::Deserialize,
+)]
+#[serde(rename_all = "lowercase")]
+pub enum Recompute {
+    /// On only where the run would not fit on the GPU without it.
+    #[default]
+    Auto,
+    On,
+    Off,
+}
+
+/// The shape of a run, as far as memory goes.
+#[derive(Debug, Clone, Copy)]
+pub struct RunShape {
+    /// Bytes of a stored value: 2 on the GPU (bf16), 4 on the CPU reference.
+    pub storage: usize,
+    /// Tokens of the longest prompt.
+    pub prompt: usize,
+    /// New tokens sampled per completion at most (0 when nothing is sampled).
+    pub max_new: usize,
+    /// Completions sampled together (G).
+    pub group: usize,
+    /// Tokens of the longest sequence a backward runs over.
+    pub train_seq: usize,
+    pub optim: OptimConfig,
+    /// A frozen copy of the weights for the KL penalty.
+    pub reference: bool,
+    pub recompute: bool,
+}
+
+/// Bytes by what holds them. Weights, reference and moments live for the whole run; the
+/// generation and the update phases take turns.
+#[derive(Debug, Clone)]
+pub struct MemoryPlan {
+    pub weights: u64,
+    pub reference: u64,
+    pub moments: u64,
+    pub gradients: u64,
+    /// Activations and gradient scratch of one sequence's forward and backward, lm_head
+    /// chunk included.
+    pub activations: u64,
+    /// KV cache, prefill activations and logits of one group's generation.
+    pub generation: u64,
+    pub shape: RunShape,
+}
+
+pub fn param_count(cfg: &ModelConfig) -> u64 {
+    tensor_specs(cfg)
+        .iter()
+        .map(|(_, s)| s.iter().product::<usize>() as u64)
+        .sum()
+}
+
+/// Bytes of one layer's saved activations per token (`LayerActs`).
+fn layer_bytes_per_token(c: &ModelConfig, w: u64) -> u64 {
+    let (h, qd, kvd, i) = (
+        c.hidden_size as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.intermediate_size as u64,
+    );
+    (4 * h + 2 * qd + 2 * kvd + 3 * i) * w + (2 + c.num_heads as u64) * 4
+}
+
+/// Bytes of `Qwen2::alloc_activations(batch, seq, train)` with `recompute`, storage width w.
+pub fn activations_bytes(
+    c: &ModelConfig,
+    batch: usize,
+    seq: usize,
+    train: bool,
+    recompute: bool,
+    w: u64,
+) -> u64 {
+    let n = (batch * seq) as u64;
+    let (h, layers) = (c.hidden_size as u64, c.num_layers as u64);
+    let (sets, inputs) = match (train, recompute) {
+        (true, false) => (layers, 0),
+        (true, true) => (1, layers),
+        (false, _) => (1, 0),
+    };
+    let logit_rows = if train { 0 } else { batch as u64 };
+    sets * n * layer_bytes_per_token(c, w)
+        + inputs * n * h * w
+        + 3 * n * h * w
+        + n * 4
+        + logit_rows * c.vocab_size as u64 * w
+}
+
+/// Bytes of the gradient scratch a backward over n tokens allocates (`alloc_scratch`).
+pub fn scratch_bytes(c: &ModelConfig, n: usize, w: u64) -> u64 {
+    let (h, qd, kvd, i) = (
+        c.hidden_size as u64,
+        c.q_dim() as u64,
+        c.kv_dim() as u64,
+        c.intermediate_size as u64,
+    );
+    n as u64 * (2 * h + 2 * qd + 2 * kvd + 3 * i) * w
+}
+
+/// Bytes of the lm_head chunk buffers for n rows (`lm_head::Chunks`).
+pub fn chunk_bytes(c: &ModelConfig, n: usize, w: u64) -> u64 {
+    let rows = chunk_rows(n, c.vocab_size) as u64;
+    rows * (2 * c.hidden_size as u64 + c.vocab_size as u64) * w + 3 * rows * 4
+}
+
+/// Bytes of `Qwen2::alloc_cache(batch, cap)`.
+pub fn cache_bytes(c: &ModelConfig, batch: usize, cap: usize, w: u64) -> u64 {
+    2 * c.num_layers as u64 * (batch * cap * c.kv_dim()) as u64 * w
+}
+
+impl MemoryPlan {
+    pub fn new(c: &ModelConfig, s: RunShape) -> MemoryPlan {
+        let p = param_count(c);
+        let w = s.storage as u64;
+        let moment_width = match (s.optim.moments, s.storage) {
+            (MomentDtype::Bf16, 2) => 2,
+            _ => 4,
+        };
+        let moments = match s.optim.kind {
+            OptimizerKind::Adamw => 2 * p * moment_width,
+            OptimizerKind::Sgd => 0,
+        };
+        let n = s.train_seq;
+        // The attention backward's f32 accumulators for dq and, under GQA, dk and dv (CUDA).
+        let attention_bwd = (n * (c.q_dim() + 2 * c.kv_dim())) as u64 * 4;
+        let activations = activations_bytes(c, 1, n, true, s.recompute, w)
+            + scratch_bytes(c, n, w)
+            + chunk_bytes(c, n, w)
+            + attention_bwd;
+        // generate(): the cache for the group, the prefill's activations, one step's.
+        let generation = if s.max_new == 0 {
+            0
+        } else {
+            let g = s.group;
+            cache_bytes(c, g, s.prompt + s.max_new, w)
+                + activations_bytes(c, g, s.prompt, false, false, w)
+                + activations_bytes(c, g, 1, false, false, w)
+        };
+        MemoryPlan {
+            weights: p * w,
+            reference: if s.reference { p * w } else { 0 },
+            moments,
+            gradients: p * 4,
+            activations,
+            generation,
+            shape: s,
+        }
+    }
+
+    /// The most held at once: the resident state plus the larger phase.
+    pub fn peak(&self) -> u64 {
+        self.weights
+            + self.reference
+            + self.moments
+            + self.generation.max(self.gradients + self.activations)
+    }
+
+    /// One line: what each part takes, and the peak (against `free` where known).
+    pub fn summary(&self, free: Option<u64>) -> String {
+        let s = &self.shape;
+        let moments = match s.optim.kind {
+            OptimizerKind::Sgd => String::new(),
+            OptimizerKind::Adamw => format!(
+                ", AdamW moments {} ({})",
+                gb(self.moments),
+                if self.moments < 8 * param_count_of(self) {
+                    "bf16"
+                } else {
+                    "f32"
+                }
+            ),
+        };
+        let reference = if self.reference > 0 {
+            format!(", KL reference {}", gb(self.reference))
+        } else {
+            String::new()
+        };
+        let generation = if self.generation > 0 {
+            format!(
+                "; generation {} ({} × {} tokens)",
+                gb(self.generation),
+                s.group,
+                s.prompt + s.max_new
+            )
+        } else {
+            String::new()
+        };
+        let against = free.map_or(String::new(), |f| format!(" of {} free", gb(f)));
+        format!(
+            "memory plan: weights {}{moments}{reference}; update: gradients (f32) {} + activations {} \
+             ({} tokens, recompute {}){generation}; peak {}{against}",
+            gb(self.weights),
+            gb(self.gradients),
+            gb(self.activations),
+            s.train_seq,
+            if s.recompute { "on" } else { "off" },
+            gb(self.peak()),
+        )
+    }
+}
+
+/// Parameters, from the f32 gradients.
+fn param_count_of(p: &MemoryPlan) -> u64 {
+    p.gradients / 4
+}
+
+fn gb(bytes: u64) -> String {
+    format!("{:.1} GB", bytes as f64 / 1e9)
+}
+
+/// What a run may use of `free` bytes: cuBLAS workspaces, the CUDA context's growth and
+/// fragmentation of the stream-ordered pool need the rest.
+pub fn usable(free: u64) -> u64 {
+    free.saturating_sub((free / 20).max(1 << 30))
+}
+
+/// Settles `recompute` for a run and checks that it fits in `free` bytes (when known): under
+/// `Auto`, recompute is on only when the run does not fit without it. A run that does not fit
+/// either way is an error that gives the plan and what would make it fit.
+pub fn resolve(
+    c: &ModelConfig,
+    mut shape: RunShape,
+    recompute: Recompute,
+    free: Option<u64>,
+) -> Result<MemoryPlan> {
+    shape.recompute = match recompute {
+        Recompute::On => true,
+        Recompute::Off => false,
+        Recompute::Auto => free.is_some_and(|f| {
+            MemoryPlan::new(
+                c,
+                RunShape {
+                    recompute: false,
+                    ..shape
+                },
+            )
+            .peak()
+                > usable(f)
+        }),
+    };
+    let plan = MemoryPlan::new(c, shape);
+    let Some(free) = free else { return Ok(plan) };
+    if plan.peak() <= usable(free) {
+        return Ok(plan);
+    }
+    let mut hints = Vec::new();
+    let mut try_hint = |what: &str, alt: RunShape| {
+        let p = MemoryPlan::new(c, alt);
+        hints.push(format!(
+            "{what}: peak {}{}",
+            gb(p.peak()),
+            if p.peak() <= usable(free) {
+                " (fits)"
+            } else {
+                ""
+            }
+        ));
+    };
+    if !shape.recompute {
+        try_hint(
+            "--recompute on",
+            RunShape {
+                recompute: true,
+                ..shape
+            },
+        );
+    }
+    let full = RunShape {
+        recompute: true,
+        ..shape
+    };
+    if shape.optim.kind == OptimizerKind::Adamw && shape.optim.moments == MomentDtype::F32 {
+        let mut o = shape.optim;
+        o.moments = MomentDtype::Bf16;
+        try_hint(
+            "--moments bf16 --recompute on",
+            RunShape { optim: o, ..full },
+        );
+    }
+    if shape.reference {
+        try_hint(
+            "--kl-coef 0 --recompute on",
+            RunShape {
+                reference: false,
+                ..full
+            },
+        );
+    }
+    bail!(
+        "this run does not fit on the GPU: {}; at most {} of it may be used.\n  {}",
+        plan.summary(Some(free)),
+        gb(usable(free)),
+        if hints.is_empty() {
+            "a smaller model, fewer --max-new-tokens or a GPU with more memory".to_string()
+        } else {
+            format!(
+                "with {}; else a smaller model, fewer --max-new-tokens or a GPU with more memory",
+                hints.join("; with ")
+            )
+        }
+    )
+}

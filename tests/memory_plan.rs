@@ -1,0 +1,243 @@
+//! The memory plan: its parameter counts against the published sizes of Qwen2.5 models, its
+//! activation, cache and chunk counts against what the model really allocates, and its
+//! verdicts for a 7B run on an 80 GB and a 141 GB GPU.
+
+mod common;
+
+use common::*;
+use empo_engine::backend::cpu::CpuBackend;
+use empo_engine::backend::{Backend, RowStats};
+use empo_engine::config::ModelConfig;
+use empo_engine::generate::next_token_targets;
+use empo_engine::lm_head::Coef;
+use empo_engine::memory_plan::{self, MemoryPlan, Recompute, RunShape};
+use empo_engine::model::Qwen2;
+use empo_engine::optim::{MomentDtype, OptimConfig, OptimizerKind};
+use std::path::Path;
+
+fn config(json: &str) -> ModelConfig {
+    ModelConfig::from_json_str(json, Path::new("config.json")).unwrap()
+}
+
+/// config.json of Qwen/Qwen2.5-Math-7B (the fields the engine reads).
+fn qwen_7b() -> ModelConfig {
+    config(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 3584,
+        "intermediate_size": 18944, "num_hidden_layers": 28, "num_attention_heads": 28,
+        "num_key_value_heads": 4, "vocab_size": 152064, "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0, "tie_word_embeddings": false, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16"}"#,
+    )
+}
+
+/// config.json of Qwen/Qwen2.5-Math-1.5B.
+fn qwen_1_5b() -> ModelConfig {
+    config(
+        r#"{"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_size": 1536,
+        "intermediate_size": 8960, "num_hidden_layers": 28, "num_attention_heads": 12,
+        "num_key_value_heads": 2, "vocab_size": 151936, "rms_norm_eps": 1e-06,
+        "rope_theta": 10000.0, "tie_word_embeddings": true, "max_position_embeddings": 4096,
+        "torch_dtype": "bfloat16"}"#,
+    )
+}
+
+/// The model cards give 7.61B parameters (6.53B without embeddings) for Qwen2.5-7B and 1.54B
+/// (1.31B) for Qwen2.5-1.5B, whose embeddings are tied.
+#[test]
+fn parameter_counts_match_the_model_cards() {
+    let billions = |x: u64| x as f64 / 1e9;
+    let near = |x: u64, card: f64| (billions(x) - card).abs() < 0.01;
+    let p = memory_plan::param_count(&qwen_7b());
+    assert!(near(p, 7.61) && near(p - 2 * 152064 * 3584, 6.53), "{p}");
+    let p = memory_plan::param_count(&qwen_1_5b());
+    assert!(near(p, 1.54) && near(p - 151936 * 1536, 1.31), "{p}");
+}
+
+/// Every count the plan makes of activations, gradient scratch, lm_head chunks and the KV
+/// cache is what the model allocates on the CPU backend (4 bytes a value there), with and
+/// without recompute.
+#[test]
+fn the_plan_counts_what_the_model_allocates() {
+    let be = CpuBackend;
+    for m in MODELS {
+        let dir = fixtures().join(m);
+        let r = Reference::load(m);
+        let (shape, ids) = r.ids("input_ids");
+        let (batch, seq) = (shape[0], shape[1]);
+        let targets = next_token_targets(&ids, batch, seq);
+        for recompute in [false, true] {
+            let mut model = Qwen2::load_dir(&be, &dir).unwrap();
+            model.recompute = recompute;
+            let c = &model.cfg;
+            let mut acts = model.alloc_activations(&be, batch, seq, true).unwrap();
+            model.forward_hidden(&be, &ids, &mut acts).unwrap();
+            let mut grads = model.zeros_like_params(&be).unwrap();
+            let coef = |_: usize, _: &RowStats| (1.0, 0.5);
+            model
+                .lm_head_stats_grad(
+                    &be,
+                    &mut acts,
+                    &targets,
+                    0.8,
+                    Coef::PerRow(&coef),
+                    &mut grads,
+                )
+                .unwrap();
+            let (saved, scratch, chunk) = acts.held(&be);
+            let n = batch * seq;
+            assert_eq!(
+                4 * saved as u64,
+                memory_plan::activations_bytes(c, batch, seq, true, recompute, 4),
+                "{m} recompute {recompute}: saved activations"
+            );
+            assert_eq!(
+                4 * scratch as u64,
+                memory_plan::scratch_bytes(c, n, 4),
+                "{m}"
+            );
+            assert_eq!(4 * chunk as u64, memory_plan::chunk_bytes(c, n, 4), "{m}");
+            let grads_held: usize = grads.list().iter().map(|g| be.len(g)).sum();
+            assert_eq!(grads_held as u64, memory_plan::param_count(c), "{m}");
+        }
+        let model = Qwen2::load_dir(&be, &dir).unwrap();
+        let c = &model.cfg;
+        let cache = model.alloc_cache(&be, 3, 40).unwrap();
+        assert_eq!(
+            4 * cache.held(&be) as u64,
+            memory_plan::cache_bytes(c, 3, 40, 4)
+        );
+        let prefill = model.alloc_activations(&be, 3, 17, false).unwrap();
+        let (saved, _, _) = prefill.held(&be);
+        assert_eq!(
+            4 * saved as u64,
+            memory_plan::activations_bytes(c, 3, 17, false, false, 4),
+            "{m}: inference activations"
+        );
+    }
+}
+
+fn adamw(moments: MomentDtype) -> OptimConfig {
+    OptimConfig {
+        kind: OptimizerKind::Adamw,
+        lr: 1e-6,
+        beta1: 0.9,
+        beta2: 0.999,
+        eps: 1e-8,
+        weight_decay: 0.01,
+        grad_clip: 1.0,
+        moments,
+    }
+}
+
+/// EMPO's defaults on the GPU: 8 completions of up to 1024 tokens after a 300-token prompt.
+fn empo_7b(moments: MomentDtype) -> RunShape {
+    RunShape {
+        storage: 2,
+        prompt: 300,
+        max_new: 1024,
+        group: 8,
+        train_seq: 1324,
+        optim: adamw(moments),
+        reference: false,
+        recompute: false,
+    }
+}
+
+const H100_FREE: u64 = 78 << 30;
+const H200_FREE: u64 = 139 << 30;
+
+/// A 7B model's bf16 weights (15.2 GB), f32 gradients (30.5 GB) and f32 AdamW moments
+/// (60.9 GB) do not fit in an H100's 80 GB: the plan says so, and that bf16 moments with
+/// recompute fit. With bf16 moments, auto turns recompute on, since the 5.9 GB of saved
+/// activations no longer fit beside the rest. An H200 takes the default run as it is.
+#[test]
+fn a_7b_run_is_planned_against_the_gpu_it_has() {
+    let c = qwen_7b();
+    let err = memory_plan::resolve(
+        &c,
+        empo_7b(MomentDtype::F32),
+        Recompute::Auto,
+        Some(H100_FREE),
+    )
+    .unwrap_err()
+    .to_string();
+    println!("{err}");
+    assert!(err.contains("does not fit"), "{err}");
+    assert!(err.contains("--moments bf16 --recompute on: peak"), "{err}");
+    assert!(err.contains("(fits)"), "{err}");
+
+    let plan = memory_plan::resolve(
+        &c,
+        empo_7b(MomentDtype::Bf16),
+        Recompute::Auto,
+        Some(H100_FREE),
+    )
+    .unwrap();
+    println!("{}", plan.summary(Some(H100_FREE)));
+    assert!(plan.shape.recompute);
+    let gb = |x: u64| (x as f64 / 1e8).round() / 10.0;
+    assert_eq!(gb(plan.weights), 15.2);
+    assert_eq!(gb(plan.gradients), 30.5);
+    assert_eq!(gb(plan.moments), 30.5);
+    let kept = MemoryPlan::new(&c, empo_7b(MomentDtype::Bf16));
+    // A layer saves, per token, 4 hidden-sized, 2 q-sized, 2 kv-sized and 3 intermediate-sized
+    // bf16 rows (2 × 79,360 bytes) and 30 f32 statistics: 158,840 bytes. Recompute keeps one
+    // layer's worth and each layer's input (7,168 bytes a token) instead of 28 layers' worth.
+    assert_eq!(
+        kept.activations - plan.activations,
+        27 * 1324 * 158_840 - 28 * 1324 * 7_168
+    );
+    assert!(kept.peak() > memory_plan::usable(H100_FREE));
+    assert!(plan.peak() <= memory_plan::usable(H100_FREE));
+
+    let h200 = memory_plan::resolve(
+        &c,
+        empo_7b(MomentDtype::F32),
+        Recompute::Auto,
+        Some(H200_FREE),
+    )
+    .unwrap();
+    assert!(!h200.shape.recompute);
+    assert_eq!(gb(h200.moments), 60.9);
+    // Asked for explicitly, recompute is on whatever the memory.
+    let on = memory_plan::resolve(
+        &c,
+        empo_7b(MomentDtype::F32),
+        Recompute::On,
+        Some(H200_FREE),
+    )
+    .unwrap();
+    assert!(on.shape.recompute);
+    // Without a device to plan against (the CPU reference) nothing is refused.
+    let cpu = memory_plan::resolve(&c, empo_7b(MomentDtype::F32), Recompute::Auto, None).unwrap();
+    assert!(!cpu.shape.recompute);
+}
+
+/// `train` prints the plan before the first step, and the run's config records the setting.
+#[test]
+fn train_prints_its_memory_plan() {
+    let out = std::env::temp_dir().join(format!("empo-plan-train-{}", std::process::id()));
+    let _ = std::fs::remove_dir_all(&out);
+    let model = fixtures().join("tiny-qwen2-a");
+    let rollouts = fixtures().join("train/em_rollouts.jsonl");
+    let o = std::process::Command::new(env!("CARGO_BIN_EXE_empo-engine"))
+        .args(["train", "--device", "cpu", "--algo", "em", "--steps", "1"])
+        .args(["--recompute", "on", "--weights"])
+        .arg(&model)
+        .arg("--rollouts")
+        .arg(&rollouts)
+        .arg("--out")
+        .arg(&out)
+        .output()
+        .unwrap();
+    let err = String::from_utf8_lossy(&o.stderr);
+    assert!(o.status.success(), "{err}");
+    let line = err
+        .lines()
+        .find(|l| l.starts_with("memory plan:"))
+        .unwrap_or_else(|| panic!("{err}"));
+    assert!(line.contains("recompute on"), "{line}");
+    let cfg = std::fs::read_to_string(Path::new(&out).join("config.json")).unwrap();
+    assert!(cfg.contains("\"recompute\": \"on\""), "{cfg}");
+    std::fs::remove_dir_all(&out).unwrap();
+}
