@@ -388,8 +388,98 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     rows.extend(optimizer_rows(be, s, iters)?);
     rows.extend(sampling_rows(be, s, iters)?);
     rows.extend(lm_head_rows(be, s, iters)?);
+    rows.extend(model_rows(be, s, iters)?);
     Ok(rows)
 }
+
+/// The model's forward and backward over one training sequence of `s.tokens` tokens, as the
+/// drivers run it (chunked lm_head statistics, then the backward), through MODEL_LAYERS layers
+/// of the bench's shapes and a vocabulary of MODEL_VOCAB, so that the layers' work dominates:
+/// with every layer's activations kept, and with each layer recomputed in the backward. Work is
+/// the useful FLOPs of both (the GEMMs, and causal attention counted as the attention rows
+/// count it), so the recompute row's lower rate is its cost; the extra memory column is what
+/// each needed beyond the weights, where the backend tracks it.
+pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    use crate::config::{DType, ModelConfig};
+    use crate::model::{random_tensors, Qwen2};
+    let t = s.tokens;
+    let cfg = ModelConfig {
+        hidden_size: s.hidden,
+        intermediate_size: s.inter,
+        num_layers: MODEL_LAYERS,
+        num_heads: s.heads,
+        num_kv_heads: s.kv_heads,
+        head_dim: s.head_dim,
+        vocab_size: MODEL_VOCAB,
+        rms_norm_eps: 1e-6,
+        rope_theta: 1e6,
+        tie_word_embeddings: false,
+        max_position_embeddings: t,
+        dtype: DType::BF16,
+    };
+    let mut model = Qwen2::from_host(be, cfg.clone(), &random_tensors(&cfg, 7, 0.02))?;
+    let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % MODEL_VOCAB) as u32).collect();
+    let targets = crate::generate::next_token_targets(&ids, 1, t);
+    let (h, qd, kvd, inter) = (
+        cfg.hidden_size,
+        cfg.q_dim(),
+        cfg.kv_dim(),
+        cfg.intermediate_size,
+    );
+    let per_token =
+        2 * (h * qd + 2 * h * kvd + qd * h + 3 * h * inter) * MODEL_LAYERS + 2 * h * MODEL_VOCAB;
+    let attention = 2.0 * (t * t * s.head_dim * s.heads) as f64 * MODEL_LAYERS as f64;
+    let flops = 3.0 * (per_token * t) as f64 + 3.5 * attention;
+    let shape = format!(
+        "t {t}, {MODEL_LAYERS} layers of h {h}, i {inter}, heads {}/{}, V {MODEL_VOCAB}",
+        s.heads, s.kv_heads
+    );
+    let coef = |_: usize, _: &crate::backend::RowStats| (0.1, -1.0);
+    let mut rows = Vec::new();
+    for recompute in [false, true] {
+        model.recompute = recompute;
+        be.sync()?;
+        be.reset_peak_memory();
+        let base = be.memory().map(|m| m.0);
+        let mut acts = model.alloc_activations(be, 1, t, true)?;
+        let mut grads = model.zeros_like_params(be)?;
+        let mut failed = None;
+        let seconds = time(be, iters.min(20), || {
+            let step = model.forward_hidden(be, &ids, &mut acts).and_then(|_| {
+                model.lm_head_stats_grad(
+                    be,
+                    &mut acts,
+                    &targets,
+                    1.0,
+                    crate::lm_head::Coef::PerRow(&coef),
+                    &mut grads,
+                )
+            });
+            if let Err(e) = step {
+                failed.get_or_insert(e);
+            }
+        })?;
+        if let Some(e) = failed {
+            return Err(e);
+        }
+        let op = if recompute {
+            "model fwd+bwd, recompute"
+        } else {
+            "model fwd+bwd"
+        };
+        rows.push(BenchRow {
+            extra_bytes: base.and_then(|b| be.memory().map(|m| m.1 - b)),
+            ..BenchRow::new(op, shape.clone(), Unit::Flops, flops, seconds)
+        });
+    }
+    Ok(rows)
+}
+
+/// Layers and vocabulary of `model_rows`: two 7B layers are 0.9 GB of bf16 weights and 1.9 GB
+/// of f32 gradients; the vocabulary is small so that the lm_head (timed on its own above) stays
+/// a few percent of the work.
+const MODEL_LAYERS: usize = 2;
+const MODEL_VOCAB: usize = 4096;
 
 /// `sets` lists of m token ids below v, each gathering other rows of the table.
 pub fn gather_ids(sets: usize, m: usize, v: usize) -> Vec<Vec<u32>> {

@@ -267,6 +267,36 @@ def main():
         push(f"policy loss {kind} (with transfers)", f"{seqs} seqs × {ln} tokens", "Bytes", n_tok * 16.0,
              timed(lambda: ppo(gspo), it))
 
+    # The whole model's forward and backward over one 4096-token sequence, as `model_rows` in
+    # src/kernel_bench.rs: two Qwen2.5-7B layers, vocabulary 4096, transformers' Qwen2 in bf16
+    # with SDPA, entropy and log-prob of every position as the loss; without and with
+    # gradient checkpointing. FLOPs counted as ours counts them.
+    try:
+        from transformers import Qwen2Config, Qwen2ForCausalLM
+        LAYERS, VM = 2, 4096
+        cfg = Qwen2Config(hidden_size=H, intermediate_size=I, num_hidden_layers=LAYERS,
+                          num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=VM,
+                          max_position_embeddings=TOK, rope_theta=1e6, tie_word_embeddings=False,
+                          use_cache=False, attn_implementation="sdpa")
+        model = Qwen2ForCausalLM(cfg).to(dev, bf).train()
+        ids = (torch.arange(TOK, device=dev) * 7919 % VM)[None]
+
+        def model_step():
+            lp = torch.log_softmax(model(ids).logits.float()[0], -1)
+            ent = -(lp.exp() * lp).sum(-1)
+            loss = (0.1 * ent[:-1] - lp[:-1].gather(-1, ids[0, 1:, None])[:, 0]).sum()
+            loss.backward()
+
+        per_token = 2 * (H * HEADS * D + 2 * H * KV * D + HEADS * D * H + 3 * H * I) * LAYERS + 2 * H * VM
+        flops = 3.0 * per_token * TOK + 3.5 * 2.0 * TOK * TOK * D * HEADS * LAYERS
+        shape = f"t {TOK}, {LAYERS} layers of h {H}, i {I}, heads {HEADS}/{KV}, V {VM}"
+        push("model fwd+bwd", shape, "Flops", flops, timed(model_step, min(it, 5)))
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs={"use_reentrant": False})
+        push("model fwd+bwd, recompute", shape, "Flops", flops, timed(model_step, min(it, 5)))
+        del model
+    except Exception as e:  # an older transformers: the other rows still count
+        print(f"model fwd+bwd skipped: {e}")
+
     ceil = {r["op"]: r for r in rows}
     copy_bw = ceil["ceiling: copy"]["work"] / ceil["ceiling: copy"]["seconds"] / 1e9
     gemm_tf = ceil["ceiling: GEMM"]["work"] / ceil["ceiling: GEMM"]["seconds"] / 1e12
