@@ -471,6 +471,20 @@ impl<B: Backend> Qwen2<B> {
         );
     }
 
+    /// Causal attention of `seq` new positions over themselves, per sequence of the batch.
+    fn self_attention(&self, batch: usize, seq: usize) -> AttnShape {
+        let c = &self.cfg;
+        AttnShape {
+            batch,
+            tq: seq,
+            tk: seq,
+            cap: seq,
+            heads: c.num_heads,
+            kv_heads: c.num_kv_heads,
+            head_dim: c.head_dim,
+        }
+    }
+
     /// Layer `l` over x (in place: x becomes the layer's output), keeping what its backward
     /// needs in `la`. Without `span.output` it stops once `la` is complete, before the down
     /// projection, which is all a recompute for the backward needs.
@@ -523,15 +537,7 @@ impl<B: Backend> Qwen2<B> {
             c.rope_theta,
             false,
         );
-        let mut shape = AttnShape {
-            batch,
-            tq: seq,
-            tk: seq,
-            cap: seq,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let mut shape = self.self_attention(batch, seq);
         match cache {
             Some(kc) => {
                 be.kv_write(&mut kc.k[l], &la.k, batch, kc.cap, pos0, seq, kvd);
@@ -813,15 +819,7 @@ impl<B: Backend> Qwen2<B> {
             h,
         );
 
-        let shape = AttnShape {
-            batch,
-            tq: seq,
-            tk: seq,
-            cap: seq,
-            heads: c.num_heads,
-            kv_heads: c.num_kv_heads,
-            head_dim: c.head_dim,
-        };
+        let shape = self.self_attention(batch, seq);
         let recompute = !inputs.is_empty();
         for l in (0..c.num_layers).rev() {
             // The forward leaves the last layer's activations in place.
