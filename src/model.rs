@@ -287,8 +287,9 @@ pub struct Qwen2<B: Backend> {
     pub cfg: ModelConfig,
     pub params: Params<B::Buf>,
     /// Activation checkpointing: a training forward keeps only each layer's input, and the
-    /// backward recomputes one layer at a time from it (one more forward, minus the down
-    /// projection, for about 1/28 of the activation memory at 28 layers).
+    /// backward recomputes one layer at a time from it into one shared set of buffers (one more
+    /// forward, less the down projections; at Qwen2.5-7B's 28 layers, 8% of the saved
+    /// activations).
     pub recompute: bool,
 }
 
