@@ -52,6 +52,14 @@ pub struct RunShape {
     pub recompute: bool,
 }
 
+impl RunShape {
+    /// Whether AdamW's moments are stored in bf16: asked for, and on a backend that stores bf16
+    /// (the CPU reference keeps them in f32 either way).
+    fn bf16_moments(&self) -> bool {
+        self.optim.moments == MomentDtype::Bf16 && self.storage == 2
+    }
+}
+
 /// Bytes by what holds them. Weights, reference and moments live for the whole run; the
 /// generation and the update phases take turns.
 #[derive(Debug, Clone)]
@@ -136,10 +144,7 @@ impl MemoryPlan {
     pub fn new(c: &ModelConfig, s: RunShape) -> MemoryPlan {
         let p = param_count(c);
         let w = s.storage as u64;
-        let moment_width = match (s.optim.moments, s.storage) {
-            (MomentDtype::Bf16, 2) => 2,
-            _ => 4,
-        };
+        let moment_width = if s.bf16_moments() { 2 } else { 4 };
         let moments = match s.optim.kind {
             OptimizerKind::Adamw => 2 * p * moment_width,
             OptimizerKind::Sgd => 0,
@@ -187,11 +192,7 @@ impl MemoryPlan {
             OptimizerKind::Adamw => format!(
                 ", AdamW moments {} ({})",
                 gb(self.moments),
-                if self.moments < 8 * param_count_of(self) {
-                    "bf16"
-                } else {
-                    "f32"
-                }
+                if s.bf16_moments() { "bf16" } else { "f32" }
             ),
         };
         let reference = if self.reference > 0 {
@@ -221,11 +222,6 @@ impl MemoryPlan {
             gb(self.peak()),
         )
     }
-}
-
-/// Parameters, from the f32 gradients.
-fn param_count_of(p: &MemoryPlan) -> u64 {
-    p.gradients / 4
 }
 
 fn gb(bytes: u64) -> String {
