@@ -139,6 +139,7 @@ pub fn demo_config(dir: &Path, o: &DemoOptions) -> TrainConfig {
         dual_clip: None,
         kl_coef: 0.0,
         recompute: Default::default(),
+        offload_optimizer: Default::default(),
         mini_batches: 1,
         ppo_epochs: 1,
         optim: OptimConfig {
@@ -188,7 +189,7 @@ pub fn run<B: Backend>(be: &B, o: &DemoOptions) -> Result<Summary> {
     );
     let source = Source::Prompts(load_examples(cfg.data.as_ref().expect("demo data"))?);
     let steps = cfg.steps;
-    let mut t = Trainer::new(be, cfg, model, tok, source)?;
+    let mut t = Trainer::new(be, cfg, model, tok, source, false)?;
     t.run()?;
     let after = measure(be, &t.model, &t.tok, &heldout, o.seed)?;
     eprintln!(
@@ -326,7 +327,7 @@ pub fn build<B: Backend>(be: &B, o: &BuildOptions) -> Result<()> {
     let cfg = tiny_config(vocab);
     let init = Qwen2::from_host(be, cfg.clone(), &random_tensors(&cfg, o.seed, 0.05))?;
     let init_dir = work.join("init");
-    checkpoint::save_model_dir(be, &init, &tok_dir, &init_dir, vec![])?;
+    checkpoint::save_model_dir(be, &init, &tok_dir, &init_dir, |_| Ok(()))?;
     let tok = Tokenizer::from_dir(&init_dir)?;
     let dev: Vec<Example> = load_examples(&data.join("prompts.jsonl"))?
         .into_iter()
@@ -356,7 +357,7 @@ pub fn build<B: Backend>(be: &B, o: &BuildOptions) -> Result<()> {
     tcfg.optim.lr = o.lr;
     tcfg.optim.weight_decay = 0.01;
     let model = Qwen2::load_dir(be, &init_dir)?;
-    let mut t = Trainer::new(be, tcfg, model, tok, Source::Supervised(sft))?;
+    let mut t = Trainer::new(be, tcfg, model, tok, Source::Supervised(sft), false)?;
     loop {
         t.cfg.steps += o.sft_chunk;
         t.run()?;
@@ -370,7 +371,7 @@ pub fn build<B: Backend>(be: &B, o: &BuildOptions) -> Result<()> {
         }
     }
     let model_dir = data.join("model");
-    checkpoint::save_model_dir(be, &t.model, &init_dir, &model_dir, vec![])?;
+    checkpoint::save_model_dir(be, &t.model, &init_dir, &model_dir, |_| Ok(()))?;
     std::fs::remove_dir_all(&work)?;
     std::fs::remove_file(data.join("sft.jsonl"))?;
     eprintln!("wrote {}", model_dir.display());

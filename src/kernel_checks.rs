@@ -226,6 +226,7 @@ pub fn run_all<B: Backend>(
     check_softmax_stats(&mut c, 4, vocab)?;
     check_adamw(&mut c, 1000)?;
     check_optimizer_step(&mut c)?;
+    check_optimizer_offloaded(&mut c)?;
     check_optimizer_bf16_moments(&mut c)?;
     check_sampling(&mut c, if big { 152064 } else { 1000 })?;
     check_sum_squares(&mut c, 100_000)?;
@@ -789,6 +790,7 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         }),
         lr: 1e-2,
         max_norm: 1.0,
+        sumsq: None,
     };
     let mut dp: Vec<B::Buf> = host_p
         .iter()
@@ -882,6 +884,104 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
     Ok(())
 }
 
+/// AdamW with the moments in host memory (`--offload-optimizer`): copied up, updated and copied
+/// back a group at a time, each group clipped by the whole gradient's norm. Against the CPU
+/// reference's one update of every tensor with its moments on the device, from moments that are
+/// not zero, so that a group copied up from the wrong place or never copied back shows.
+fn check_optimizer_offloaded<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
+    use crate::backend::OptimizerStep;
+    use crate::optim::{offloaded_step, update_groups};
+    let sizes = [40000usize, 3, 16384, 7, 25000];
+    let groups = update_groups(&sizes);
+    let cpu_be = cpu::CpuBackend;
+    let mut host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+    let host_g: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+    let mut hm: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 0.1)).collect();
+    let mut hv: Vec<Vec<f32>> = sizes
+        .iter()
+        .map(|&n| c.rnd(n, 0.1).iter().map(|x| x * x).collect())
+        .collect();
+    let h = OptimizerStep {
+        adamw: Some(AdamWStep {
+            lr: 1e-2,
+            beta1: 0.9,
+            beta2: 0.95,
+            eps: 1e-8,
+            weight_decay: 0.1,
+            step: 3,
+            grad_scale: 1.0,
+        }),
+        lr: 1e-2,
+        max_norm: 1.0,
+        sumsq: None,
+    };
+    let mut dp: Vec<B::Buf> = host_p
+        .iter()
+        .map(|p| c.be.upload(p))
+        .collect::<Result<_>>()?;
+    let dg: Vec<B::Buf> = host_g
+        .iter()
+        .map(|g| c.be.upload_f32(g))
+        .collect::<Result<_>>()?;
+    let to_host = |values: &[Vec<f32>]| -> Result<Vec<B::Host>> {
+        values
+            .iter()
+            .map(|x| {
+                let mut h = c.be.alloc_host(x.len())?;
+                c.be.set_host_values(&mut h, x)?;
+                Ok(h)
+            })
+            .collect()
+    };
+    let (mut om, mut ov) = (to_host(&hm)?, to_host(&hv)?);
+    let norm = {
+        let mut p: Vec<&mut B::Buf> = dp.iter_mut().collect();
+        let g: Vec<&B::Buf> = dg.iter().collect();
+        offloaded_step(c.be, &mut p, &g, (&mut om, &mut ov), &groups, &h)?
+    };
+    let want_norm = {
+        let mut p: Vec<&mut Vec<f32>> = host_p.iter_mut().collect();
+        let g: Vec<&Vec<f32>> = host_g.iter().collect();
+        let mut m: Vec<&mut Vec<f32>> = hm.iter_mut().collect();
+        let mut v: Vec<&mut Vec<f32>> = hv.iter_mut().collect();
+        cpu_be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
+    };
+    let shape = format!(
+        "{} tensors in {} groups, clipped",
+        sizes.len(),
+        groups.len()
+    );
+    c.push(CheckRow {
+        op: "optimizer_step offloaded moments: grad norm".into(),
+        shape: shape.clone(),
+        err: (norm - want_norm).abs() / want_norm,
+        tol: c.tol.f32_out,
+    });
+    let mut got = Vec::new();
+    for b in &dp {
+        got.extend(c.be.download(b)?);
+    }
+    c.push(CheckRow {
+        op: "optimizer_step offloaded moments: params".into(),
+        shape: shape.clone(),
+        err: max_rel_err(&got, &host_p.concat()),
+        tol: c.tol.bf16_out,
+    });
+    for (what, got, want) in [("m", &om, &hm), ("v", &ov, &hv)] {
+        let mut all = Vec::new();
+        for x in got {
+            all.extend(c.be.host_values(x)?);
+        }
+        c.push(CheckRow {
+            op: format!("optimizer_step offloaded moments: {what}"),
+            shape: shape.clone(),
+            err: max_rel_err(&all, &want.concat()),
+            tol: c.tol.f32_out,
+        });
+    }
+    Ok(())
+}
+
 /// AdamW with moments in the backend's storage type (bf16 on the GPU, written with stochastic
 /// rounding) over three steps against the CPU's f32 moments. Then the rounding's bias: 65536
 /// elements with the same update, whose exact first moment lies halfway between two bf16 values,
@@ -902,6 +1002,7 @@ fn check_optimizer_bf16_moments<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         }),
         lr: 1e-2,
         max_norm,
+        sumsq: None,
     };
     let mut host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
     let mut dp: Vec<B::Buf> = host_p

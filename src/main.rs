@@ -6,7 +6,7 @@ use empo_engine::config::ModelConfig;
 use empo_engine::device::{self, Device, DeviceArg};
 use empo_engine::eval::{self, EvalOptions};
 use empo_engine::generate::{generate, score, GenerateOptions};
-use empo_engine::memory_plan::Recompute;
+use empo_engine::memory_plan::Switch;
 use empo_engine::model::Qwen2;
 use empo_engine::optim::{MomentDtype, OptimConfig, OptimizerKind};
 use empo_engine::rl::{LossAgg, PolicyLoss};
@@ -290,7 +290,11 @@ struct TrainArgs {
     /// Activation checkpointing: keep each layer's input only and recompute the layer in the
     /// backward. auto: on where the run would not fit on the GPU without it.
     #[arg(long, value_enum, default_value = "auto")]
-    recompute: Recompute,
+    recompute: Switch,
+    /// Keep AdamW's f32 moments in host memory and stream them through the GPU group by group
+    /// at each update. auto: on where the run would not fit on the GPU otherwise.
+    #[arg(long, value_enum, default_value = "auto")]
+    offload_optimizer: Switch,
     #[arg(long)]
     lr: Option<f32>,
     #[arg(long)]
@@ -585,6 +589,7 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
         dual_clip: a.dual_clip,
         kl_coef: a.kl_coef.unwrap_or(0.0),
         recompute: a.recompute,
+        offload_optimizer: a.offload_optimizer,
         mini_batches: a.mini_batches.unwrap_or(1),
         ppo_epochs: a.ppo_epochs.unwrap_or(1),
         optim: OptimConfig {
@@ -633,6 +638,7 @@ fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
         dual_clip: None,
         kl_coef: 0.0,
         recompute: Default::default(),
+        offload_optimizer: Default::default(),
         mini_batches: 1,
         ppo_epochs: 1,
         optim: OptimConfig {
@@ -665,10 +671,10 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
     };
     // Planned before the weights are uploaded, so that a run that cannot fit says so first.
     let model_cfg = ModelConfig::from_file(&cfg.weights.join("config.json"))?;
-    let recompute = train::plan_memory(be, &model_cfg, &cfg, &tok, &source)?;
+    let settings = train::plan_memory(be, &model_cfg, &cfg, &tok, &source)?;
     let mut model = Qwen2::load_dir(be, &cfg.weights)?;
-    model.recompute = recompute;
-    let mut t = Trainer::new(be, cfg, model, tok, source)?;
+    model.recompute = settings.recompute;
+    let mut t = Trainer::new(be, cfg, model, tok, source, settings.offload_optimizer)?;
     if let Some(ck) = resume_from {
         t.restore(&ck)?;
         eprintln!("resuming from {} at step {}", ck.display(), t.state.step);

@@ -4,15 +4,16 @@
 //! and with which settings, rather than fail on an allocation an hour in.
 //!
 //! The counts follow the allocations of `Qwen2::alloc_activations`, `alloc_scratch`,
-//! `alloc_cache`, `lm_head::Chunks`, `Optimizer::new` and the CUDA attention backward.
+//! `alloc_cache`, `lm_head::Chunks`, `Optimizer::new` (and its offloaded groups) and the CUDA
+//! attention backward.
 
 use crate::config::ModelConfig;
 use crate::lm_head::chunk_rows;
 use crate::model::tensor_specs;
-use crate::optim::{MomentDtype, OptimConfig, OptimizerKind};
+use crate::optim::{largest_group, MomentDtype, OptimConfig, OptimizerKind};
 use anyhow::{bail, Result};
 
-/// Whether the backward recomputes each layer from its saved input (`Qwen2::recompute`).
+/// A memory-saving setting (`--recompute`, `--offload-optimizer`).
 #[derive(
     Debug,
     Clone,
@@ -25,8 +26,8 @@ use anyhow::{bail, Result};
     serde::Deserialize,
 )]
 #[serde(rename_all = "lowercase")]
-pub enum Recompute {
-    /// On only where the run would not fit on the GPU without it.
+pub enum Switch {
+    /// On only where the run would not fit on the GPU without it (`resolve`).
     #[default]
     Auto,
     On,
@@ -49,7 +50,10 @@ pub struct RunShape {
     pub optim: OptimConfig,
     /// A frozen copy of the weights for the KL penalty.
     pub reference: bool,
+    /// The backward recomputes each layer from its saved input (`Qwen2::recompute`).
     pub recompute: bool,
+    /// AdamW's moments live in host memory (`optim::MomentStore::Host`).
+    pub offload: bool,
 }
 
 impl RunShape {
@@ -66,7 +70,13 @@ impl RunShape {
 pub struct MemoryPlan {
     pub weights: u64,
     pub reference: u64,
+    /// AdamW's moments on the device (0 when offloaded).
     pub moments: u64,
+    /// AdamW's moments in host memory, when offloaded.
+    pub host_moments: u64,
+    /// The device copy of the largest group of offloaded moments, held during the optimizer
+    /// step, when the backward's activations are gone.
+    pub staging: u64,
     pub gradients: u64,
     /// Activations and gradient scratch of one sequence's forward and backward, lm_head
     /// chunk included.
@@ -145,10 +155,15 @@ impl MemoryPlan {
         let p = param_count(c);
         let w = s.storage as u64;
         let moment_width = if s.bf16_moments() { 2 } else { 4 };
-        let moments = match s.optim.kind {
+        let all_moments = match s.optim.kind {
             OptimizerKind::Adamw => 2 * p * moment_width,
             OptimizerKind::Sgd => 0,
         };
+        let offload = s.offload && all_moments > 0;
+        let sizes: Vec<usize> = tensor_specs(c)
+            .iter()
+            .map(|(_, s)| s.iter().product())
+            .collect();
         let n = s.train_seq;
         // The attention backward's f32 accumulators for dq and, under GQA, dk and dv (CUDA).
         let attention_bwd = (n * (c.q_dim() + 2 * c.kv_dim())) as u64 * 4;
@@ -168,7 +183,13 @@ impl MemoryPlan {
         MemoryPlan {
             weights: p * w,
             reference: if s.reference { p * w } else { 0 },
-            moments,
+            moments: if offload { 0 } else { all_moments },
+            host_moments: if offload { all_moments } else { 0 },
+            staging: if offload {
+                2 * 4 * largest_group(&sizes) as u64
+            } else {
+                0
+            },
             gradients: p * 4,
             activations,
             generation,
@@ -181,7 +202,9 @@ impl MemoryPlan {
         self.weights
             + self.reference
             + self.moments
-            + self.generation.max(self.gradients + self.activations)
+            + self
+                .generation
+                .max(self.gradients + self.activations.max(self.staging))
     }
 
     /// One line: what each part takes, and the peak (against `free` where known).
@@ -189,6 +212,11 @@ impl MemoryPlan {
         let s = &self.shape;
         let moments = match s.optim.kind {
             OptimizerKind::Sgd => String::new(),
+            OptimizerKind::Adamw if self.host_moments > 0 => format!(
+                ", AdamW moments {} (f32) in host memory, {} on the GPU during the update",
+                gb(self.host_moments),
+                gb(self.staging)
+            ),
             OptimizerKind::Adamw => format!(
                 ", AdamW moments {} ({})",
                 gb(self.moments),
@@ -234,70 +262,126 @@ pub fn usable(free: u64) -> u64 {
     free.saturating_sub((free / 20).max(1 << 30))
 }
 
-/// Settles `recompute` for a run and checks that it fits in `free` bytes (when known): under
-/// `Auto`, recompute is on only when the run does not fit without it. A run that does not fit
-/// either way is an error that gives the plan and what would make it fit.
+/// What offloaded moments may use of `available` host bytes: the rest is for the process
+/// itself, the checkpoint writer's one tensor at a time and everything else on the machine.
+pub fn host_usable(available: u64) -> u64 {
+    available.saturating_sub((available / 10).max(4 << 30))
+}
+
+/// Free memory a run is planned against, where known.
+#[derive(Debug, Clone, Copy, Default)]
+pub struct Budget {
+    /// Free device memory (None on the CPU reference, which is not planned against memory).
+    pub device: Option<u64>,
+    /// Available host memory (`MemAvailable`), for offloaded moments.
+    pub host: Option<u64>,
+}
+
+impl Budget {
+    /// The device's free memory, and the host's available memory from /proc/meminfo (Linux).
+    pub fn measure(device_free: Option<u64>) -> Budget {
+        let host = std::fs::read_to_string("/proc/meminfo").ok().and_then(|m| {
+            m.lines()
+                .find_map(|l| l.strip_prefix("MemAvailable:"))
+                .and_then(|v| v.trim().trim_end_matches("kB").trim().parse::<u64>().ok())
+                .map(|kb| kb * 1024)
+        });
+        Budget {
+            device: device_free,
+            host,
+        }
+    }
+
+    fn fits(&self, p: &MemoryPlan) -> bool {
+        self.device.is_none_or(|f| p.peak() <= usable(f))
+            && self.host.is_none_or(|h| p.host_moments <= host_usable(h))
+    }
+}
+
+/// Settles `recompute` and `offload` for a run and checks that it fits (where the budget is
+/// known). Under `Auto` a setting is turned on only where the run does not fit without it:
+/// recompute first (it costs a forward per layer, on the GPU), then offloading the moments (it
+/// costs two crossings of the bus a step, and host memory). A run that fits no way it may take
+/// is an error that gives the plan and what would make it fit.
 pub fn resolve(
     c: &ModelConfig,
-    mut shape: RunShape,
-    recompute: Recompute,
-    free: Option<u64>,
+    shape: RunShape,
+    recompute: Switch,
+    offload: Switch,
+    budget: Budget,
 ) -> Result<MemoryPlan> {
-    shape.recompute = match recompute {
-        Recompute::On => true,
-        Recompute::Off => false,
-        Recompute::Auto => free.is_some_and(|f| {
-            MemoryPlan::new(
+    let adamw_f32 =
+        shape.optim.kind == OptimizerKind::Adamw && shape.optim.moments == MomentDtype::F32;
+    if offload == Switch::On && shape.optim.kind == OptimizerKind::Adamw && !adamw_f32 {
+        bail!(
+            "offloaded AdamW moments are kept in f32 in host memory; --moments bf16 is for \
+             keeping them on the GPU: choose one"
+        );
+    }
+    let planned = budget.device.is_some();
+    let choices = |s: Switch, possible: bool| match s {
+        Switch::On => vec![possible],
+        Switch::Off => vec![false],
+        Switch::Auto if planned && possible => vec![false, true],
+        Switch::Auto => vec![false],
+    };
+    let mut tried = Vec::new();
+    for off in choices(offload, shape.optim.kind == OptimizerKind::Adamw) {
+        for rc in choices(recompute, true) {
+            let plan = MemoryPlan::new(
                 c,
                 RunShape {
-                    recompute: false,
+                    recompute: rc,
+                    offload: off,
                     ..shape
                 },
-            )
-            .peak()
-                > usable(f)
-        }),
-    };
-    let plan = MemoryPlan::new(c, shape);
-    let Some(free) = free else { return Ok(plan) };
-    if plan.peak() <= usable(free) {
-        return Ok(plan);
+            );
+            if budget.fits(&plan) {
+                return Ok(plan);
+            }
+            tried.push(plan);
+        }
     }
+    let plan = tried.pop().expect("at least one setting is tried");
+    let last = plan.shape;
     let mut hints = Vec::new();
     let mut try_hint = |what: &str, alt: RunShape| {
         let p = MemoryPlan::new(c, alt);
         hints.push(format!(
             "{what}: peak {}{}",
             gb(p.peak()),
-            if p.peak() <= usable(free) {
-                " (fits)"
-            } else {
-                ""
-            }
+            if budget.fits(&p) { " (fits)" } else { "" }
         ));
     };
-    if !shape.recompute {
+    let full = RunShape {
+        recompute: true,
+        ..last
+    };
+    if !last.recompute {
+        try_hint("--recompute on", full);
+    }
+    if adamw_f32 && !last.offload {
         try_hint(
-            "--recompute on",
+            "--offload-optimizer on --recompute on",
             RunShape {
-                recompute: true,
-                ..shape
+                offload: true,
+                ..full
             },
         );
     }
-    let full = RunShape {
-        recompute: true,
-        ..shape
-    };
-    if shape.optim.kind == OptimizerKind::Adamw && shape.optim.moments == MomentDtype::F32 {
-        let mut o = shape.optim;
+    if adamw_f32 {
+        let mut o = last.optim;
         o.moments = MomentDtype::Bf16;
         try_hint(
-            "--moments bf16 --recompute on",
-            RunShape { optim: o, ..full },
+            "--moments bf16 --offload-optimizer off --recompute on",
+            RunShape {
+                optim: o,
+                offload: false,
+                ..full
+            },
         );
     }
-    if shape.reference {
+    if last.reference {
         try_hint(
             "--kl-coef 0 --recompute on",
             RunShape {
@@ -306,10 +390,23 @@ pub fn resolve(
             },
         );
     }
+    let host_short = budget
+        .host
+        .filter(|&h| plan.host_moments > host_usable(h))
+        .map_or(String::new(), |h| {
+            format!(
+                "; the offloaded moments need {} of host memory, {} of {} available may be used",
+                gb(plan.host_moments),
+                gb(host_usable(h)),
+                gb(h)
+            )
+        });
+    let device_limit = budget.device.map_or(String::new(), |f| {
+        format!("; at most {} of the GPU may be used", gb(usable(f)))
+    });
     bail!(
-        "this run does not fit on the GPU: {}; at most {} of it may be used.\n  {}",
-        plan.summary(Some(free)),
-        gb(usable(free)),
+        "this run does not fit: {}{device_limit}{host_short}.\n  {}",
+        plan.summary(budget.device),
         if hints.is_empty() {
             "a smaller model, fewer --max-new-tokens or a GPU with more memory".to_string()
         } else {

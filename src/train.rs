@@ -8,7 +8,7 @@ use crate::config::ModelConfig;
 use crate::data::{Example, Prompt};
 use crate::grader::{self, GoldAnswer};
 use crate::lm_head::Coef;
-use crate::memory_plan::{self, Recompute, RunShape};
+use crate::memory_plan::{self, Budget, RunShape, Switch};
 use crate::model::{Activations, Params, Qwen2};
 use crate::optim::{OptimConfig, Optimizer};
 use crate::rl::{self, ClipConfig, LossAgg, PolicyLoss, SeqSpan};
@@ -49,6 +49,10 @@ pub enum PromptTemplate {
 /// Inside a checkpoint: step, data position and optimizer step; beside it in resume/ the f32
 /// master weights and optimizer moments.
 pub const RESUME_STATE: &str = "resume/trainer_state.json";
+/// The f32 weights and AdamW moments beside it.
+const MASTER: &str = "resume/master_weights.safetensors";
+const MOMENT_M: &str = "resume/optimizer_m.safetensors";
+const MOMENT_V: &str = "resume/optimizer_v.safetensors";
 
 pub const DEFAULT_SUFFIX: &str =
     " Let's think step by step and output the final answer within \\boxed{}.";
@@ -86,7 +90,11 @@ pub struct TrainConfig {
     /// Activation checkpointing (`Qwen2::recompute`); `auto` turns it on only where the run
     /// would not fit on the GPU without it (`memory_plan::resolve`).
     #[serde(default)]
-    pub recompute: Recompute,
+    pub recompute: Switch,
+    /// AdamW's moments in host memory (`optim::MomentStore::Host`); `auto` offloads them only
+    /// where the run would not fit on the GPU otherwise, even with recompute.
+    #[serde(default)]
+    pub offload_optimizer: Switch,
     pub mini_batches: usize,
     pub ppo_epochs: usize,
     pub optim: OptimConfig,
@@ -184,18 +192,28 @@ pub fn run_lengths(
     Ok(Some((prompt, seq)))
 }
 
-/// Counts what the run will hold in the backend's memory (`memory_plan`), prints it, and settles
-/// `cfg.recompute`: whether the model should recompute its layers in the backward. Fails, with
-/// the plan and what would fit, where the run cannot fit on the GPU.
+/// The memory-saving settings a run takes (`plan_memory`).
+#[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
+pub struct MemorySettings {
+    pub recompute: bool,
+    pub offload_optimizer: bool,
+}
+
+/// Counts what the run will hold in the backend's and the host's memory (`memory_plan`), prints
+/// it, and settles `cfg.recompute` and `cfg.offload_optimizer`. Fails, with the plan and what
+/// would fit, where the run cannot fit.
 pub fn plan_memory<B: Backend>(
     be: &B,
     model: &ModelConfig,
     cfg: &TrainConfig,
     tok: &Tokenizer,
     source: &Source,
-) -> Result<bool> {
+) -> Result<MemorySettings> {
     let Some((prompt, train_seq)) = run_lengths(tok, cfg, source)? else {
-        return Ok(cfg.recompute == Recompute::On);
+        return Ok(MemorySettings {
+            recompute: cfg.recompute == Switch::On,
+            offload_optimizer: cfg.offload_optimizer == Switch::On,
+        });
     };
     let replay = matches!(source, Source::Rollouts(_));
     let shape = RunShape {
@@ -207,11 +225,15 @@ pub fn plan_memory<B: Backend>(
         optim: cfg.optim,
         reference: cfg.kl_coef > 0.0,
         recompute: false,
+        offload: false,
     };
-    let free = be.device_memory().map(|(free, _)| free as u64);
-    let plan = memory_plan::resolve(model, shape, cfg.recompute, free)?;
-    eprintln!("{}", plan.summary(free));
-    Ok(plan.shape.recompute)
+    let budget = Budget::measure(be.device_memory().map(|(free, _)| free as u64));
+    let plan = memory_plan::resolve(model, shape, cfg.recompute, cfg.offload_optimizer, budget)?;
+    eprintln!("{}", plan.summary(budget.device));
+    Ok(MemorySettings {
+        recompute: plan.shape.recompute,
+        offload_optimizer: plan.host_moments > 0,
+    })
 }
 
 /// A prompt and the completion supervised training teaches.
@@ -535,15 +557,17 @@ pub struct Trainer<'a, B: Backend> {
 }
 
 impl<'a, B: Backend> Trainer<'a, B> {
-    /// A trainer at step 0: the optimizer, and the frozen reference when --kl-coef > 0.
+    /// A trainer at step 0: the optimizer (its moments in host memory with
+    /// `offload_optimizer`), and the frozen reference when --kl-coef > 0.
     pub fn new(
         be: &'a B,
         cfg: TrainConfig,
         model: Qwen2<B>,
         tok: Tokenizer,
         source: Source,
+        offload_optimizer: bool,
     ) -> Result<Self> {
-        let opt = Optimizer::new(be, &model, cfg.optim)?;
+        let opt = Optimizer::new(be, &model, cfg.optim, offload_optimizer)?;
         let reference = if cfg.kl_coef > 0.0 {
             let mut r = Qwen2::load_dir(be, &cfg.weights)?;
             r.recompute = model.recompute;
@@ -829,6 +853,8 @@ impl<'a, B: Backend> Trainer<'a, B> {
             &mut grads,
         )?;
         let nll = -stats.iter().map(|s| s.logprob as f64).sum::<f64>() / n_tok.max(1) as f64;
+        // The memory plan counts activations and offloaded moments' staging as taking turns.
+        drop(acts);
         let info = self.opt.step(self.be, &mut self.model.params, &grads)?;
         self.state.step += 1;
         self.state.optimizer_step = self.opt.step;
@@ -946,48 +972,24 @@ impl<'a, B: Backend> Trainer<'a, B> {
 
     /// Saves OUT/<name>/ in Hugging Face layout plus what --resume needs.
     pub fn save(&self, name: &str) -> Result<PathBuf> {
-        let mut extra = vec![(
-            RESUME_STATE.to_string(),
-            serde_json::to_vec_pretty(&self.state)?,
-        )];
-        // Full-precision weights and moments: a bf16 checkpoint alone would round away small
-        // updates and lose the optimizer, so resuming from it would not continue the same run.
-        let master = checkpoint::params_to_safetensors(
-            self.be,
-            &self.model,
-            &self.model.params,
-            crate::config::DType::F32,
-            None,
-        )?;
-        extra.push(("resume/master_weights.safetensors".into(), master));
-        if let Some((mo, vo)) = &self.opt.moments {
-            extra.push((
-                "resume/optimizer_m.safetensors".into(),
-                checkpoint::params_to_safetensors(
-                    self.be,
-                    &self.model,
-                    mo,
-                    crate::config::DType::F32,
-                    None,
-                )?,
-            ));
-            extra.push((
-                "resume/optimizer_v.safetensors".into(),
-                checkpoint::params_to_safetensors(
-                    self.be,
-                    &self.model,
-                    vo,
-                    crate::config::DType::F32,
-                    None,
-                )?,
-            ));
-        }
+        let state = serde_json::to_vec_pretty(&self.state)?;
+        let (be, model) = (self.be, &self.model);
         checkpoint::save_model_dir(
-            self.be,
-            &self.model,
+            be,
+            model,
             &self.cfg.weights,
             &self.cfg.out.join(name),
-            extra,
+            |tmp| {
+                std::fs::create_dir_all(tmp.join("resume"))?;
+                std::fs::write(tmp.join(RESUME_STATE), &state)?;
+                // Full-precision weights and moments: a bf16 checkpoint alone would round away
+                // small updates and lose the optimizer, so resuming from it would not continue the
+                // same run.
+                let f32 = crate::config::DType::F32;
+                checkpoint::save_params(be, model, &model.params, f32, None, &tmp.join(MASTER))?;
+                self.opt
+                    .save_moments(be, model, &tmp.join(MOMENT_M), &tmp.join(MOMENT_V))
+            },
         )
     }
 
@@ -999,36 +1001,22 @@ impl<'a, B: Backend> Trainer<'a, B> {
         self.state = serde_json::from_str(&text)
             .with_context(|| format!("{}: not a trainer state", state_path.display()))?;
         self.opt.step = self.state.optimizer_step;
-        // Each tensor goes back in the storage it had: weights in the backend's type, moments
-        // as the optimizer keeps them (f32 unless bf16 moments were asked for).
-        let load = |file: &str,
-                    target: &mut Params<B::Buf>,
-                    upload: &dyn Fn(&[f32]) -> Result<B::Buf>,
-                    model_cfg: &crate::config::ModelConfig|
-         -> Result<()> {
-            let w = crate::weights::WeightFiles::open_files(&[dir.join(file)])?;
-            for ((name, shape), buf) in crate::model::tensor_specs(model_cfg)
-                .iter()
-                .zip(target.list_mut())
-            {
-                *buf = upload(&w.load_f32(name, shape)?)?;
-            }
-            Ok(())
-        };
-        let cfg = self.model.cfg.clone();
+        let open = |file: &str| crate::weights::WeightFiles::open_files(&[dir.join(file)]);
+        let master = open(MASTER)?;
         let be = self.be;
-        load(
-            "resume/master_weights.safetensors",
-            &mut self.model.params,
-            &|h| be.upload(h),
-            &cfg,
-        )?;
-        let opt = &mut self.opt;
-        if let Some(mut moments) = opt.moments.take() {
-            let up = |h: &[f32]| opt.upload_moment(be, h);
-            load("resume/optimizer_m.safetensors", &mut moments.0, &up, &cfg)?;
-            load("resume/optimizer_v.safetensors", &mut moments.1, &up, &cfg)?;
-            opt.moments = Some(moments);
+        for ((name, shape), buf) in crate::model::tensor_specs(&self.model.cfg)
+            .iter()
+            .zip(self.model.params.list_mut())
+        {
+            *buf = be.upload(&master.load_f32(name, shape)?)?;
+        }
+        // Moments go back where the optimizer keeps them (device or host, f32 or bf16).
+        if self.opt.moments.is_some() {
+            let files = [open(MOMENT_M)?, open(MOMENT_V)?];
+            self.opt
+                .load_moments(be, &self.model, |file, name, shape| {
+                    files[file].load_f32(name, shape)
+                })?;
         }
         Ok(())
     }

@@ -24,6 +24,7 @@ fn harness_runs_every_check_over_the_cpu_backend() {
         "kv_write",
         "softmax_stats",
         "adamw",
+        "optimizer_step offloaded moments",
         "sum_squares",
         "model forward",
         "model grads",

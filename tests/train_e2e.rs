@@ -125,6 +125,9 @@ fn resume_continues_to_the_same_weights() {
         "--out",
         straight.to_str().unwrap(),
     ]);
+    // The split run keeps AdamW's moments in host memory, streamed through the backend group
+    // by group: on the CPU that must change nothing, down to the last bit, and the moments it
+    // checkpoints must resume the run.
     let split = dir.join("split");
     train(&[
         "--algo",
@@ -135,10 +138,15 @@ fn resume_continues_to_the_same_weights() {
         "2",
         "--save-every",
         "1",
+        "--offload-optimizer",
+        "on",
         "--out",
         split.to_str().unwrap(),
     ]);
     assert!(split.join("step-1/resume/trainer_state.json").exists());
+    let cfg: serde_json::Value =
+        serde_json::from_slice(&std::fs::read(split.join("config.json")).unwrap()).unwrap();
+    assert_eq!(cfg["offload_optimizer"], "on");
     let model = fixtures().join("tiny-qwen2-a");
     let o = Command::new(env!("CARGO_BIN_EXE_empo-engine"))
         .args([

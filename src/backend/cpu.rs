@@ -590,6 +590,7 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWSt
 
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
+    type Host = Vec<f32>;
 
     fn name(&self) -> String {
         format!(
@@ -605,6 +606,25 @@ impl Backend for CpuBackend {
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
         Ok(buf.clone())
+    }
+    fn alloc_host(&self, n: usize) -> Result<Vec<f32>> {
+        Ok(vec![0.0; n])
+    }
+    fn copy_to_device(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.copy_from_slice(src);
+    }
+    fn copy_to_host(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        dst.copy_from_slice(src);
+    }
+    fn host_values(&self, h: &Vec<f32>) -> Result<Vec<f32>> {
+        Ok(h.clone())
+    }
+    fn set_host_values(&self, h: &mut Vec<f32>, values: &[f32]) -> Result<()> {
+        if h.len() != values.len() {
+            bail!("{} values for host memory of {}", values.len(), h.len());
+        }
+        h.copy_from_slice(values);
+        Ok(())
     }
     fn len(&self, buf: &Vec<f32>) -> usize {
         buf.len()

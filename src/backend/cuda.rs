@@ -52,6 +52,22 @@ enum Mem {
     F32(CudaSlice<f32>),
 }
 
+/// Host memory the GPU copies f32 values to and from (`Backend::Host`): page-locked, or pageable
+/// where the driver would not lock that much.
+pub enum CudaHost {
+    Pinned(PinnedHostSlice<f32>),
+    Pageable(Vec<f32>),
+}
+
+impl CudaHost {
+    fn len(&self) -> usize {
+        match self {
+            CudaHost::Pinned(p) => p.len(),
+            CudaHost::Pageable(v) => v.len(),
+        }
+    }
+}
+
 /// Bytes held by live buffers, and the most held since the last reset.
 #[derive(Default)]
 struct MemCounter {
@@ -883,6 +899,7 @@ pub fn kernel_targets() -> &'static str {
 
 impl Backend for CudaBackend {
     type Buf = CudaBuf;
+    type Host = CudaHost;
 
     fn name(&self) -> String {
         let (maj, min) = self.compute_capability();
@@ -934,6 +951,96 @@ impl Backend for CudaBackend {
     }
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         self.download_f32(buf)
+    }
+    fn alloc_host(&self, n: usize) -> Result<CudaHost> {
+        // Not write-combined (cudarc's alloc_pinned): checkpoints read these values back on the
+        // host, and reads of write-combined memory are uncached.
+        // SAFETY: every value is written (zeroed) below before anything reads it.
+        let pinned =
+            unsafe { self.ctx.alloc_pinned_with_flags::<f32>(n.max(1), 0) }.and_then(|mut p| {
+                p.as_mut_slice()?.fill(0.0);
+                Ok(p)
+            });
+        match pinned {
+            Ok(p) if n > 0 => Ok(CudaHost::Pinned(p)),
+            Ok(_) => Ok(CudaHost::Pageable(Vec::new())),
+            Err(e) => {
+                static WARNED: std::sync::Once = std::sync::Once::new();
+                WARNED.call_once(|| {
+                    eprintln!(
+                        "warning: no page-locked host memory ({e:?}); offloaded values are copied \
+                         through pageable memory, at a fraction of the bus's speed"
+                    )
+                });
+                Ok(CudaHost::Pageable(vec![0.0; n]))
+            }
+        }
+    }
+    fn copy_to_device(&self, dst: &mut CudaBuf, src: &CudaHost) {
+        let n = src.len();
+        let Mem::F32(s) = &mut dst.mem else {
+            self.fail("copy_to_device: the destination must be f32 storage");
+            return;
+        };
+        if dst.len != n {
+            self.fail(format!("copy_to_device: {n} values into {}", dst.len));
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        let r = match src {
+            CudaHost::Pinned(p) => self.stream.memcpy_htod(p, &mut s.slice_mut(..n)),
+            CudaHost::Pageable(v) => self.stream.memcpy_htod(v, &mut s.slice_mut(..n)),
+        };
+        if let Err(e) = r {
+            self.fail(format!("copying {n} values to the GPU: {e:?}"));
+        }
+    }
+    fn copy_to_host(&self, dst: &mut CudaHost, src: &CudaBuf) {
+        let n = dst.len();
+        let Mem::F32(s) = &src.mem else {
+            self.fail("copy_to_host: the source must be f32 storage");
+            return;
+        };
+        if src.len != n {
+            self.fail(format!("copy_to_host: {} values into {n}", src.len));
+            return;
+        }
+        if n == 0 {
+            return;
+        }
+        let r = match dst {
+            CudaHost::Pinned(p) => self.stream.memcpy_dtoh(&s.slice(..n), p),
+            CudaHost::Pageable(v) => self.stream.memcpy_dtoh(&s.slice(..n), v),
+        };
+        if let Err(e) = r {
+            self.fail(format!("copying {n} values from the GPU: {e:?}"));
+        }
+    }
+    fn host_values(&self, h: &CudaHost) -> Result<Vec<f32>> {
+        self.sync()?;
+        Ok(match h {
+            CudaHost::Pinned(p) => p
+                .as_slice()
+                .map_err(|e| anyhow!("reading page-locked memory: {e:?}"))?
+                .to_vec(),
+            CudaHost::Pageable(v) => v.clone(),
+        })
+    }
+    fn set_host_values(&self, h: &mut CudaHost, values: &[f32]) -> Result<()> {
+        if h.len() != values.len() {
+            bail!("{} values for host memory of {}", values.len(), h.len());
+        }
+        self.sync()?;
+        match h {
+            CudaHost::Pinned(p) => p
+                .as_mut_slice()
+                .map_err(|e| anyhow!("writing page-locked memory: {e:?}"))?
+                .copy_from_slice(values),
+            CudaHost::Pageable(v) => v.copy_from_slice(values),
+        }
+        Ok(())
     }
     fn len(&self, buf: &CudaBuf) -> usize {
         buf.len

@@ -175,24 +175,31 @@ pub fn optimizer_step(
         return Ok(0.0);
     }
     let (_ts, ts_p) = dev(be, &ts)?;
-    let (sumsq, sumsq_p) = zeros::<f64>(be, 1)?;
-    let (_partials, partials_p) = zeros::<f64>(be, blocks)?;
-    let (_counter, counter_p) = zeros::<u32>(be, 1)?;
     let grid = (blocks as u32, 1, 1);
     let nt = ts.len() as i32;
-    be.launch(
-        "multi_grad_sumsq",
-        grid,
-        (256, 1, 1),
-        0,
-        &[
-            Arg::P(sumsq_p),
-            Arg::P(partials_p),
-            Arg::P(counter_p),
-            Arg::P(ts_p),
-            Arg::I(nt),
-        ],
-    );
+    let (sumsq, sumsq_p) = match h.sumsq {
+        // The whole gradient's Σg², reduced by the caller (offloaded moments, group by group).
+        Some(s) => dev(be, &[s])?,
+        None => {
+            let (sumsq, sumsq_p) = zeros::<f64>(be, 1)?;
+            let (_partials, partials_p) = zeros::<f64>(be, blocks)?;
+            let (_counter, counter_p) = zeros::<u32>(be, 1)?;
+            be.launch(
+                "multi_grad_sumsq",
+                grid,
+                (256, 1, 1),
+                0,
+                &[
+                    Arg::P(sumsq_p),
+                    Arg::P(partials_p),
+                    Arg::P(counter_p),
+                    Arg::P(ts_p),
+                    Arg::I(nt),
+                ],
+            );
+            (sumsq, sumsq_p)
+        }
+    };
     // Stochastic rounding draws from (seed, step, element): a fixed seed keeps runs repeatable.
     let seed = 0x5eed_0fad_a3a3_u64;
     match (&moments, h.adamw) {

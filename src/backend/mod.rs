@@ -99,6 +99,9 @@ pub struct OptimizerStep {
     pub lr: f32,
     /// Global L2 norm the gradient is clipped to; 0 disables clipping.
     pub max_norm: f32,
+    /// Σg² over the whole gradient, when the caller has it: offloaded moments are updated a
+    /// group of tensors at a time, and each group is clipped by the norm of all of them.
+    pub sumsq: Option<f64>,
 }
 
 /// AdamW's first and second moments of every tensor, in `Params::list` order.
@@ -106,6 +109,10 @@ pub type MomentLists<'a, 'b, T> = (&'a mut [&'b mut T], &'a mut [&'b mut T]);
 
 pub trait Backend {
     type Buf;
+    /// f32 values in host memory that the device copies to and from: the optimizer moments
+    /// when they are offloaded. Page-locked on the GPU, so that the copies run at the bus's
+    /// speed and are queued like kernels.
+    type Host;
 
     fn name(&self) -> String;
 
@@ -147,6 +154,16 @@ pub trait Backend {
         Ok(())
     }
     fn download(&self, buf: &Self::Buf) -> Result<Vec<f32>>;
+    /// `n` zero values in host memory.
+    fn alloc_host(&self, n: usize) -> Result<Self::Host>;
+    /// dst = src for a buffer in f32 storage, queued in order with the kernels.
+    fn copy_to_device(&self, dst: &mut Self::Buf, src: &Self::Host);
+    /// dst = src from a buffer in f32 storage, queued; the values are there after `sync`.
+    fn copy_to_host(&self, dst: &mut Self::Host, src: &Self::Buf);
+    /// Host memory's values, once the copies into it have run (checkpoints).
+    fn host_values(&self, h: &Self::Host) -> Result<Vec<f32>>;
+    /// Sets host memory's values (resuming from a checkpoint).
+    fn set_host_values(&self, h: &mut Self::Host, values: &[f32]) -> Result<()>;
     fn len(&self, buf: &Self::Buf) -> usize;
     fn zero(&self, buf: &mut Self::Buf);
     fn copy(&self, dst: &mut Self::Buf, src: &Self::Buf);
@@ -188,10 +205,16 @@ pub trait Backend {
         moments: Option<MomentLists<'_, '_, Self::Buf>>,
         h: &OptimizerStep,
     ) -> Result<f64> {
-        let mut sum = 0.0;
-        for g in grads {
-            sum += self.sum_squares(g)?;
-        }
+        let sum = match h.sumsq {
+            Some(s) => s,
+            None => {
+                let mut sum = 0.0;
+                for g in grads {
+                    sum += self.sum_squares(g)?;
+                }
+                sum
+            }
+        };
         let norm = sum.sqrt();
         if !norm.is_finite() {
             return Ok(norm);
