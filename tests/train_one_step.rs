@@ -288,6 +288,89 @@ fn one_step_on_the_gpu_matches_pytorch_within_bf16() {
     empo_seq_mean_token_mean_cases(On::Cuda);
 }
 
+/// One AdamW step of `train` on the EM rollouts, moments offloaded or not; the run directory.
+fn adamw_step(on: On, offload: &str) -> PathBuf {
+    let out = train_dir(&format!("adamw-offload-{offload}"));
+    let r = rollouts("em_rollouts.jsonl");
+    let model = fixtures().join("tiny-qwen2-a");
+    let device = if on == On::Cpu { "cpu" } else { "cuda" };
+    let o = Command::new(engine())
+        .args([
+            "train",
+            "--weights",
+            model.to_str().unwrap(),
+            "--device",
+            device,
+        ])
+        .args(["--algo", "em", "--rollouts", &r, "--optimizer", "adamw"])
+        .args(["--lr", "1e-3", "--grad-clip", "1", "--steps", "1"])
+        .args([
+            "--offload-optimizer",
+            offload,
+            "--out",
+            out.to_str().unwrap(),
+        ])
+        .output()
+        .unwrap();
+    assert!(o.status.success(), "{}", String::from_utf8_lossy(&o.stderr));
+    out
+}
+
+/// AdamW with its moments in host memory, copied through the device a group of tensors at a
+/// time, takes the step it takes with them in place. On the CPU the two are bit-identical. On
+/// the GPU the f32 moments agree to the gradient's run-to-run noise, and the bf16 weights may
+/// stand one bf16 spacing apart: stochastic rounding draws its bits by launch and chunk, and the
+/// offloaded update splits the launch.
+fn offload_case(on: On) {
+    let (kept, off) = (adamw_step(on, "off"), adamw_step(on, "on"));
+    let files = |d: &PathBuf, f: &str| WeightFiles::open_files(&[d.join("final").join(f)]).unwrap();
+    let cfg = empo_engine::config::ModelConfig::from_file(
+        &fixtures().join("tiny-qwen2-a").join("config.json"),
+    )
+    .unwrap();
+    for f in [
+        "model.safetensors",
+        "resume/optimizer_m.safetensors",
+        "resume/optimizer_v.safetensors",
+    ] {
+        let (a, b) = (files(&kept, f), files(&off, f));
+        let (mut moved, mut worst) = (false, 0.0f32);
+        for (name, shape) in empo_engine::model::tensor_specs(&cfg) {
+            let (x, y) = (
+                a.load_f32(&name, &shape).unwrap(),
+                b.load_f32(&name, &shape).unwrap(),
+            );
+            moved |= x.iter().any(|&v| v != 0.0);
+            let scale = x.iter().fold(1e-30f32, |m, v| m.max(v.abs()));
+            for (&p, &q) in x.iter().zip(&y) {
+                let e = match (on, f) {
+                    (On::Cpu, _) => (p - q).abs(),
+                    (On::Cuda, "model.safetensors") => ((p - q).abs() - bf16_ulp(p)).max(0.0),
+                    (On::Cuda, _) => ((p - q).abs() / scale - 1e-3).max(0.0),
+                };
+                worst = worst.max(if e.is_nan() { f32::INFINITY } else { e });
+            }
+        }
+        assert!(moved, "{f}: all zero");
+        assert!(
+            worst == 0.0,
+            "{f}: offloaded and kept moments differ by {worst}"
+        );
+    }
+    std::fs::remove_dir_all(&kept).unwrap();
+    std::fs::remove_dir_all(&off).unwrap();
+}
+
+#[test]
+fn offloaded_adamw_moments_take_the_same_step() {
+    offload_case(On::Cpu);
+    if let Err(e) = empo_engine::device::open_cuda() {
+        println!("GPU half skipped: no GPU ({e:#})");
+        return;
+    }
+    offload_case(On::Cuda);
+}
+
 /// The GPU criterion on made-up updates: a bf16 step whose gradient is 4% off passes, one whose
 /// gradient is 20% off, or whose weights were never updated, or NaN, fails.
 #[test]
