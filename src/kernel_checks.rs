@@ -770,36 +770,76 @@ pub fn format_table(rows: &[CheckRow]) -> String {
     s
 }
 
-/// The whole optimizer update (norm, clipping, AdamW) over several tensors against the CPU
-/// reference's, with the clipping active; then a NaN gradient must leave the weights alone.
-fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
-    use crate::backend::OptimizerStep;
-    let sizes = [3usize, 16384, 40000, 7];
-    let cpu_be = cpu::CpuBackend;
-    let mut host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+/// Random bf16 parameters and f32 gradients of the given sizes, on the host and on the
+/// backend, and an AdamW step with the clipping active.
+struct OptimCase<B: Backend> {
+    host_p: Vec<Vec<f32>>,
+    host_g: Vec<Vec<f32>>,
+    h: crate::backend::OptimizerStep,
+    dp: Vec<B::Buf>,
+    dg: Vec<B::Buf>,
+}
+
+fn optim_case<B: Backend>(c: &mut Ctx<B>, sizes: &[usize], step: u64) -> Result<OptimCase<B>> {
+    let host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
     let host_g: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
-    let h = OptimizerStep {
+    let h = crate::backend::OptimizerStep {
         adamw: Some(AdamWStep {
             lr: 1e-2,
             beta1: 0.9,
             beta2: 0.95,
             eps: 1e-8,
             weight_decay: 0.1,
-            step: 1,
+            step,
             grad_scale: 1.0,
         }),
         lr: 1e-2,
         max_norm: 1.0,
         sumsq: None,
     };
-    let mut dp: Vec<B::Buf> = host_p
+    let dp = host_p
         .iter()
         .map(|p| c.be.upload(p))
         .collect::<Result<_>>()?;
-    let dg: Vec<B::Buf> = host_g
+    let dg = host_g
         .iter()
         .map(|g| c.be.upload_f32(g))
         .collect::<Result<_>>()?;
+    Ok(OptimCase {
+        host_p,
+        host_g,
+        h,
+        dp,
+        dg,
+    })
+}
+
+/// The CPU reference's update of host parameters and moments; the gradient norm.
+fn cpu_optimizer_step(
+    p: &mut [Vec<f32>],
+    g: &[Vec<f32>],
+    m: &mut [Vec<f32>],
+    v: &mut [Vec<f32>],
+    h: &crate::backend::OptimizerStep,
+) -> Result<f64> {
+    let mut p: Vec<&mut Vec<f32>> = p.iter_mut().collect();
+    let g: Vec<&Vec<f32>> = g.iter().collect();
+    let mut m: Vec<&mut Vec<f32>> = m.iter_mut().collect();
+    let mut v: Vec<&mut Vec<f32>> = v.iter_mut().collect();
+    cpu::CpuBackend.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), h)
+}
+
+/// The whole optimizer update (norm, clipping, AdamW) over several tensors against the CPU
+/// reference's, with the clipping active; then a NaN gradient must leave the weights alone.
+fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
+    let sizes = [3usize, 16384, 40000, 7];
+    let OptimCase {
+        mut host_p,
+        host_g,
+        h,
+        mut dp,
+        dg,
+    } = optim_case(c, &sizes, 1)?;
     let mut dm: Vec<B::Buf> = sizes
         .iter()
         .map(|&n| c.be.alloc_f32(n))
@@ -817,13 +857,7 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
     };
     let mut hm: Vec<Vec<f32>> = sizes.iter().map(|&n| vec![0.0; n]).collect();
     let mut hv = hm.clone();
-    let want_norm = {
-        let mut p: Vec<&mut Vec<f32>> = host_p.iter_mut().collect();
-        let g: Vec<&Vec<f32>> = host_g.iter().collect();
-        let mut m: Vec<&mut Vec<f32>> = hm.iter_mut().collect();
-        let mut v: Vec<&mut Vec<f32>> = hv.iter_mut().collect();
-        cpu_be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
-    };
+    let want_norm = cpu_optimizer_step(&mut host_p, &host_g, &mut hm, &mut hv, &h)?;
     let shape = format!(
         "{} tensors, {} values, clipped",
         sizes.len(),
@@ -889,40 +923,21 @@ fn check_optimizer_step<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
 /// reference's one update of every tensor with its moments on the device, from moments that are
 /// not zero, so that a group copied up from the wrong place or never copied back shows.
 fn check_optimizer_offloaded<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
-    use crate::backend::OptimizerStep;
     use crate::optim::{offloaded_step, update_groups};
     let sizes = [40000usize, 3, 16384, 7, 25000];
     let groups = update_groups(&sizes);
-    let cpu_be = cpu::CpuBackend;
-    let mut host_p: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
-    let host_g: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
+    let OptimCase {
+        mut host_p,
+        host_g,
+        h,
+        mut dp,
+        dg,
+    } = optim_case(c, &sizes, 3)?;
     let mut hm: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 0.1)).collect();
     let mut hv: Vec<Vec<f32>> = sizes
         .iter()
         .map(|&n| c.rnd(n, 0.1).iter().map(|x| x * x).collect())
         .collect();
-    let h = OptimizerStep {
-        adamw: Some(AdamWStep {
-            lr: 1e-2,
-            beta1: 0.9,
-            beta2: 0.95,
-            eps: 1e-8,
-            weight_decay: 0.1,
-            step: 3,
-            grad_scale: 1.0,
-        }),
-        lr: 1e-2,
-        max_norm: 1.0,
-        sumsq: None,
-    };
-    let mut dp: Vec<B::Buf> = host_p
-        .iter()
-        .map(|p| c.be.upload(p))
-        .collect::<Result<_>>()?;
-    let dg: Vec<B::Buf> = host_g
-        .iter()
-        .map(|g| c.be.upload_f32(g))
-        .collect::<Result<_>>()?;
     let to_host = |values: &[Vec<f32>]| -> Result<Vec<B::Host>> {
         values
             .iter()
@@ -939,13 +954,7 @@ fn check_optimizer_offloaded<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
         let g: Vec<&B::Buf> = dg.iter().collect();
         offloaded_step(c.be, &mut p, &g, (&mut om, &mut ov), &groups, &h)?
     };
-    let want_norm = {
-        let mut p: Vec<&mut Vec<f32>> = host_p.iter_mut().collect();
-        let g: Vec<&Vec<f32>> = host_g.iter().collect();
-        let mut m: Vec<&mut Vec<f32>> = hm.iter_mut().collect();
-        let mut v: Vec<&mut Vec<f32>> = hv.iter_mut().collect();
-        cpu_be.optimizer_step(&mut p, &g, Some((&mut m, &mut v)), &h)?
-    };
+    let want_norm = cpu_optimizer_step(&mut host_p, &host_g, &mut hm, &mut hv, &h)?;
     let shape = format!(
         "{} tensors in {} groups, clipped",
         sizes.len(),

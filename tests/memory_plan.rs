@@ -157,6 +157,16 @@ fn budget(device: u64, host: u64) -> Budget {
     }
 }
 
+/// The EMPO 7B run planned with the given moments and settings.
+fn resolve_7b(
+    moments: MomentDtype,
+    recompute: Switch,
+    offload: Switch,
+    budget: Budget,
+) -> anyhow::Result<MemoryPlan> {
+    memory_plan::resolve(&qwen_7b(), empo_7b(moments), recompute, offload, budget)
+}
+
 fn gb(x: u64) -> f64 {
     (x as f64 / 1e8).round() / 10.0
 }
@@ -169,9 +179,8 @@ fn gb(x: u64) -> f64 {
 #[test]
 fn a_7b_run_is_planned_against_the_gpu_it_has() {
     let c = qwen_7b();
-    let plan = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::F32),
+    let plan = resolve_7b(
+        MomentDtype::F32,
         Switch::Auto,
         Switch::Auto,
         budget(H100_FREE, HOST_AVAILABLE),
@@ -195,9 +204,8 @@ fn a_7b_run_is_planned_against_the_gpu_it_has() {
     );
     assert!(resident.peak() > memory_plan::usable(H100_FREE));
 
-    let h200 = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::F32),
+    let h200 = resolve_7b(
+        MomentDtype::F32,
         Switch::Auto,
         Switch::Auto,
         budget(H200_FREE, HOST_AVAILABLE),
@@ -206,9 +214,8 @@ fn a_7b_run_is_planned_against_the_gpu_it_has() {
     assert!(!h200.shape.recompute && !h200.shape.offload);
     assert_eq!(gb(h200.moments), 60.9);
     // Asked for explicitly, a setting is on whatever the memory.
-    let on = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::F32),
+    let on = resolve_7b(
+        MomentDtype::F32,
         Switch::On,
         Switch::On,
         budget(H200_FREE, HOST_AVAILABLE),
@@ -216,9 +223,8 @@ fn a_7b_run_is_planned_against_the_gpu_it_has() {
     .unwrap();
     assert!(on.shape.recompute && on.shape.offload);
     // Without a device to plan against (the CPU reference) nothing is refused or turned on.
-    let cpu = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::F32),
+    let cpu = resolve_7b(
+        MomentDtype::F32,
         Switch::Auto,
         Switch::Auto,
         Budget::default(),
@@ -234,9 +240,8 @@ fn a_7b_run_is_planned_against_the_gpu_it_has() {
 #[test]
 fn a_7b_run_that_cannot_fit_says_what_would() {
     let c = qwen_7b();
-    let err = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::F32),
+    let err = resolve_7b(
+        MomentDtype::F32,
         Switch::Auto,
         Switch::Auto,
         budget(H100_FREE, 32 << 30),
@@ -251,9 +256,8 @@ fn a_7b_run_that_cannot_fit_says_what_would() {
         "{err}"
     );
 
-    let err = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::F32),
+    let err = resolve_7b(
+        MomentDtype::F32,
         Switch::Auto,
         Switch::Off,
         budget(H100_FREE, HOST_AVAILABLE),
@@ -265,9 +269,8 @@ fn a_7b_run_that_cannot_fit_says_what_would() {
         "{err}"
     );
 
-    let plan = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::Bf16),
+    let plan = resolve_7b(
+        MomentDtype::Bf16,
         Switch::Auto,
         Switch::Auto,
         budget(H100_FREE, HOST_AVAILABLE),
@@ -288,9 +291,8 @@ fn a_7b_run_that_cannot_fit_says_what_would() {
     assert!(plan.peak() <= memory_plan::usable(H100_FREE));
 
     // Offloaded moments are f32: asking for them with bf16 moments is refused up front.
-    let err = memory_plan::resolve(
-        &c,
-        empo_7b(MomentDtype::Bf16),
+    let err = resolve_7b(
+        MomentDtype::Bf16,
         Switch::Auto,
         Switch::On,
         Budget::default(),
