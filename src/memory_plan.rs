@@ -9,8 +9,9 @@
 
 use crate::config::ModelConfig;
 use crate::lm_head::chunk_rows;
-use crate::model::tensor_specs;
-use crate::optim::{largest_group, MomentDtype, OptimConfig, OptimizerKind};
+use crate::optim::{
+    largest_group, tensor_sizes, MomentDtype, OptimConfig, OptimizerKind, OFFLOAD_IS_F32,
+};
 use anyhow::{bail, Result};
 
 /// A memory-saving setting (`--recompute`, `--offload-optimizer`).
@@ -87,10 +88,7 @@ pub struct MemoryPlan {
 }
 
 pub fn param_count(cfg: &ModelConfig) -> u64 {
-    tensor_specs(cfg)
-        .iter()
-        .map(|(_, s)| s.iter().product::<usize>() as u64)
-        .sum()
+    tensor_sizes(cfg).iter().map(|&n| n as u64).sum()
 }
 
 /// Bytes of one layer's saved activations per token (`LayerActs`).
@@ -160,10 +158,7 @@ impl MemoryPlan {
             OptimizerKind::Sgd => 0,
         };
         let offload = s.offload && all_moments > 0;
-        let sizes: Vec<usize> = tensor_specs(c)
-            .iter()
-            .map(|(_, s)| s.iter().product())
-            .collect();
+        let sizes = tensor_sizes(c);
         let n = s.train_seq;
         // The attention backward's f32 accumulators for dq and, under GQA, dk and dv (CUDA).
         let attention_bwd = (n * (c.q_dim() + 2 * c.kv_dim())) as u64 * 4;
@@ -313,10 +308,7 @@ pub fn resolve(
     let adamw_f32 =
         shape.optim.kind == OptimizerKind::Adamw && shape.optim.moments == MomentDtype::F32;
     if offload == Switch::On && shape.optim.kind == OptimizerKind::Adamw && !adamw_f32 {
-        bail!(
-            "offloaded AdamW moments are kept in f32 in host memory; --moments bf16 is for \
-             keeping them on the GPU: choose one"
-        );
+        bail!(OFFLOAD_IS_F32);
     }
     let planned = budget.device.is_some();
     let choices = |s: Switch, possible: bool| match s {

@@ -56,6 +56,10 @@ pub enum MomentDtype {
 /// AdamW's first and second moments.
 pub type Moments<T> = (Params<T>, Params<T>);
 
+/// Why offloaded moments and `--moments bf16` do not go together.
+pub const OFFLOAD_IS_F32: &str = "offloaded AdamW moments are kept in f32 in host memory; \
+     --moments bf16 is for keeping them on the GPU: choose one";
+
 /// Where AdamW's moments stay between updates.
 pub enum MomentStore<B: Backend> {
     /// On the device, as `cfg.moments` says.
@@ -129,12 +133,9 @@ impl<B: Backend> Optimizer<B> {
             ))),
             (OptimizerKind::Adamw, true) => {
                 if cfg.moments == MomentDtype::Bf16 {
-                    bail!(
-                        "offloaded AdamW moments are kept in f32 in host memory; --moments bf16 \
-                         is for keeping them on the GPU: choose one"
-                    );
+                    bail!(OFFLOAD_IS_F32);
                 }
-                let sizes = tensor_sizes(model);
+                let sizes = tensor_sizes(&model.cfg);
                 let host = || -> Result<Vec<B::Host>> {
                     sizes.iter().map(|&n| be.alloc_host(n)).collect()
                 };
@@ -150,11 +151,6 @@ impl<B: Backend> Optimizer<B> {
             step: 0,
             moments,
         })
-    }
-
-    /// Whether the moments live in host memory.
-    pub fn offloaded(&self) -> bool {
-        matches!(self.moments, Some(MomentStore::Host { .. }))
     }
 
     pub fn grad_norm(be: &B, grads: &Params<B::Buf>) -> Result<f64> {
@@ -336,8 +332,9 @@ pub fn offloaded_step<B: Backend>(
     Ok(sumsq.sqrt())
 }
 
-fn tensor_sizes<B: Backend>(model: &Qwen2<B>) -> Vec<usize> {
-    crate::model::tensor_specs(&model.cfg)
+/// Values in each of the model's tensors, in `Params::list` order.
+pub fn tensor_sizes(cfg: &crate::config::ModelConfig) -> Vec<usize> {
+    crate::model::tensor_specs(cfg)
         .iter()
         .map(|(_, s)| s.iter().product())
         .collect()
