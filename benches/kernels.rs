@@ -7,7 +7,7 @@
 use criterion::measurement::WallTime;
 use criterion::{criterion_group, criterion_main, BenchmarkGroup, Criterion, Throughput};
 use empo_engine::backend::cpu::CpuBackend;
-use empo_engine::backend::{AttnShape, Backend, StatsLoss};
+use empo_engine::backend::{AttnShape, Backend, Starts, StatsLoss};
 use empo_engine::kernel_bench::{gather_ids, rnd, BenchShapes};
 use std::cell::RefCell;
 use std::time::{Duration, Instant};
@@ -193,7 +193,16 @@ fn ops<B: Backend>(c: &mut Criterion, be: &B, s: &BenchShapes) {
         Work::Bytes((2 * nq * 2) as u64),
         &mut || {
             k = (k + 1) % qsets;
-            be.rope(&mut qs[k], 1, m, s.heads, s.head_dim, 0, 1e6, false)
+            be.rope(
+                &mut qs[k],
+                1,
+                m,
+                s.heads,
+                s.head_dim,
+                Starts::Same(0),
+                1e6,
+                false,
+            )
         },
     );
     drop(qs);

@@ -44,7 +44,9 @@
 //                                   const float *delta, const bf16 *q, const bf16 *k, const bf16 *v,
 //                                   int tq, int tk, int cap, int heads, int kv_heads, int head_dim)
 //     grid (ceil(cap * kv_heads / 4), batch), block 128, no dynamic smem
-//   void kv_write(bf16 *cache, const bf16 *src, int batch, int cap, int pos0, int tq, int row)
+//   void kv_write(bf16 *cache, const bf16 *src, int batch, int cap, int pos0,
+//                 const uint32_t *starts, int tq, int row)
+//     sequence b's rows land at starts[b].. (a ragged cache), or at pos0.. where starts is null
 //     grid ceil(batch * tq * row / 256), block 256, no smem
 //
 // Backward sequence, fast path: attention_bwd_preprocess (writes delta and lse2 = lse * log2(e),
@@ -911,9 +913,11 @@ extern "C" __global__ void attention_bwd_dkdv_generic(bf16 *dk, bf16 *dv, const 
 
 // cache[b, pos0 + t, :] = src[b, t, :]; src is [batch, tq, row], cache [batch, cap, row].
 // grid ceil(batch * tq * row / 256), block 256, no smem. Matches cpu::kv_write.
-extern "C" __global__ void kv_write(bf16 *cache, const bf16 *src, int batch, int cap, int pos0, int tq, int row) {
+extern "C" __global__ void kv_write(bf16 *cache, const bf16 *src, int batch, int cap, int pos0,
+                                    const uint32_t *starts, int tq, int row) {
     const int64_t i = (int64_t)blockIdx.x * blockDim.x + threadIdx.x;
     if (i >= (int64_t)batch * tq * row) return;
     const int64_t bt = i / row, c = i % row, b = bt / tq, t = bt % tq;
-    cache[(b * cap + pos0 + t) * row + c] = src[i];
+    const int64_t at = starts ? (int64_t)starts[b] : pos0;
+    cache[(b * cap + at + t) * row + c] = src[i];
 }

@@ -42,6 +42,12 @@ __device__ __forceinline__ void sincos_of(float a, int inverse, float *s, float 
     if (inverse) *s = -*s;
 }
 
+// The position of row `row` (of `seq` per sequence): its sequence's start plus its place in it.
+__device__ __forceinline__ float position(int64_t row, int seq, int pos0, const uint32_t *starts) {
+    const int64_t at = starts ? (int64_t)starts[row / seq] : pos0;
+    return (float)(at + row % seq);
+}
+
 // The two 16-byte packs (x1 and x2 halves) of each of the up to ROPE_HG heads of unit idx.
 struct Unit {
     uint4 lo[ROPE_HG], hi[ROPE_HG];
@@ -69,8 +75,9 @@ __device__ __forceinline__ void load_unit(Unit &u, const bf16 *p, int nh, int he
 // grid-stride; launcher: block 256, dynamic shared memory head_dim / 2 floats, grid
 // min(⌈rows · ⌈heads/ROPE_HG⌉ · head_dim/16 / 256⌉, resident blocks) for the packed path,
 // ⌈rows · heads · head_dim/2 / 256⌉ otherwise.
-extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int head_dim, int pos0, float theta,
-                                int inverse) {
+// Sequence b = row / seq starts at starts[b] (a ragged KV cache), or at pos0 where starts is null.
+extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int head_dim, int pos0,
+                                const uint32_t *starts, float theta, int inverse) {
     const int half = head_dim / 2;
     const int64_t first = (int64_t)blockIdx.x * blockDim.x + threadIdx.x, stride = (int64_t)gridDim.x * blockDim.x;
     extern __shared__ __align__(16) unsigned char rope_smem[];
@@ -100,7 +107,7 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
                 p_n = rope_k::unit_ptr(x, idx + stride, heads, head_dim, groups, nh_n, row_n, v_n);
                 rope_k::load_unit(next, p_n, nh_n, head_dim);
             }
-            const float pos = (float)(pos0 + row % seq);
+            const float pos = rope_k::position(row, seq, pos0, starts);
             float s[8], c[8];
 #pragma unroll
             for (int e = 0; e < 8; e++) rope_k::sincos_of(pos * inv_s[8 * v + e], inverse, &s[e], &c[e]);
@@ -131,7 +138,7 @@ extern "C" __global__ void rope(bf16 *x, int64_t rows, int seq, int heads, int h
         const int64_t rh = idx / half;  // row * heads + head
         const int64_t r = rh / heads;
         float s, c;
-        rope_k::sincos_of((float)(pos0 + r % seq) * inv_s[i], inverse, &s, &c);
+        rope_k::sincos_of(rope_k::position(r, seq, pos0, starts) * inv_s[i], inverse, &s, &c);
         bf16 *q = x + rh * head_dim;
         const float x1 = ld(q + i), x2 = ld(q + i + half);
         q[i] = to_bf16(x1 * c - x2 * s);

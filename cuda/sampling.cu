@@ -8,7 +8,7 @@
 //   __global__ void sample_tokens(
 //       uint32_t *next, int *done, const bf16 *logits, int vocab,
 //       const float *temperature, const int *top_k, const float *top_p,
-//       const uint32_t *seq_ids, uint64_t seed, uint64_t step,
+//       const uint32_t *keys,
 //       const uint32_t *stop_ids, int n_stop, int pad_id);
 //
 // How a draw works, and where it may differ from the CPU:
@@ -456,15 +456,15 @@ __device__ uint32_t draw(const bf16 *r, int vocab, float m, int arg, float inv_t
 // the caller's per-row state (0 = still generating), kept across steps.
 // Per row: temperature[row] <= 0 is greedy (sampling::argmax, first index of the max);
 // top_k[row] 0 or >= vocab is off; top_p[row] >= 1 is off; top_k and top_p may be null (off).
-// seq_ids holds one u64 sequence id per row as (low u32, high u32) pairs, i.e. a little-endian
-// u64 array: the draw uses sampling::uniform(seed, seq_ids[row], step).
+// keys holds each row's (seed, sequence, step) as three little-endian u64, i.e. six u32 per row:
+// the draw uses sampling::uniform(seed, sequence, step), so rows of different groups and at
+// different steps share a launch and each draws what it would alone.
 // A row with done[row] != 0 gets pad_id and stays done; a row that samples one of stop_ids gets
 // done[row] = 1 (the stop token itself is written to next).
 // CPU oracle: sampling::sample with the same uniform (distribution-level; see the file header).
 extern "C" __global__ void sample_tokens(uint32_t *next, int *done, const bf16 *logits, int vocab,
                                          const float *temperature, const int *top_k, const float *top_p,
-                                         const uint32_t *seq_ids, uint64_t seed, uint64_t step,
-                                         const uint32_t *stop_ids, int n_stop, int pad_id) {
+                                         const uint32_t *keys, const uint32_t *stop_ids, int n_stop, int pad_id) {
     const int row = blockIdx.x;
     if (done[row] != 0) {  // the same for the whole block: no barrier is skipped by a few threads
         if (threadIdx.x == 0) next[row] = (uint32_t)pad_id;
@@ -476,7 +476,10 @@ extern "C" __global__ void sample_tokens(uint32_t *next, int *done, const bf16 *
     const float t = temperature[row];
     uint32_t tok = (uint32_t)arg;
     if (t > 0.0f) {
-        const uint64_t seq = (uint64_t)seq_ids[2 * row] | (uint64_t)seq_ids[2 * row + 1] << 32;
+        const uint32_t *key = keys + 6 * row;
+        const uint64_t seed = (uint64_t)key[0] | (uint64_t)key[1] << 32;
+        const uint64_t seq = (uint64_t)key[2] | (uint64_t)key[3] << 32;
+        const uint64_t step = (uint64_t)key[4] | (uint64_t)key[5] << 32;
         const uint32_t u24 = sampling::uniform_bits24(seed, seq, step);
         tok = sampling::draw(r, vocab, best.v, arg, 1.0f / t, top_k ? top_k[row] : 0, top_p ? top_p[row] : 1.0f,
                              u24);

@@ -8,7 +8,7 @@
 //! twice to warm up, then between two `sync`s at least `iters` times and for at least 10 ms
 //! (`time`).
 
-use crate::backend::{AdamWStep, AttnShape, Backend, StatsLoss};
+use crate::backend::{AdamWStep, AttnShape, Backend, Starts, StatsLoss};
 use anyhow::Result;
 use std::time::Instant;
 
@@ -579,7 +579,16 @@ fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
     let mut kq = 0;
     let t = time(be, iters, || {
         kq = (kq + 1) % qsets;
-        be.rope(&mut qs[kq], 1, m, s.heads, s.head_dim, 0, 1e6, false)
+        be.rope(
+            &mut qs[kq],
+            1,
+            m,
+            s.heads,
+            s.head_dim,
+            Starts::Same(0),
+            1e6,
+            false,
+        )
     })?;
     push(
         "rope (q)",
@@ -815,10 +824,9 @@ fn offload_rows<B: Backend>(
 /// `sample` as rollouts call it (the sequence ids go up, the tokens come back). Bytes: one read
 /// of the bf16 logits, although truncation makes up to four passes over each row.
 pub fn sampling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
-    use crate::sampling::SamplingParams;
+    use crate::sampling::{DrawKey, SamplingParams};
     let (rows_n, v) = (64, s.vocab);
     let logits = be.upload(&rnd(rows_n * v, 6.0))?;
-    let seq_ids: Vec<u64> = (0..rows_n as u64).collect();
     let mut out = Vec::new();
     for (name, sp) in [
         (
@@ -850,7 +858,14 @@ pub fn sampling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
         let mut err = None;
         let t = time(be, iters, || {
             step += 1;
-            if let Err(e) = be.sample(&logits, rows_n, v, &sp, 7, &seq_ids, step) {
+            let keys: Vec<DrawKey> = (0..rows_n as u64)
+                .map(|sequence| DrawKey {
+                    seed: 7,
+                    sequence,
+                    step,
+                })
+                .collect();
+            if let Err(e) = be.sample(&logits, rows_n, v, &sp, &keys) {
                 err = Some(e);
             }
         })?;

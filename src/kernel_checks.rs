@@ -9,7 +9,7 @@
 //! The harness is generic over `Backend`. On the GPU it checks the CUDA backend; run over the
 //! CPU backend itself (a CI test) it checks the harness: every shape and argument order.
 
-use crate::backend::{cpu, AdamWStep, AttnShape, Backend, RowStats, StatsLoss, NO_TARGET};
+use crate::backend::{cpu, AdamWStep, AttnShape, Backend, RowStats, Starts, StatsLoss, NO_TARGET};
 use crate::config::{DType, ModelConfig};
 use crate::generate::next_token_targets;
 use crate::model::{random_tensors, tensor_specs, Qwen2};
@@ -179,17 +179,20 @@ pub fn run_all<B: Backend>(
     for &(m, k, n) in mats {
         check_matmul(&mut c, m, k, n)?;
     }
-    check_rope(&mut c, 2, 9, 4, 16, 3)?;
-    check_rope(&mut c, 1, 33, 28, 128, 3)?;
+    check_rope(&mut c, 2, 9, 4, 16, Starts::Same(3))?;
+    check_rope(&mut c, 1, 33, 28, 128, Starts::Same(3))?;
     // Positions of a 4K training sequence and of Qwen2.5's 32K context, where a fast sine
     // without range reduction, or a fast pow in the inverse frequencies, drifts from the oracle.
-    check_rope(&mut c, 1, 33, 28, 128, 4000)?;
-    check_rope(&mut c, 1, 33, 28, 128, 32700)?;
+    check_rope(&mut c, 1, 33, 28, 128, Starts::Same(4000))?;
+    check_rope(&mut c, 1, 33, 28, 128, Starts::Same(32700))?;
+    // A decode step over a ragged cache: each sequence's one new token at its own position.
+    check_rope(&mut c, 5, 1, 28, 128, Starts::Each(&[0, 17, 4000, 3, 1200]))?;
+    check_rope(&mut c, 3, 1, 4, 16, Starts::Each(&[9, 0, 31]))?;
     if big {
         // More rows than the blocks that fit on the GPU at once, so the resident grids of the
         // embedding and RoPE kernels go round several times, loading ahead as they do.
         check_embedding(&mut c, 4096, 3584)?;
-        check_rope(&mut c, 2, 2048, 28, 128, 5)?;
+        check_rope(&mut c, 2, 2048, 28, 128, Starts::Same(5))?;
     }
     let attn: Vec<AttnShape> = {
         let s = |batch, tq, tk, cap, heads, kv_heads, head_dim| AttnShape {
@@ -217,7 +220,22 @@ pub fn run_all<B: Backend>(
     for s in attn {
         check_attention(&mut c, s)?;
     }
-    check_kv_write(&mut c)?;
+    check_kv_write(&mut c, 5, Starts::Same(7))?;
+    check_kv_write(&mut c, 1, Starts::Each(&[19, 0, 6]))?;
+    {
+        let s = |batch, cap, head_dim| AttnShape {
+            batch,
+            tq: 1,
+            tk: cap,
+            cap,
+            heads: 4,
+            kv_heads: 2,
+            head_dim,
+        };
+        check_attention_ragged(&mut c, s(4, 300, 128), &[1, 300, 37, 129])?;
+        check_attention_ragged(&mut c, s(3, 40, 64), &[40, 2, 17])?;
+        check_attention_ragged(&mut c, s(2, 24, 16), &[5, 24])?;
+    }
     let vocab = if big { 152064 } else { 5000 };
     check_softmax_stats(&mut c, 6, 1000)?;
     check_softmax_stats(&mut c, 5, 1001)?; // odd vocabulary: the scalar path
@@ -379,16 +397,20 @@ fn check_rope<B: Backend>(
     seq: usize,
     heads: usize,
     hd: usize,
-    pos0: usize,
+    starts: Starts,
 ) -> Result<()> {
     let n = batch * seq * heads * hd;
-    let shape = format!("[{batch}, {seq}, {heads}, {hd}] at pos {pos0}");
+    let at = match starts {
+        Starts::Same(p) => format!("pos {p}"),
+        Starts::Each(s) => format!("per-sequence pos {s:?}"),
+    };
+    let shape = format!("[{batch}, {seq}, {heads}, {hd}] at {at}");
     let x = c.rnd(n, 1.0);
     for inverse in [false, true] {
         let mut bx = c.be.upload(&x)?;
-        c.be.rope(&mut bx, batch, seq, heads, hd, pos0, 1e6, inverse);
+        c.be.rope(&mut bx, batch, seq, heads, hd, starts, 1e6, inverse);
         let mut want = x.clone();
-        cpu::rope(&mut want, batch, seq, heads, hd, pos0, 1e6, inverse);
+        cpu::rope(&mut want, batch, seq, heads, hd, starts, 1e6, inverse);
         let op = if inverse {
             "rope inverse (= bwd)"
         } else {
@@ -505,21 +527,50 @@ fn alt_attention<B: Backend>(
     Ok(())
 }
 
-fn check_kv_write<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
-    let (batch, cap, pos0, tq, row) = (3, 20, 7, 5, 64);
+fn check_kv_write<B: Backend>(c: &mut Ctx<B>, tq: usize, starts: Starts) -> Result<()> {
+    let (batch, cap, row) = (3, 20, 64);
     let cache0 = c.rnd(batch * cap * row, 1.0);
     let new = c.rnd(batch * tq * row, 1.0);
     let mut bc = c.be.upload(&cache0)?;
-    c.be.kv_write(&mut bc, &c.be.upload(&new)?, batch, cap, pos0, tq, row);
+    c.be.kv_write(&mut bc, &c.be.upload(&new)?, batch, cap, starts, tq, row);
     let mut want = cache0;
-    cpu::kv_write(&mut want, &new, batch, cap, pos0, tq, row);
+    cpu::kv_write(&mut want, &new, batch, cap, starts, tq, row);
+    let at = match starts {
+        Starts::Same(p) => format!("{p}"),
+        Starts::Each(s) => format!("{s:?}"),
+    };
     c.row(
         "kv_write",
-        format!("b {batch} cap {cap} at {pos0}+{tq}, row {row}"),
+        format!("b {batch} cap {cap} at {at}+{tq}, row {row}"),
         &bc,
         &want,
         false,
     )
+}
+
+/// Decode over a ragged cache: each sequence's one query sees its own number of keys, the
+/// rows past it holding values that must not leak in.
+fn check_attention_ragged<B: Backend>(c: &mut Ctx<B>, s: AttnShape, kv_len: &[u32]) -> Result<()> {
+    let shape = format!(
+        "b {} keys {:?} cap {} heads {}/{} d {}",
+        s.batch, kv_len, s.cap, s.heads, s.kv_heads, s.head_dim
+    );
+    let nq = s.batch * s.heads * s.head_dim;
+    let nkv = s.batch * s.cap * s.kv_heads * s.head_dim;
+    let (q, k, v) = (c.rnd(nq, 2.0), c.rnd(nkv, 2.0), c.rnd(nkv, 1.0));
+    let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(s.batch * s.heads)?);
+    let (bq, bk, bv) = (c.be.upload(&q)?, c.be.upload(&k)?, c.be.upload(&v)?);
+    c.be.attention_decode(&mut out, &mut lse, &bq, &bk, &bv, s, kv_len);
+    let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; s.batch * s.heads]);
+    cpu::attention_ragged(&mut wo, &mut wl, &q, &k, &v, s, Some(kv_len));
+    c.row(
+        "attention decode ragged out",
+        shape.clone(),
+        &out,
+        &wo,
+        false,
+    )?;
+    c.row("attention decode ragged lse", shape, &lse, &wl, true)
 }
 
 fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) -> Result<()> {
@@ -742,6 +793,34 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
     }
     c.push(CheckRow {
         op: "model KV-cache decode logits (20 + 4 steps)".into(),
+        shape: tag.clone(),
+        err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
+        tol: c.tol.model_logits,
+    });
+
+    // The same over a ragged cache, as batched sampling leaves it: sequence b's prompt is
+    // 20 - 7b tokens long, prefilled alone and copied into its slot, then 4 steps together.
+    let mut got_cache = gpu.alloc_cache(be, batch, 32)?;
+    let mut want_cache = cpu_m.alloc_cache(&cpu_be, batch, 32)?;
+    let lens: Vec<usize> = (0..batch).map(|b| 20 - 7 * (b % 3)).collect();
+    for (b, &len) in lens.iter().enumerate() {
+        let prompt = &ids[b * seq..b * seq + len];
+        let mut g1 = gpu.alloc_cache(be, 1, len)?;
+        let mut c1 = cpu_m.alloc_cache(&cpu_be, 1, len)?;
+        let mut ga = gpu.alloc_activations(be, 1, len, false)?;
+        let mut ca = cpu_m.alloc_activations(&cpu_be, 1, len, false)?;
+        gpu.forward_cached(be, prompt, &mut ga, &mut g1)?;
+        cpu_m.forward_cached(&cpu_be, prompt, &mut ca, &mut c1)?;
+        got_cache.copy_prefix(be, b, &g1, 0, len)?;
+        want_cache.copy_prefix(&cpu_be, b, &c1, 0, len)?;
+    }
+    for step in 0..4 {
+        let next: Vec<u32> = (0..batch).map(|b| ids[b * seq + lens[b] + step]).collect();
+        gpu.forward_cached(be, &next, &mut gs, &mut got_cache)?;
+        cpu_m.forward_cached(&cpu_be, &next, &mut cs, &mut want_cache)?;
+    }
+    c.push(CheckRow {
+        op: format!("model ragged KV-cache decode logits ({lens:?} + 4 steps)"),
         shape: tag,
         err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
         tol: c.tol.model_logits,
@@ -1122,10 +1201,10 @@ pub fn chi_square_z(counts: &[u64], probs: &[f64], draws: u64) -> f64 {
 }
 
 /// Sampling on the backend against the CPU's truncated distribution: many draws from one row
-/// (the row repeated, each copy its own Philox sequence), a χ² test per setting; greedy must
-/// equal the argmax exactly.
+/// (the row repeated, each copy with its own key), a χ² test per setting; greedy must equal the
+/// argmax exactly, and untruncated draws must be the CPU's own draws for the same keys.
 fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
-    use crate::sampling::{argmax, truncated_distribution, SamplingParams};
+    use crate::sampling::{argmax, sample, truncated_distribution, DrawKey, SamplingParams};
     // A peaked row, so that top-k and top-p cut inside the mass.
     let row: Vec<f32> = c
         .rnd(vocab, 1.0)
@@ -1136,16 +1215,20 @@ fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
     let row = round_bf16(&row);
     let rows = 2048;
     let logits = c.be.upload(&row.repeat(rows))?;
-    let seq_ids: Vec<u64> = (0..rows as u64).collect();
-    let greedy = c.be.sample(
-        &logits,
-        rows,
-        vocab,
-        &SamplingParams::greedy(),
-        c.seed,
-        &seq_ids,
-        0,
-    )?;
+    // Every row's key differs in seed, sequence and step, as rows of different groups at
+    // different points of their completions do in one batched decode step.
+    let seed = c.seed;
+    let keys = move |round: u64| -> Vec<DrawKey> {
+        (0..rows as u64)
+            .map(|r| DrawKey {
+                seed: seed.wrapping_add(r % 3),
+                sequence: r / 3,
+                step: round * 5 + r % 5,
+            })
+            .collect()
+    };
+    let greedy =
+        c.be.sample(&logits, rows, vocab, &SamplingParams::greedy(), &keys(0))?;
     let best = argmax(&row);
     c.push(CheckRow {
         op: "sample greedy (mismatches)".into(),
@@ -1168,9 +1251,7 @@ fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
         let mut counts = vec![0u64; vocab];
         let steps = 10u64;
         for step in 0..steps {
-            for tok in
-                c.be.sample(&logits, rows, vocab, &sp, c.seed, &seq_ids, step)?
-            {
+            for tok in c.be.sample(&logits, rows, vocab, &sp, &keys(step))? {
                 counts[tok as usize] += 1;
             }
         }
@@ -1188,6 +1269,27 @@ fn check_sampling<B: Backend>(c: &mut Ctx<B>, vocab: usize) -> Result<()> {
             tol: 4.0,
         });
     }
+    // Without truncation the GPU walks the tokens in the CPU's order, so a key draws the CPU's
+    // token but where the uniform falls within rounding of a token's edge: a row reading
+    // another row's key would miss nearly always.
+    let sp = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let ks = keys(3);
+    let got = c.be.sample(&logits, rows, vocab, &sp, &ks)?;
+    let differ = got
+        .iter()
+        .zip(&ks)
+        .filter(|(&t, k)| t != sample(&row, &sp, k.uniform()))
+        .count();
+    c.push(CheckRow {
+        op: "sample per-row keys vs CPU draws (mismatches)".into(),
+        shape: format!("[{rows}, {vocab}] T 1"),
+        err: differ as f64,
+        tol: (rows / 100) as f64,
+    });
     Ok(())
 }
 
@@ -1424,7 +1526,7 @@ pub fn check_pdl_cuda(
             check_elementwise(c, rows, dim)?;
             check_rmsnorm(c, rows, dim)?;
         }
-        check_rope(c, 2, 2048, 28, 128, 5)?;
+        check_rope(c, 2, 2048, 28, 128, Starts::Same(5))?;
         for cfg in model_configs() {
             check_model(c, &cfg)?;
         }

@@ -1,7 +1,7 @@
 //! The Qwen2 decoder, written once over the `Backend` interface: training forward (keeping
 //! activations), full backward (gradients for every parameter), and KV-cache inference.
 
-use crate::backend::{AttnShape, Backend, RowStats};
+use crate::backend::{AttnShape, Backend, RowStats, Starts};
 use crate::config::ModelConfig;
 use crate::weights::WeightFiles;
 use anyhow::{bail, Result};
@@ -262,13 +262,72 @@ impl<T> KvCache<T> {
     pub fn held<B: Backend<Buf = T>>(&self, be: &B) -> usize {
         self.k.iter().chain(&self.v).map(|b| be.len(b)).sum()
     }
+
+    /// Positions sequence b has filled.
+    pub fn len(&self, b: usize) -> usize {
+        self.lens[b] as usize
+    }
+
+    /// Every sequence's filled positions.
+    pub fn lens(&self) -> &[u32] {
+        &self.lens
+    }
+
+    /// Where the next forward writes: one start for all when the sequences are level.
+    fn starts(&self) -> Starts<'_> {
+        match self.lens.split_first() {
+            Some((&first, rest)) if rest.iter().all(|&l| l == first) => {
+                Starts::Same(first as usize)
+            }
+            _ => Starts::Each(&self.lens),
+        }
+    }
+
+    /// Empties sequence b's slot for reuse: a finished sequence's row takes a new one.
+    pub fn clear(&mut self, b: usize) {
+        self.lens[b] = 0;
+    }
+
+    /// Copies the first `len` positions of `src`'s sequence `from` into sequence `to`, which then
+    /// holds exactly them: a prompt prefilled once seeds every sample of its group.
+    pub fn copy_prefix<B: Backend<Buf = T>>(
+        &mut self,
+        be: &B,
+        to: usize,
+        src: &KvCache<T>,
+        from: usize,
+        len: usize,
+    ) -> Result<()> {
+        if to >= self.batch || from >= src.batch || len > src.len(from) || len > self.cap {
+            bail!(
+                "KV cache copy: {len} positions of sequence {from} (of {}, holding {}) into \
+                 sequence {to} (of {}, capacity {})",
+                src.batch,
+                src.lens.get(from).copied().unwrap_or(0),
+                self.batch,
+                self.cap
+            );
+        }
+        let row = be.len(&self.k[0]) / (self.batch * self.cap);
+        for (dst, s) in self
+            .k
+            .iter_mut()
+            .zip(&src.k)
+            .chain(self.v.iter_mut().zip(&src.v))
+        {
+            be.copy_range(dst, to * self.cap * row, s, from * src.cap * row, len * row);
+        }
+        self.lens[to] = len as u32;
+        Ok(())
+    }
 }
 
 pub struct KvCache<T> {
     pub batch: usize,
     pub cap: usize,
-    /// Positions already filled (the same for every sequence of the batch).
-    pub len: usize,
+    /// Positions filled, per sequence: sequences sampled together end at different lengths, and
+    /// a finished one's slot is refilled with a new sequence.
+    lens: Vec<u32>,
     k: Vec<T>,
     v: Vec<T>,
 }
@@ -276,10 +335,10 @@ pub struct KvCache<T> {
 /// Where a layer forward runs: the batch, this call's positions, and whether the layer's output
 /// is wanted.
 #[derive(Clone, Copy)]
-struct Span {
+struct Span<'a> {
     batch: usize,
     seq: usize,
-    pos0: usize,
+    starts: Starts<'a>,
     output: bool,
 }
 
@@ -424,7 +483,7 @@ impl<B: Backend> Qwen2<B> {
         Ok(KvCache {
             batch,
             cap,
-            len: 0,
+            lens: vec![0; batch],
             k,
             v,
         })
@@ -440,7 +499,12 @@ impl<B: Backend> Qwen2<B> {
     ) {
         let c = &self.cfg;
         let (batch, seq) = (acts.batch, acts.seq);
-        let pos0 = cache.as_ref().map_or(0, |kc| kc.len);
+        // The layers write the cache while they read where it starts: a copy of the lengths.
+        let lens: Vec<u32> = cache.as_ref().map_or(vec![], |kc| kc.lens.clone());
+        let starts = match cache.as_ref().map(|kc| kc.starts()) {
+            None | Some(Starts::Same(_)) => Starts::Same(lens.first().map_or(0, |&l| l as usize)),
+            Some(Starts::Each(_)) => Starts::Each(&lens),
+        };
         let last = acts.layers.len() - 1;
         for l in 0..c.num_layers {
             if let Some(input) = acts.inputs.get_mut(l) {
@@ -449,7 +513,7 @@ impl<B: Backend> Qwen2<B> {
             let span = Span {
                 batch,
                 seq,
-                pos0,
+                starts,
                 output: true,
             };
             let la = &mut acts.layers[l.min(last)];
@@ -457,7 +521,9 @@ impl<B: Backend> Qwen2<B> {
             acts.holds = Some(l);
         }
         if let Some(kc) = cache {
-            kc.len += seq;
+            for len in &mut kc.lens {
+                *len += seq as u32;
+            }
         }
         let n = batch * seq;
         be.copy(&mut acts.x_final, &acts.x);
@@ -501,7 +567,7 @@ impl<B: Backend> Qwen2<B> {
         let c = &self.cfg;
         let p = &self.params.layers[l];
         let Span {
-            batch, seq, pos0, ..
+            batch, seq, starts, ..
         } = span;
         let n = batch * seq;
         let (h, qd, kvd, inter) = (c.hidden_size, c.q_dim(), c.kv_dim(), c.intermediate_size);
@@ -524,7 +590,7 @@ impl<B: Backend> Qwen2<B> {
             seq,
             c.num_heads,
             c.head_dim,
-            pos0,
+            starts,
             c.rope_theta,
             false,
         );
@@ -534,18 +600,36 @@ impl<B: Backend> Qwen2<B> {
             seq,
             c.num_kv_heads,
             c.head_dim,
-            pos0,
+            starts,
             c.rope_theta,
             false,
         );
         let mut shape = self.self_attention(batch, seq);
         match cache {
             Some(kc) => {
-                be.kv_write(&mut kc.k[l], &la.k, batch, kc.cap, pos0, seq, kvd);
-                be.kv_write(&mut kc.v[l], &la.v, batch, kc.cap, pos0, seq, kvd);
-                shape.tk = pos0 + seq;
+                be.kv_write(&mut kc.k[l], &la.k, batch, kc.cap, starts, seq, kvd);
+                be.kv_write(&mut kc.v[l], &la.v, batch, kc.cap, starts, seq, kvd);
                 shape.cap = kc.cap;
-                be.attention(&mut la.att, &mut la.lse, &la.q, &kc.k[l], &kc.v[l], shape);
+                match starts {
+                    Starts::Same(pos0) => {
+                        shape.tk = pos0 + seq;
+                        be.attention(&mut la.att, &mut la.lse, &la.q, &kc.k[l], &kc.v[l], shape);
+                    }
+                    // One new position per sequence (forward_cached checks it).
+                    Starts::Each(s) => {
+                        let kv_len: Vec<u32> = s.iter().map(|&p| p + 1).collect();
+                        shape.tk = kv_len.iter().copied().max().unwrap_or(1) as usize;
+                        be.attention_decode(
+                            &mut la.att,
+                            &mut la.lse,
+                            &la.q,
+                            &kc.k[l],
+                            &kc.v[l],
+                            shape,
+                            &kv_len,
+                        );
+                    }
+                }
             }
             None => be.attention(&mut la.att, &mut la.lse, &la.q, &la.k, &la.v, shape),
         }
@@ -581,13 +665,16 @@ impl<B: Backend> Qwen2<B> {
         acts: &mut Activations<B::Buf>,
     ) -> Result<()> {
         let n = acts.batch * acts.seq;
-        if ids.len() != n || !acts.for_training(self.cfg.num_layers) {
+        if ids.len() != n {
             bail!(
                 "forward: {} ids for activations of {}×{} tokens",
                 ids.len(),
                 acts.batch,
                 acts.seq
             );
+        }
+        if !acts.for_training(self.cfg.num_layers) {
+            bail!("forward: these activations were allocated for inference (train = false)");
         }
         self.check_ids(ids)?;
         acts.ids = ids.to_vec();
@@ -702,11 +789,17 @@ impl<B: Backend> Qwen2<B> {
                 cache.batch
             );
         }
-        if cache.len + seq > cache.cap {
+        let longest = cache.lens.iter().copied().max().unwrap_or(0) as usize;
+        if longest + seq > cache.cap {
             bail!(
-                "KV cache full: {} + {seq} positions exceed its capacity {}",
-                cache.len,
+                "KV cache full: {longest} + {seq} positions exceed its capacity {}",
                 cache.cap
+            );
+        }
+        if seq > 1 && matches!(cache.starts(), Starts::Each(_)) {
+            bail!(
+                "forward_cached: {seq} new positions over sequences of different lengths; a \
+                 ragged cache takes one token per sequence (prefill each prompt alone)"
             );
         }
         self.check_ids(ids)?;
@@ -830,7 +923,7 @@ impl<B: Backend> Qwen2<B> {
                 let span = Span {
                     batch,
                     seq,
-                    pos0: 0,
+                    starts: Starts::Same(0),
                     output: false,
                 };
                 self.layer_forward(be, l, &mut layers[0], x, None, span);
@@ -912,7 +1005,7 @@ impl<B: Backend> Qwen2<B> {
                 seq,
                 c.num_heads,
                 c.head_dim,
-                0,
+                Starts::Same(0),
                 c.rope_theta,
                 true,
             );
@@ -922,7 +1015,7 @@ impl<B: Backend> Qwen2<B> {
                 seq,
                 c.num_kv_heads,
                 c.head_dim,
-                0,
+                Starts::Same(0),
                 c.rope_theta,
                 true,
             );

@@ -37,6 +37,21 @@ pub fn uniform(seed: u64, sequence: u64, step: u64) -> f32 {
     (out[0] >> 8) as f32 * (1.0 / (1u32 << 24) as f32)
 }
 
+/// What one draw is keyed on: the stream (a group's seed), the sequence within it and the
+/// token's step within that sequence.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub struct DrawKey {
+    pub seed: u64,
+    pub sequence: u64,
+    pub step: u64,
+}
+
+impl DrawKey {
+    pub fn uniform(&self) -> f32 {
+        uniform(self.seed, self.sequence, self.step)
+    }
+}
+
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct SamplingParams {
     /// 0 means greedy.

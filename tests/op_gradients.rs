@@ -3,7 +3,7 @@
 //! central differences.
 
 use empo_engine::backend::cpu;
-use empo_engine::backend::{AttnShape, StatsLoss};
+use empo_engine::backend::{AttnShape, Starts, StatsLoss};
 
 /// A small deterministic generator, so the checks need no rand crate.
 struct Lcg(u64);
@@ -111,12 +111,103 @@ fn rope_backward_is_the_inverse_rotation() {
     let (x, r) = (g.vec(b * s * h * d, 1.0), g.vec(b * s * h * d, 1.0));
     let f = |x: &[f32]| {
         let mut y = x.to_vec();
-        cpu::rope(&mut y, b, s, h, d, 3, 10000.0, false);
+        cpu::rope(&mut y, b, s, h, d, Starts::Same(3), 10000.0, false);
         weighted_sum(&y, &r)
     };
     let mut dx = r.clone();
-    cpu::rope(&mut dx, b, s, h, d, 3, 10000.0, true);
+    cpu::rope(&mut dx, b, s, h, d, Starts::Same(3), 10000.0, true);
     fd_check("rope dx", &x, &dx, f);
+}
+
+/// The ragged forms of rope, kv_write and decode attention (one start or key count per
+/// sequence) against each sequence computed alone with the uniform forms.
+#[test]
+fn ragged_ops_equal_each_sequence_alone() {
+    let (h, kvh, d, cap) = (4, 2, 16, 12);
+    let starts = [5u32, 0, 11];
+    let b = starts.len();
+    let mut g = Lcg(11);
+
+    let x = g.vec(b * h * d, 1.0);
+    let mut ragged = x.clone();
+    cpu::rope(&mut ragged, b, 1, h, d, Starts::Each(&starts), 1e6, false);
+    for (i, &p) in starts.iter().enumerate() {
+        let mut alone = x[i * h * d..(i + 1) * h * d].to_vec();
+        cpu::rope(&mut alone, 1, 1, h, d, Starts::Same(p as usize), 1e6, false);
+        assert_eq!(
+            &ragged[i * h * d..(i + 1) * h * d],
+            &alone[..],
+            "rope, sequence {i}"
+        );
+    }
+
+    let row = kvh * d;
+    let cache0 = g.vec(b * cap * row, 1.0);
+    let new = g.vec(b * row, 1.0);
+    let mut ragged = cache0.clone();
+    cpu::kv_write(&mut ragged, &new, b, cap, Starts::Each(&starts), 1, row);
+    for (i, &p) in starts.iter().enumerate() {
+        let mut alone = cache0[i * cap * row..(i + 1) * cap * row].to_vec();
+        cpu::kv_write(
+            &mut alone,
+            &new[i * row..(i + 1) * row],
+            1,
+            cap,
+            Starts::Same(p as usize),
+            1,
+            row,
+        );
+        assert_eq!(
+            &ragged[i * cap * row..(i + 1) * cap * row],
+            &alone[..],
+            "kv_write, sequence {i}"
+        );
+    }
+
+    let kv_len: Vec<u32> = starts.iter().map(|&p| p + 1).collect();
+    let s = AttnShape {
+        batch: b,
+        tq: 1,
+        tk: cap,
+        cap,
+        heads: h,
+        kv_heads: kvh,
+        head_dim: d,
+    };
+    let (q, k, v) = (
+        g.vec(b * h * d, 2.0),
+        g.vec(b * cap * row, 2.0),
+        g.vec(b * cap * row, 1.0),
+    );
+    let (mut out, mut lse) = (vec![0.0; b * h * d], vec![0.0; b * h]);
+    cpu::attention_ragged(&mut out, &mut lse, &q, &k, &v, s, Some(&kv_len));
+    for (i, &n) in kv_len.iter().enumerate() {
+        let one = AttnShape {
+            batch: 1,
+            tk: n as usize,
+            ..s
+        };
+        let (mut o1, mut l1) = (vec![0.0; h * d], vec![0.0; h]);
+        let kv = i * cap * row..(i + 1) * cap * row;
+        cpu::attention(
+            &mut o1,
+            &mut l1,
+            &q[i * h * d..(i + 1) * h * d],
+            &k[kv.clone()],
+            &v[kv],
+            one,
+        );
+        assert_eq!(
+            &out[i * h * d..(i + 1) * h * d],
+            &o1[..],
+            "attention out, sequence {i}"
+        );
+        assert_eq!(
+            &lse[i * h..(i + 1) * h],
+            &l1[..],
+            "attention lse, sequence {i}"
+        );
+    }
 }
 
 fn check_attention(s: AttnShape, seed: u64) {

@@ -2,7 +2,9 @@
 //! It is the oracle every CUDA kernel is checked against, so clarity beats cleverness here.
 //! Each op is a free function over slices, so checks can call it without a backend object.
 
-use super::{check_stats_args, AdamWStep, AttnShape, Backend, RowStats, StatsLoss, NO_TARGET};
+use super::{
+    check_stats_args, AdamWStep, AttnShape, Backend, RowStats, Starts, StatsLoss, NO_TARGET,
+};
 use anyhow::{bail, Result};
 use rayon::prelude::*;
 
@@ -203,7 +205,7 @@ pub fn rope(
     seq: usize,
     heads: usize,
     head_dim: usize,
-    pos0: usize,
+    starts: Starts,
     theta: f32,
     inverse: bool,
 ) {
@@ -214,7 +216,7 @@ pub fn rope(
         .par_chunks_mut(heads * head_dim)
         .enumerate()
         .for_each(|(row, xr)| {
-            let pos = (pos0 + row % seq) as f32;
+            let pos = (starts.of(row / seq) + row % seq) as f32;
             for i in 0..half {
                 let angle = pos * inv[i];
                 let (s, c) = angle.sin_cos();
@@ -235,6 +237,21 @@ fn dot(a: &[f32], b: &[f32]) -> f32 {
 }
 
 pub fn attention(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f32], s: AttnShape) {
+    attention_ragged(out, lse, q, k, v, s, None)
+}
+
+/// `attention` where sequence b holds kv_len[b] keys instead of s.tk: its queries are its last
+/// tq positions.
+#[allow(clippy::too_many_arguments)]
+pub fn attention_ragged(
+    out: &mut [f32],
+    lse: &mut [f32],
+    q: &[f32],
+    k: &[f32],
+    v: &[f32],
+    s: AttnShape,
+    kv_len: Option<&[u32]>,
+) {
     let AttnShape {
         tq,
         tk,
@@ -254,6 +271,7 @@ pub fn attention(out: &mut [f32], lse: &mut [f32], q: &[f32], k: &[f32], v: &[f3
         .enumerate()
         .for_each(|(row, (orow, lrow))| {
             let (b, i) = (row / tq, row % tq);
+            let tk = kv_len.map_or(tk, |l| l[b] as usize);
             let last = tk - tq + i; // causal limit, inclusive
             let mut p = vec![0.0f32; last + 1];
             for h in 0..heads {
@@ -373,13 +391,13 @@ pub fn kv_write(
     new: &[f32],
     batch: usize,
     cap: usize,
-    pos0: usize,
+    starts: Starts,
     tq: usize,
     row: usize,
 ) {
     for b in 0..batch {
         let src = &new[b * tq * row..(b + 1) * tq * row];
-        let dst = (b * cap + pos0) * row;
+        let dst = (b * cap + starts.of(b)) * row;
         cache[dst..dst + tq * row].copy_from_slice(src);
     }
 }
@@ -748,11 +766,11 @@ impl Backend for CpuBackend {
         seq: usize,
         heads: usize,
         head_dim: usize,
-        pos0: usize,
+        starts: Starts,
         theta: f32,
         inverse: bool,
     ) {
-        rope(x, batch, seq, heads, head_dim, pos0, theta, inverse)
+        rope(x, batch, seq, heads, head_dim, starts, theta, inverse)
     }
     fn attention(
         &self,
@@ -764,6 +782,18 @@ impl Backend for CpuBackend {
         s: AttnShape,
     ) {
         attention(out, lse, q, k, v, s)
+    }
+    fn attention_decode(
+        &self,
+        out: &mut Vec<f32>,
+        lse: &mut Vec<f32>,
+        q: &Vec<f32>,
+        k: &Vec<f32>,
+        v: &Vec<f32>,
+        s: AttnShape,
+        kv_len: &[u32],
+    ) {
+        attention_ragged(out, lse, q, k, v, s, Some(kv_len))
     }
     fn attention_bwd(
         &self,
@@ -786,11 +816,11 @@ impl Backend for CpuBackend {
         new: &Vec<f32>,
         batch: usize,
         cap: usize,
-        pos0: usize,
+        starts: Starts,
         tq: usize,
         row: usize,
     ) {
-        kv_write(cache, new, batch, cap, pos0, tq, row)
+        kv_write(cache, new, batch, cap, starts, tq, row)
     }
     fn swiglu(&self, out: &mut Vec<f32>, gate: &Vec<f32>, up: &Vec<f32>) {
         swiglu(out, gate, up)

@@ -12,7 +12,7 @@
 //! device (token ids, targets, per-row coefficients) is staged through small buffers that are
 //! grown once and reused, so steady-state layers neither allocate nor copy.
 
-use super::{AdamWStep, AttnShape, Backend, StatsLoss, NO_TARGET};
+use super::{AdamWStep, AttnShape, Backend, Starts, StatsLoss, NO_TARGET};
 use crate::device::KERNELS_FATBIN;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -151,7 +151,9 @@ impl Drop for PinnedRing {
 enum Slot {
     Ids = 0,
     KvLen = 1,
+    Starts = 2,
 }
+const SLOTS: usize = 3;
 
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
@@ -161,12 +163,12 @@ pub struct CudaBackend {
     funcs: RefCell<HashMap<String, CudaFunction>>,
     /// Blocks per SM of (kernel, threads per block), for the grids sized to what is resident.
     occupancy: RefCell<HashMap<(String, u32), u32>>,
-    staging: RefCell<[Option<CudaSlice<u32>>; 2]>,
+    staging: RefCell<[Option<CudaSlice<u32>>; SLOTS]>,
     /// Page-locked host memory the staged values are copied from (`PinnedRing`).
     pinned: RefCell<PinnedRing>,
-    /// The host values last staged in the KvLen slot: every layer of a decode step passes the
-    /// same lengths, so only the first copies them.
-    kv_len_staged: RefCell<Vec<u32>>,
+    /// The host values last staged in each slot by `stage_cached`: every layer of a decode step
+    /// passes the same lengths and starts, so only the first copies them.
+    staged: RefCell<[Option<Vec<u32>>; SLOTS]>,
     /// Float scratch for multi-pass kernels (attention backward), grown on demand.
     scratch: RefCell<Vec<Option<CudaSlice<f32>>>>,
     sm_count: u32,
@@ -295,9 +297,9 @@ impl CudaBackend {
             module,
             funcs: RefCell::new(HashMap::new()),
             occupancy: RefCell::new(HashMap::new()),
-            staging: RefCell::new([None, None]),
+            staging: RefCell::new([None, None, None]),
             pinned: RefCell::new(PinnedRing::default()),
-            kv_len_staged: RefCell::new(Vec::new()),
+            staged: RefCell::new([None, None, None]),
             scratch: RefCell::new(Vec::new()),
             sm_count,
             attn: Cell::new(AttnKernels::Mma),
@@ -743,18 +745,36 @@ impl CudaBackend {
         Some(r)
     }
 
-    /// Per-sequence KV lengths for decode attention, copied only when they change.
-    pub fn stage_kv_len(&self, host: &[u32]) -> Option<u64> {
-        if *self.kv_len_staged.borrow() == host {
-            let staging = self.staging.borrow();
-            if let Some(s) = staging[Slot::KvLen as usize].as_ref() {
-                let p = s.device_ptr(&self.stream).0;
-                return Some(p);
+    /// The device address of `host` in `slot`, copied only when it differs from what the slot
+    /// last held.
+    fn stage_cached(&self, slot: Slot, host: &[u32]) -> Option<u64> {
+        let i = slot as usize;
+        if self.staged.borrow()[i].as_deref() == Some(host) {
+            if let Some(s) = self.staging.borrow()[i].as_ref() {
+                return Some(s.device_ptr(&self.stream).0);
             }
         }
-        let p = self.stage_u32(Slot::KvLen, host)?;
-        *self.kv_len_staged.borrow_mut() = host.to_vec();
+        let p = self.stage_u32(slot, host)?;
+        self.staged.borrow_mut()[i] = Some(host.to_vec());
         Some(p)
+    }
+
+    /// Per-sequence key counts for decode attention.
+    pub fn stage_kv_len(&self, host: &[u32]) -> Option<u64> {
+        self.stage_cached(Slot::KvLen, host)
+    }
+
+    /// `starts` as the kernels take it: (pos0, null) for one start, (0, device address of the
+    /// per-sequence starts) for a ragged cache.
+    pub fn stage_starts(&self, op: &str, starts: Starts, batch: usize) -> Option<(i32, u64)> {
+        match starts {
+            Starts::Same(p) => Some((p as i32, 0)),
+            Starts::Each(s) if s.len() == batch => Some((0, self.stage_cached(Slot::Starts, s)?)),
+            Starts::Each(s) => {
+                self.fail_op(format!("{op}: {} starts for a batch of {batch}", s.len()));
+                None
+            }
+        }
     }
 
     /// Float scratch `i` of at least `n` values (kept between calls; contents undefined).
@@ -1054,11 +1074,9 @@ impl Backend for CudaBackend {
         rows: usize,
         vocab: usize,
         p: &crate::sampling::SamplingParams,
-        seed: u64,
-        seq_ids: &[u64],
-        step: u64,
+        keys: &[crate::sampling::DrawKey],
     ) -> Result<Vec<u32>> {
-        super::cuda_rl::sample(self, logits, rows, vocab, p, seed, seq_ids, step)
+        super::cuda_rl::sample(self, logits, rows, vocab, p, keys)
     }
     fn optimizer_step(
         &self,
@@ -1493,7 +1511,7 @@ impl Backend for CudaBackend {
         seq: usize,
         heads: usize,
         head_dim: usize,
-        pos0: usize,
+        starts: Starts,
         theta: f32,
         inverse: bool,
     ) {
@@ -1501,6 +1519,9 @@ impl Backend for CudaBackend {
         if !self.want("rope", "x", x, Dtype::Bf16, rows * heads * head_dim) {
             return;
         }
+        let Some((pos0, starts_p)) = self.stage_starts("rope", starts, batch) else {
+            return;
+        };
         // The packed path (cuda/rope.cu): a unit per (row, ROPE_HG heads, 8 pairs), walked by
         // the blocks that fit at once, each thread loading its next unit while it rotates the
         // current one. The kernel is a grid-stride loop, so this only sizes the grid.
@@ -1523,7 +1544,8 @@ impl Backend for CudaBackend {
                 Arg::I(seq as i32),
                 Arg::I(heads as i32),
                 Arg::I(head_dim as i32),
-                Arg::I(pos0 as i32),
+                Arg::I(pos0),
+                Arg::P(starts_p),
                 Arg::F(theta),
                 Arg::I(inverse as i32),
             ],
@@ -1540,6 +1562,19 @@ impl Backend for CudaBackend {
         s: AttnShape,
     ) {
         crate::backend::cuda_attention::forward(self, out, lse, q, k, v, s);
+    }
+
+    fn attention_decode(
+        &self,
+        out: &mut CudaBuf,
+        lse: &mut CudaBuf,
+        q: &CudaBuf,
+        k: &CudaBuf,
+        v: &CudaBuf,
+        s: AttnShape,
+        kv_len: &[u32],
+    ) {
+        crate::backend::cuda_attention::forward_ragged(self, out, lse, q, k, v, s, kv_len);
     }
 
     fn attention_bwd(
@@ -1564,11 +1599,11 @@ impl Backend for CudaBackend {
         new: &CudaBuf,
         batch: usize,
         cap: usize,
-        pos0: usize,
+        starts: Starts,
         tq: usize,
         row: usize,
     ) {
-        crate::backend::cuda_attention::kv_write(self, cache, new, batch, cap, pos0, tq, row);
+        crate::backend::cuda_attention::kv_write(self, cache, new, batch, cap, starts, tq, row);
     }
 
     fn swiglu(&self, out: &mut CudaBuf, gate: &CudaBuf, up: &CudaBuf) {

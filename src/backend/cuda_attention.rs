@@ -4,7 +4,7 @@
 //! geometry are documented at the top of the .cu file.
 
 use super::cuda::{Arg, AttnKernels, CudaBackend, CudaBuf, Dtype};
-use super::AttnShape;
+use super::{AttnShape, Starts};
 
 /// Decode split granularity in keys: one 16-key step for each of a decode block's 4 warps. A
 /// split is a multiple of this and at least twice it.
@@ -81,7 +81,7 @@ pub fn forward(
         s.head_dim as i32,
     );
     if s.tq == 1 {
-        return decode(be, out, lse, q, k, v, s);
+        return decode(be, out, lse, q, k, v, s, &vec![s.tk as u32; s.batch]);
     }
     let common = [
         Arg::P(out.ptr()),
@@ -127,13 +127,50 @@ pub fn forward(
     }
 }
 
-/// One query per sequence over `tk` cached keys (every sequence of the batch at the same
-/// length here; the kernel itself takes a length per sequence).
+/// `Backend::attention_decode`: one query per sequence over its own number of cached keys.
+#[allow(clippy::too_many_arguments)]
+pub fn forward_ragged(
+    be: &CudaBackend,
+    out: &mut CudaBuf,
+    lse: &mut CudaBuf,
+    q: &CudaBuf,
+    k: &CudaBuf,
+    v: &CudaBuf,
+    s: AttnShape,
+    kv_len: &[u32],
+) {
+    if s.tq != 1 || kv_len.len() != s.batch || kv_len.iter().any(|&l| l == 0 || l as usize > s.tk) {
+        be.fail_op(format!(
+            "attention_decode: {} key counts for {s:?} (one query per sequence, 1..=tk keys each)",
+            kv_len.len()
+        ));
+        return;
+    }
+    let nq = s.batch * s.heads * s.head_dim;
+    let nkv = s.batch * s.cap * s.kv_heads * s.head_dim;
+    if check(
+        be,
+        "attention_decode",
+        &s,
+        &[
+            ("out", out, Dtype::Bf16, nq),
+            ("lse", lse, Dtype::F32, s.batch * s.heads),
+            ("q", q, Dtype::Bf16, nq),
+            ("k", k, Dtype::Bf16, nkv),
+            ("v", v, Dtype::Bf16, nkv),
+        ],
+    ) {
+        decode(be, out, lse, q, k, v, s, kv_len);
+    }
+}
+
+/// One query per sequence, sequence b over its first kv_len[b] cached keys.
 ///
 /// A block reads the K/V rows of one kv head (for up to 8 of its q heads) over one split of
 /// the keys. The split count fills one wave of resident blocks: every block then streams at the
 /// same rate and they finish together, and a single split (the usual case for a full batch)
 /// needs no combine pass.
+#[allow(clippy::too_many_arguments)]
 fn decode(
     be: &CudaBackend,
     out: &mut CudaBuf,
@@ -142,9 +179,9 @@ fn decode(
     k: &CudaBuf,
     v: &CudaBuf,
     s: AttnShape,
+    kv_len: &[u32],
 ) {
-    let kv_len = vec![s.tk as u32; s.batch];
-    let Some(len_p) = be.stage_kv_len(&kv_len) else {
+    let Some(len_p) = be.stage_kv_len(kv_len) else {
         return;
     };
     // Kernel by row width, with its blocks per SM (its __launch_bounds__).
@@ -398,14 +435,18 @@ pub fn kv_write(
     new: &CudaBuf,
     batch: usize,
     cap: usize,
-    pos0: usize,
+    starts: Starts,
     tq: usize,
     row: usize,
 ) {
-    if pos0 + tq > cap {
+    let Some((pos0, starts_p)) = be.stage_starts("kv_write", starts, batch) else {
+        return;
+    };
+    if let Some(b) = (0..batch).find(|&b| starts.of(b) + tq > cap) {
+        let at = starts.of(b);
         be.fail_op(format!(
-            "kv_write: positions {pos0}..{} past the cache capacity {cap}",
-            pos0 + tq
+            "kv_write: sequence {b} at positions {at}..{} past the cache capacity {cap}",
+            at + tq
         ));
         return;
     }
@@ -425,7 +466,8 @@ pub fn kv_write(
             Arg::P(new.ptr()),
             Arg::I(batch as i32),
             Arg::I(cap as i32),
-            Arg::I(pos0 as i32),
+            Arg::I(pos0),
+            Arg::P(starts_p),
             Arg::I(tq as i32),
             Arg::I(row as i32),
         ],

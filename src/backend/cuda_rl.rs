@@ -4,7 +4,7 @@
 use super::cuda::{Arg, CudaBackend, CudaBuf, Dtype};
 use super::{MomentLists, OptimizerStep};
 use crate::rl::{ClipConfig, LossAgg, PolicyLoss, PolicyLossStats, SeqSpan};
-use crate::sampling::SamplingParams;
+use crate::sampling::{DrawKey, SamplingParams};
 use anyhow::{anyhow, bail, Result};
 use cudarc::driver::{CudaSlice, DevicePtr, DeviceRepr, ValidAsZeroBits};
 
@@ -66,24 +66,23 @@ pub fn sample(
     rows: usize,
     vocab: usize,
     p: &SamplingParams,
-    seed: u64,
-    seq_ids: &[u64],
-    step: u64,
+    keys: &[DrawKey],
 ) -> Result<Vec<u32>> {
-    if !be.want("sample", "logits", logits, Dtype::Bf16, rows * vocab) || seq_ids.len() != rows {
+    if !be.want("sample", "logits", logits, Dtype::Bf16, rows * vocab) || keys.len() != rows {
         be.sync()?;
-        bail!("sample: {} sequence ids for {rows} rows", seq_ids.len());
+        bail!("sample: {} draw keys for {rows} rows", keys.len());
     }
     let (next, next_p) = zeros::<u32>(be, rows)?;
     let (_done, done_p) = zeros::<i32>(be, rows)?;
     let (_t, t_p) = dev(be, &vec![p.temperature; rows])?;
     let (_k, k_p) = dev(be, &vec![p.top_k.min(i32::MAX as usize) as i32; rows])?;
     let (_tp, tp_p) = dev(be, &vec![p.top_p; rows])?;
-    let ids: Vec<u32> = seq_ids
+    let words: Vec<u32> = keys
         .iter()
-        .flat_map(|&s| [s as u32, (s >> 32) as u32])
+        .flat_map(|k| [k.seed, k.sequence, k.step])
+        .flat_map(|x| [x as u32, (x >> 32) as u32])
         .collect();
-    let (_ids, ids_p) = dev(be, &ids)?;
+    let (_keys, keys_p) = dev(be, &words)?;
     let block = sample_block(be);
     be.launch(
         "sample_tokens",
@@ -98,9 +97,7 @@ pub fn sample(
             Arg::P(t_p),
             Arg::P(k_p),
             Arg::P(tp_p),
-            Arg::P(ids_p),
-            Arg::U(seed),
-            Arg::U(step),
+            Arg::P(keys_p),
             Arg::P(0),
             Arg::I(0),
             Arg::I(0),

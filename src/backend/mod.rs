@@ -32,6 +32,25 @@ pub struct AttnShape {
     pub head_dim: usize,
 }
 
+/// Where each sequence of a batch sits in a KV cache: the position of its first new row.
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+pub enum Starts<'a> {
+    /// Every sequence at the same position: training (0) and a prefill.
+    Same(usize),
+    /// Sequence b at `starts[b]`: a ragged cache, whose sequences grew at their own pace.
+    Each(&'a [u32]),
+}
+
+impl Starts<'_> {
+    /// Where sequence b starts.
+    pub fn of(&self, b: usize) -> usize {
+        match self {
+            Starts::Same(p) => *p,
+            Starts::Each(s) => s[b] as usize,
+        }
+    }
+}
+
 /// Per-row results of the softmax at a temperature.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct RowStats {
@@ -306,8 +325,8 @@ pub trait Backend {
         dim: usize,
     );
 
-    /// Rotates x: [batch, seq, heads, head_dim] in place, half-split (rotate_half) layout, at
-    /// positions pos0..pos0+seq. `inverse` rotates back, which is also the backward pass since
+    /// Rotates x: [batch, seq, heads, head_dim] in place, half-split (rotate_half) layout,
+    /// sequence b at positions starts.of(b)..+seq. `inverse` rotates back, which is also the backward pass since
     /// a rotation's transpose is its inverse.
     #[allow(clippy::too_many_arguments)]
     fn rope(
@@ -317,7 +336,7 @@ pub trait Backend {
         seq: usize,
         heads: usize,
         head_dim: usize,
-        pos0: usize,
+        starts: Starts,
         theta: f32,
         inverse: bool,
     );
@@ -346,6 +365,19 @@ pub trait Backend {
         v: &Self::Buf,
         s: AttnShape,
     );
+    /// Decode over a ragged cache: one query per sequence (s.tq = 1), sequence b's at position
+    /// kv_len[b] - 1, seeing its keys 0..kv_len[b]; s.tk is at least the longest.
+    #[allow(clippy::too_many_arguments)]
+    fn attention_decode(
+        &self,
+        out: &mut Self::Buf,
+        lse: &mut Self::Buf,
+        q: &Self::Buf,
+        k: &Self::Buf,
+        v: &Self::Buf,
+        s: AttnShape,
+        kv_len: &[u32],
+    );
     /// dq, dk, dv (=), shaped like q, k, v.
     #[allow(clippy::too_many_arguments)]
     fn attention_bwd(
@@ -361,7 +393,8 @@ pub trait Backend {
         v: &Self::Buf,
         s: AttnShape,
     );
-    /// Writes new: [batch, tq, row] into cache: [batch, cap, row] at positions pos0..pos0+tq.
+    /// Writes new: [batch, tq, row] into cache: [batch, cap, row], sequence b at positions
+    /// starts.of(b)..+tq.
     #[allow(clippy::too_many_arguments)]
     fn kv_write(
         &self,
@@ -369,7 +402,7 @@ pub trait Backend {
         new: &Self::Buf,
         batch: usize,
         cap: usize,
-        pos0: usize,
+        starts: Starts,
         tq: usize,
         row: usize,
     );
@@ -414,24 +447,26 @@ pub trait Backend {
         temperature: f32,
     ) -> Result<()>;
     /// One token per row of logits [rows, vocab], drawn as `sampling::sample` does with the
-    /// uniform keyed on (seed, seq_ids[r], step), so a run can be repeated. The default
-    /// downloads the logits and samples on the host; the GPU samples where the logits are.
-    #[allow(clippy::too_many_arguments)]
+    /// uniform of the row's key, so a draw depends on its key alone, never on which rows share
+    /// the batch. The default downloads the logits and samples on the host; the GPU samples
+    /// where the logits are.
     fn sample(
         &self,
         logits: &Self::Buf,
         rows: usize,
         vocab: usize,
         p: &crate::sampling::SamplingParams,
-        seed: u64,
-        seq_ids: &[u64],
-        step: u64,
+        keys: &[crate::sampling::DrawKey],
     ) -> Result<Vec<u32>> {
+        if keys.len() != rows {
+            bail!("sample: {} draw keys for {rows} rows", keys.len());
+        }
         let host = self.download(logits)?;
-        Ok((0..rows)
-            .map(|r| {
-                let u = crate::sampling::uniform(seed, seq_ids[r], step);
-                crate::sampling::sample(&host[r * vocab..(r + 1) * vocab], p, u)
+        Ok(keys
+            .iter()
+            .enumerate()
+            .map(|(r, key)| {
+                crate::sampling::sample(&host[r * vocab..(r + 1) * vocab], p, key.uniform())
             })
             .collect())
     }

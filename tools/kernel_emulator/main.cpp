@@ -260,20 +260,27 @@ static void test_decode(int batch, std::vector<int> lens, int cap, int heads, in
     check("lse", lse, rl, 1e-4);
 }
 
-static void test_kv_write() {
-    int batch = 2, cap = 10, pos0 = 3, tq = 4, row = 24;
+// starts empty: every sequence at pos0; else sequence b at starts[b] (a ragged cache).
+static void test_kv_write(int batch, int tq, int pos0, std::vector<uint32_t> starts) {
+    int cap = 10, row = 24;
     auto cache = rand_bf16((size_t)batch * cap * row, 1.f), src = rand_bf16((size_t)batch * tq * row, 1.f);
     auto want = cache;
-    for (int b = 0; b < batch; b++) for (int i = 0; i < tq * row; i++) want[((size_t)b * cap + pos0) * row + i] = src[(size_t)b * tq * row + i];
+    for (int b = 0; b < batch; b++) {
+        const size_t at = starts.empty() ? pos0 : starts[b];
+        for (int i = 0; i < tq * row; i++) want[((size_t)b * cap + at) * row + i] = src[(size_t)b * tq * row + i];
+    }
     int64_t n = (int64_t)batch * tq * row;
-    emu_launch({(unsigned)((n + 255) / 256)}, {256}, [&] { kv_write(cache.data(), src.data(), batch, cap, pos0, tq, row); });
+    const uint32_t *sp = starts.empty() ? nullptr : starts.data();
+    emu_launch({(unsigned)((n + 255) / 256)}, {256}, [&] { kv_write(cache.data(), src.data(), batch, cap, pos0, sp, tq, row); });
     bool ok = memcmp(cache.data(), want.data(), cache.size() * 2) == 0;
     if (!ok) fails++;
-    printf("kv_write %s\n", ok ? "ok" : "FAIL");
+    printf("kv_write batch %d tq %d %s %s\n", batch, tq, starts.empty() ? "one start" : "per-sequence starts",
+           ok ? "ok" : "FAIL");
 }
 
 int main(int argc, char **argv) {
-    test_kv_write();
+    test_kv_write(2, 4, 3, {});
+    test_kv_write(3, 1, 0, {9, 0, 4});
     for (int D : {64, 128}) {
         test_attention({2, 70, 70, 75, 4, 2, D}, true);    // training shape, ragged tiles, GQA, cap > tk
         test_attention({1, 20, 100, 130, 3, 1, D}, true);  // chunked prefill

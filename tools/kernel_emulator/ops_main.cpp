@@ -350,8 +350,10 @@ static void test_rmsnorm_bwds(int rows, int dim, int64_t resident, int dx_skew, 
 // ---- rope.cu ----
 
 // cpu::rope, both directions: the angle in f32 as the oracle computes it (rope_inv_freq), its
-// sine and cosine and the rotation in double. `skew` misaligns x.
-static void test_rope(int batch, int seq, int heads, int hd, int pos0, int skew, int64_t resident = 2) {
+// sine and cosine and the rotation in double. `skew` misaligns x. With `starts`, sequence b
+// starts at starts[b] instead of pos0 (a decode step over a ragged cache).
+static void test_rope(int batch, int seq, int heads, int hd, int pos0, int skew, int64_t resident = 2,
+                      std::vector<uint32_t> starts = {}) {
     const float theta = 1e6f;
     const int64_t rows = (int64_t)batch * seq, n = rows * heads * hd;
     const int half = hd / 2;
@@ -362,14 +364,16 @@ static void test_rope(int batch, int seq, int heads, int hd, int pos0, int skew,
         const bool packed = half % 8 == 0 && reinterpret_cast<uintptr_t>(x.p) % 16 == 0;
         const unsigned grid = packed ? std::clamp<int64_t>(cdiv(rows * cdiv(heads, ROPE_HG_RS) * (hd / 16), 256), 1, resident)
                                      : cdiv(rows * heads * half, 256);
-        printf("rope batch=%d seq=%d heads=%d head_dim=%d pos0=%d skew %d inverse %d grid %u\n", batch, seq, heads, hd,
-               pos0, skew, inverse, grid);
-        run("rope", {grid}, {256}, [&] { sm80::rope(x.p, rows, seq, heads, hd, pos0, theta, inverse); });
+        printf("rope batch=%d seq=%d heads=%d head_dim=%d pos0=%d%s skew %d inverse %d grid %u\n", batch, seq, heads,
+               hd, pos0, starts.empty() ? "" : " (per-sequence starts)", skew, inverse, grid);
+        const uint32_t *sp = starts.empty() ? nullptr : starts.data();
+        run("rope", {grid}, {256}, [&] { sm80::rope(x.p, rows, seq, heads, hd, pos0, sp, theta, inverse); });
         std::vector<double> want(n), tl(n);
         for (int64_t r = 0; r < rows; r++)
             for (int i = 0; i < half; i++) {
                 const float inv = 1.0f / powf(theta, (float)(2 * i) / (float)hd);
-                const float angle = (float)(pos0 + r % seq) * inv;
+                const int64_t at = starts.empty() ? pos0 : starts[r / seq];
+                const float angle = (float)(at + r % seq) * inv;
                 const double s = (inverse ? -1 : 1) * std::sin((double)angle), c = std::cos((double)angle);
                 for (int h = 0; h < heads; h++) {
                     const int64_t b = (r * heads + h) * hd + i;
@@ -424,6 +428,9 @@ int main() {
     test_rope(3, 37, 28, 128, 9, 0, 3);  // Qwen2.5-7B's q heads: 7 groups, 3 blocks, a ragged last round
     test_rope(1, 7, 3, 64, 3000, 0);   // one group of 3, long positions
     test_rope(2, 5, 4, 128, 32760, 0); // Qwen2.5's 32K context: the reduction to [-pi, pi] matters
+    test_rope(5, 1, 28, 128, 0, 0, 3, {0, 17, 4000, 3, 31000});  // a decode step over a ragged cache
+    test_rope(3, 2, 3, 16, 0, 0, 2, {9, 0, 31});                  // packed, one group of 3 heads
+    test_rope(3, 2, 3, 12, 0, 0, 2, {9, 0, 31});                  // the unpacked path: half 6
     test_rope(1, 3, 2, 520, 1000, 0);  // half 260: more frequencies than threads, scalar
     test_rope(2, 3, 4, 64, 0, 0);      // whole groups, position 0
     test_rope(2, 3, 5, 24, 3, 0);      // half 12: scalar

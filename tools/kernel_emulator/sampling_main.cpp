@@ -10,6 +10,7 @@
 #include "emu.h"
 #include "sampling_emu.cpp"
 #include <random>
+#include <array>
 
 static std::mt19937 rng(20261123);
 static int fails = 0;
@@ -80,35 +81,45 @@ static void fill_row(bf16 *row, int vocab, Fill f) {
     if (f == PEAKED) row[vocab / 3] = to_bf16(40.0f);
 }
 
-// One launch over rows with their own settings; each row is drawn at `steps` steps (uniforms).
+// A row's key (seed, sequence, step) as the kernel reads it: three little-endian u64.
+static void put_key(std::vector<uint32_t> &keys, int r, u64 seed, u64 seq, u64 step) {
+    const u64 k[3] = {seed, seq, step};
+    for (int i = 0; i < 3; i++) {
+        keys[6 * r + 2 * i] = (uint32_t)k[i];
+        keys[6 * r + 2 * i + 1] = (uint32_t)(k[i] >> 32);
+    }
+}
+
+// One launch over rows with their own settings; each row is drawn at `steps` rounds, every row
+// with its own seed, sequence and step, as rows of different groups are in one decode step.
 static void test_case(const char *name, int vocab, const std::vector<std::pair<Fill, RowSpec>> &rows, int steps) {
     const int n = (int)rows.size();
     std::vector<bf16> logits((size_t)n * vocab);
     std::vector<float> temp(n), top_p(n);
     std::vector<int> top_k(n);
-    std::vector<uint32_t> seq_ids(2 * n);
     for (int r = 0; r < n; r++) {
         fill_row(logits.data() + (size_t)r * vocab, vocab, rows[r].first);
         temp[r] = rows[r].second.t;
         top_k[r] = rows[r].second.k;
         top_p[r] = rows[r].second.p;
-        const u64 seq = 0x9e3779b97f4a7c15ull * (r + 1);
-        seq_ids[2 * r] = (uint32_t)seq;
-        seq_ids[2 * r + 1] = (uint32_t)(seq >> 32);
     }
-    const u64 seed = 42;
     int bad = 0, draws = 0;
-    for (int step = 0; step < steps; step++) {
-        std::vector<uint32_t> next(n, 0xdeadbeefu);
+    for (int round = 0; round < steps; round++) {
+        std::vector<uint32_t> next(n, 0xdeadbeefu), keys(6 * n);
         std::vector<int> done(n, 0);
+        auto key = [&](int r) {
+            return std::array<u64, 3>{42 + (u64)(r % 3), 0x9e3779b97f4a7c15ull * (r + 1), (u64)(round * 7 + r % 5)};
+        };
+        for (int r = 0; r < n; r++) put_key(keys, r, key(r)[0], key(r)[1], key(r)[2]);
         emu_launch({(unsigned)n}, {BLOCK}, [&] {
             sample_tokens(next.data(), done.data(), logits.data(), vocab, temp.data(), top_k.data(), top_p.data(),
-                          seq_ids.data(), seed, (u64)step, nullptr, 0, 0);
+                          keys.data(), nullptr, 0, 0);
         });
         for (int r = 0; r < n; r++) {
-            const u64 seq = (u64)seq_ids[2 * r] | (u64)seq_ids[2 * r + 1] << 32;
+            const auto k = key(r);
+            const int step = round;
             const uint32_t want =
-                oracle(logits.data() + (size_t)r * vocab, vocab, rows[r].second, sampling::uniform_bits24(seed, seq, step));
+                oracle(logits.data() + (size_t)r * vocab, vocab, rows[r].second, sampling::uniform_bits24(k[0], k[1], k[2]));
             draws++;
             if (next[r] != want || done[r] != 0) {
                 if (bad++ < 5)
@@ -128,11 +139,11 @@ static void test_stop_and_done() {
     for (int r = 0; r < n; r++) fill_row(logits.data() + (size_t)r * vocab, vocab, PEAKED);
     std::vector<float> temp = {0.0f, 0.0f, 1.0f}, top_p = {1.0f, 1.0f, 0.5f};
     std::vector<int> top_k = {0, 0, 0}, done = {0, 1, 0};
-    std::vector<uint32_t> seq_ids(2 * n, 0), next(n, 0xdeadbeefu);
+    std::vector<uint32_t> keys(6 * n, 0), next(n, 0xdeadbeefu);
     std::vector<uint32_t> stops = {7, (uint32_t)(vocab / 3)};  // the peak: greedy and top-p 0.5 both take it
     emu_launch({(unsigned)n}, {BLOCK}, [&] {
         sample_tokens(next.data(), done.data(), logits.data(), vocab, temp.data(), top_k.data(), top_p.data(),
-                      seq_ids.data(), 1, 0, stops.data(), (int)stops.size(), 99);
+                      keys.data(), stops.data(), (int)stops.size(), 99);
     });
     const bool ok = next[0] == (uint32_t)(vocab / 3) && done[0] == 1 && next[1] == 99 && done[1] == 1 &&
                     next[2] == (uint32_t)(vocab / 3) && done[2] == 1;
