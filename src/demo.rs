@@ -6,7 +6,7 @@ use crate::backend::Backend;
 use crate::checkpoint;
 use crate::config::{DType, ModelConfig};
 use crate::data::{load_examples, Example};
-use crate::generate::{generate, GenerateOptions};
+use crate::generate::{generate_batch, GenerateOptions, Request};
 use crate::grader;
 use crate::model::{random_tensors, Qwen2};
 use crate::optim::{OptimConfig, OptimizerKind};
@@ -38,6 +38,9 @@ pub struct Measure {
     pub semantic_entropy: f64,
 }
 
+/// Sequences the demo's measurements decode together.
+const ROWS: usize = 64;
+
 /// Greedy accuracy and mean semantic entropy over labeled examples.
 pub fn measure<B: Backend>(
     be: &B,
@@ -46,36 +49,54 @@ pub fn measure<B: Backend>(
     examples: &[Example],
     seed: u64,
 ) -> Result<Measure> {
-    let (mut correct, mut se) = (0usize, 0.0f64);
+    let mut golds = Vec::with_capacity(examples.len());
+    let mut prompts = Vec::with_capacity(examples.len());
     for e in examples {
-        let gold = e
-            .gold
-            .as_ref()
-            .context("demo evaluation rows need an answer")?;
-        let prompt = tok.encode(&render_prompt(
+        golds.push(
+            e.gold
+                .as_ref()
+                .context("demo evaluation rows need an answer")?,
+        );
+        prompts.push(tok.encode(&render_prompt(
             tok,
             &e.prompt,
             PromptTemplate::ChatSuffix,
             "",
-        )?)?;
-        let mut opt = GenerateOptions {
-            max_new_tokens: MAX_NEW_TOKENS,
-            sampling: SamplingParams::greedy(),
-            n: 1,
-            seed,
-            stop_ids: tok.eos_ids.clone(),
-            ignore_eos: false,
-        };
-        let greedy = tok.decode(&generate(be, model, &prompt, &opt)?[0].ids, true)?;
-        correct += grader::extract_boxed(&greedy).is_some_and(|a| grader::grade(&a, gold)) as usize;
-        opt.sampling = SamplingParams {
-            temperature: TEMPERATURE,
-            top_k: 0,
-            top_p: 1.0,
-        };
-        opt.n = GROUP;
-        opt.seed = seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15);
-        let answers: Vec<Option<String>> = generate(be, model, &prompt, &opt)?
+        )?)?);
+    }
+    // Every question's greedy answer, then its G samples, decoded together (each question from
+    // its own stream, as alone).
+    let requests = |n: usize| -> Vec<Request> {
+        prompts
+            .iter()
+            .zip(examples)
+            .map(|(prompt, e)| Request {
+                prompt,
+                n,
+                seed: seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            })
+            .collect()
+    };
+    let mut opt = GenerateOptions {
+        max_new_tokens: MAX_NEW_TOKENS,
+        sampling: SamplingParams::greedy(),
+        n: 1,
+        seed,
+        stop_ids: tok.eos_ids.clone(),
+        ignore_eos: false,
+    };
+    let greedy = generate_batch(be, model, &requests(1), &opt, ROWS)?;
+    opt.sampling = SamplingParams {
+        temperature: TEMPERATURE,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let sampled = generate_batch(be, model, &requests(GROUP), &opt, ROWS)?;
+    let (mut correct, mut se) = (0usize, 0.0f64);
+    for ((gold, greedy), samples) in golds.iter().zip(greedy).zip(sampled) {
+        let text = tok.decode(&greedy[0].ids, true)?;
+        correct += grader::extract_boxed(&text).is_some_and(|a| grader::grade(&a, gold)) as usize;
+        let answers: Vec<Option<String>> = samples
             .iter()
             .map(|c| tok.decode(&c.ids, true).map(|t| grader::extract_boxed(&t)))
             .collect::<Result<_>>()?;
@@ -125,6 +146,7 @@ pub fn demo_config(dir: &Path, o: &DemoOptions) -> TrainConfig {
         prompt_template: PromptTemplate::ChatSuffix,
         suffix: String::new(),
         group_size: if em { 32 } else { GROUP },
+        rollout_rows: 0,
         temperature: if em { 0.5 } else { TEMPERATURE },
         top_p: 1.0,
         top_k: 0,

@@ -3,7 +3,7 @@
 
 use crate::backend::Backend;
 use crate::data::{load_examples, Example};
-use crate::generate::{generate, GenerateOptions};
+use crate::generate::{generate_batch, GenerateOptions, Request};
 use crate::grader::{self, GoldAnswer};
 use crate::model::Qwen2;
 use crate::rl;
@@ -40,6 +40,8 @@ pub struct EvalOptions {
     pub suffix: String,
     pub seed: u64,
     pub limit: Option<usize>,
+    /// Sequences decoded together (`generate_batch`): the problems of a batch sample together.
+    pub rows: usize,
 }
 
 #[derive(Debug, Clone, Default)]
@@ -52,16 +54,30 @@ pub struct FileScore {
     pub maj_k: f64,
 }
 
-/// The rendered prompt of `e` and `n` completions of it, seeded per problem.
+/// The rendered prompt of each example and `n` completions of it, seeded per problem, so that
+/// a problem's samples do not depend on the problems beside it.
 fn sample_texts<B: Backend>(
     be: &B,
     model: &Qwen2<B>,
     tok: &Tokenizer,
-    e: &Example,
+    examples: &[Example],
     n: usize,
     opt: &EvalOptions,
-) -> Result<(String, Vec<String>)> {
-    let text = render_prompt(tok, &e.prompt, opt.template, &opt.suffix)?;
+) -> Result<Vec<(String, Vec<String>)>> {
+    let texts: Vec<String> = examples
+        .iter()
+        .map(|e| render_prompt(tok, &e.prompt, opt.template, &opt.suffix))
+        .collect::<Result<_>>()?;
+    let prompts: Vec<Vec<u32>> = texts.iter().map(|t| tok.encode(t)).collect::<Result<_>>()?;
+    let requests: Vec<Request> = prompts
+        .iter()
+        .zip(examples)
+        .map(|(prompt, e)| Request {
+            prompt,
+            n,
+            seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        })
+        .collect();
     let gen = GenerateOptions {
         max_new_tokens: opt.max_new_tokens,
         sampling: SamplingParams {
@@ -70,16 +86,28 @@ fn sample_texts<B: Backend>(
             top_p: opt.top_p,
         },
         n,
-        seed: opt.seed ^ (e.index as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+        seed: opt.seed,
         stop_ids: tok.eos_ids.clone(),
         ignore_eos: false,
     };
-    let outs = generate(be, model, &tok.encode(&text)?, &gen)?;
-    let texts = outs
-        .iter()
-        .map(|c| tok.decode(&c.ids, true))
-        .collect::<Result<_>>()?;
-    Ok((text, texts))
+    let outs = generate_batch(be, model, &requests, &gen, opt.rows.max(n))?;
+    texts
+        .into_iter()
+        .zip(outs)
+        .map(|(text, outs)| {
+            let decoded = outs
+                .iter()
+                .map(|c| tok.decode(&c.ids, true))
+                .collect::<Result<_>>()?;
+            Ok((text, decoded))
+        })
+        .collect()
+}
+
+/// Problems sampled in one call: enough to fill the batch's rows twice, so that slots freed by
+/// short completions have sequences waiting, while rows are still written as they are done.
+fn problems_per_call(opt: &EvalOptions, n: usize) -> usize {
+    (2 * opt.rows / n.max(1)).max(1)
 }
 
 /// One problem's graded samples.
@@ -115,31 +143,34 @@ pub fn eval_file<B: Backend>(
         file: path.display().to_string(),
         ..Default::default()
     };
-    for e in &examples {
-        let Some(gold) = &e.gold else {
-            bail!(
-                "{}: row {} has no gold answer to evaluate against",
-                path.display(),
-                e.index + 1
-            );
-        };
-        let (text, texts) = sample_texts(be, model, tok, e, opt.n, opt)?;
-        let (answers, correct, maj) = grade_samples(&texts, gold);
-        let c = correct.iter().filter(|&&x| x).count();
-        s.avg += c as f64 / opt.n as f64;
-        s.pass_k += pass_at_k(opt.n, c, opt.n);
-        s.maj_k += maj as u8 as f64;
-        s.problems += 1;
-        let row = json!({
-            "index": e.index,
-            "prompt": text,
-            "gold": gold_json(gold),
-            "completions": texts.iter().zip(&answers).zip(&correct)
-                .map(|((t, a), ok)| json!({"text": t, "answer": a, "correct": ok})).collect::<Vec<_>>(),
-            "num_correct": c,
-            "maj_correct": maj,
-        });
-        writeln!(out, "{row}")?;
+    if let Some(e) = examples.iter().find(|e| e.gold.is_none()) {
+        bail!(
+            "{}: row {} has no gold answer to evaluate against",
+            path.display(),
+            e.index + 1
+        );
+    }
+    for chunk in examples.chunks(problems_per_call(opt, opt.n)) {
+        let sampled = sample_texts(be, model, tok, chunk, opt.n, opt)?;
+        for (e, (text, texts)) in chunk.iter().zip(sampled) {
+            let gold = e.gold.as_ref().expect("checked above");
+            let (answers, correct, maj) = grade_samples(&texts, gold);
+            let c = correct.iter().filter(|&&x| x).count();
+            s.avg += c as f64 / opt.n as f64;
+            s.pass_k += pass_at_k(opt.n, c, opt.n);
+            s.maj_k += maj as u8 as f64;
+            s.problems += 1;
+            let row = json!({
+                "index": e.index,
+                "prompt": text,
+                "gold": gold_json(gold),
+                "completions": texts.iter().zip(&answers).zip(&correct)
+                    .map(|((t, a), ok)| json!({"text": t, "answer": a, "correct": ok})).collect::<Vec<_>>(),
+                "num_correct": c,
+                "maj_correct": maj,
+            });
+            writeln!(out, "{row}")?;
+        }
     }
     let n = s.problems.max(1) as f64;
     s.avg /= n;
@@ -203,8 +234,11 @@ pub fn select_prompts<B: Backend>(
     opt: &EvalOptions,
 ) -> Result<Vec<Value>> {
     let mut rows = Vec::new();
-    for e in examples {
-        let (text, texts) = sample_texts(be, model, tok, e, k, opt)?;
+    let mut sampled = Vec::with_capacity(examples.len());
+    for chunk in examples.chunks(problems_per_call(opt, k)) {
+        sampled.extend(sample_texts(be, model, tok, chunk, k, opt)?);
+    }
+    for (e, (text, texts)) in examples.iter().zip(sampled) {
         let (score, criterion, extra) = match &e.gold {
             Some(gold) => {
                 let (_, correct, _) = grade_samples(&texts, gold);

@@ -160,6 +160,9 @@ struct SampleArgs {
     /// Only the first N problems of each file.
     #[arg(long)]
     limit: Option<usize>,
+    /// Sequences decoded together, across problems (continuous batching).
+    #[arg(long, default_value_t = 64)]
+    rollout_rows: usize,
 }
 
 #[derive(Args)]
@@ -295,6 +298,11 @@ struct TrainArgs {
     /// at each update. auto: on where the run would not fit on the GPU otherwise.
     #[arg(long, value_enum, default_value = "auto")]
     offload_optimizer: Switch,
+    /// Sequences decoded together while sampling, across the step's prompts (continuous
+    /// batching: a finished sequence's slot takes the next at once). Default: as many as the
+    /// GPU has room for beside the weights, up to a step's prompts × G; 64 on the CPU.
+    #[arg(long)]
+    rollout_rows: Option<usize>,
     #[arg(long)]
     lr: Option<f32>,
     #[arg(long)]
@@ -590,6 +598,7 @@ fn resolve_train_config(a: &TrainArgs, weights: PathBuf) -> Result<TrainConfig> 
         kl_coef: a.kl_coef.unwrap_or(0.0),
         recompute: a.recompute,
         offload_optimizer: a.offload_optimizer,
+        rollout_rows: a.rollout_rows.unwrap_or(0),
         mini_batches: a.mini_batches.unwrap_or(1),
         ppo_epochs: a.ppo_epochs.unwrap_or(1),
         optim: OptimConfig {
@@ -639,6 +648,7 @@ fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
         kl_coef: 0.0,
         recompute: Default::default(),
         offload_optimizer: Default::default(),
+        rollout_rows: 0,
         mini_batches: 1,
         ppo_epochs: 1,
         optim: OptimConfig {
@@ -661,7 +671,7 @@ fn sft_config(a: &SftArgs, weights: PathBuf, records: usize) -> TrainConfig {
     }
 }
 
-fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<()> {
+fn run_train<B: Backend>(be: &B, mut cfg: TrainConfig, resume_from: Option<PathBuf>) -> Result<()> {
     let tok = Tokenizer::from_dir(&cfg.weights)?;
     let source = match (&cfg.rollouts, &cfg.data) {
         (None, Some(d)) if cfg.algo == Algo::Sft => Source::Supervised(train::load_sft(d)?),
@@ -672,6 +682,7 @@ fn run_train<B: Backend>(be: &B, cfg: TrainConfig, resume_from: Option<PathBuf>)
     // Planned before the weights are uploaded, so that a run that cannot fit says so first.
     let model_cfg = ModelConfig::from_file(&cfg.weights.join("config.json"))?;
     let settings = train::plan_memory(be, &model_cfg, &cfg, &tok, &source)?;
+    cfg.rollout_rows = settings.rollout_rows;
     let mut model = Qwen2::load_dir(be, &cfg.weights)?;
     model.recompute = settings.recompute;
     let mut t = Trainer::new(be, cfg, model, tok, source, settings.offload_optimizer)?;
@@ -694,6 +705,7 @@ fn eval_options(s: &SampleArgs, n: usize, temperature: f32) -> EvalOptions {
         suffix: s.suffix.clone(),
         seed: s.seed,
         limit: s.limit,
+        rows: s.rollout_rows,
     }
 }
 

@@ -44,8 +44,9 @@ pub struct RunShape {
     pub prompt: usize,
     /// New tokens sampled per completion at most (0 when nothing is sampled).
     pub max_new: usize,
-    /// Completions sampled together (G).
-    pub group: usize,
+    /// Sequences decoded together while sampling (`generate_batch`'s rows): at least a group's
+    /// G, raised by `MemoryPlan::widest_rollout` to what the memory holds.
+    pub rollout_rows: usize,
     /// Tokens of the longest sequence a backward runs over.
     pub train_seq: usize,
     pub optim: OptimConfig,
@@ -82,7 +83,7 @@ pub struct MemoryPlan {
     /// Activations and gradient scratch of one sequence's forward and backward, lm_head
     /// chunk included.
     pub activations: u64,
-    /// KV cache, prefill activations and logits of one group's generation.
+    /// KV cache, prefill and decode-step activations and logits of the sampling batch.
     pub generation: u64,
     pub shape: RunShape,
 }
@@ -148,6 +149,19 @@ pub fn cache_bytes(c: &ModelConfig, batch: usize, cap: usize, w: u64) -> u64 {
     2 * c.num_layers as u64 * (batch * cap * c.kv_dim()) as u64 * w
 }
 
+/// Bytes `generate_batch` holds with `rows` sequences decoding: their cache, one decode step's
+/// activations and logits, and one prompt's prefill (its cache and activations).
+pub fn generation_bytes(c: &ModelConfig, s: &RunShape, rows: usize) -> u64 {
+    if s.max_new == 0 {
+        return 0;
+    }
+    let w = s.storage as u64;
+    cache_bytes(c, rows, s.prompt + s.max_new, w)
+        + activations_bytes(c, rows, 1, false, false, w)
+        + cache_bytes(c, 1, s.prompt, w)
+        + activations_bytes(c, 1, s.prompt, false, false, w)
+}
+
 impl MemoryPlan {
     pub fn new(c: &ModelConfig, s: RunShape) -> MemoryPlan {
         let p = param_count(c);
@@ -166,15 +180,7 @@ impl MemoryPlan {
             + scratch_bytes(c, n, w)
             + chunk_bytes(c, n, w)
             + attention_bwd;
-        // generate(): the cache for the group, the prefill's activations, one step's.
-        let generation = if s.max_new == 0 {
-            0
-        } else {
-            let g = s.group;
-            cache_bytes(c, g, s.prompt + s.max_new, w)
-                + activations_bytes(c, g, s.prompt, false, false, w)
-                + activations_bytes(c, g, 1, false, false, w)
-        };
+        let generation = generation_bytes(c, &s, s.rollout_rows);
         MemoryPlan {
             weights: p * w,
             reference: if s.reference { p * w } else { 0 },
@@ -202,6 +208,22 @@ impl MemoryPlan {
                 .max(self.gradients + self.activations.max(self.staging))
     }
 
+    /// The most sequences that can decode together in `usable` bytes beside the resident state
+    /// (the update's gradients and activations are not allocated while sampling), between this
+    /// plan's `rollout_rows` and `want`.
+    pub fn widest_rollout(&self, c: &ModelConfig, usable: u64, want: usize) -> usize {
+        let s = &self.shape;
+        let floor = s.rollout_rows.min(want).max(1);
+        if s.max_new == 0 {
+            return floor;
+        }
+        let resident = self.weights + self.reference + self.moments;
+        let fixed = generation_bytes(c, s, 0);
+        let per_row = generation_bytes(c, s, 1) - fixed;
+        let room = usable.saturating_sub(resident + fixed) / per_row.max(1);
+        (room.min(want as u64) as usize).max(floor)
+    }
+
     /// One line: what each part takes, and the peak (against `free` where known).
     pub fn summary(&self, free: Option<u64>) -> String {
         let s = &self.shape;
@@ -225,9 +247,9 @@ impl MemoryPlan {
         };
         let generation = if self.generation > 0 {
             format!(
-                "; generation {} ({} × {} tokens)",
+                "; generation {} ({} sequences × {} tokens)",
                 gb(self.generation),
-                s.group,
+                s.rollout_rows,
                 s.prompt + s.max_new
             )
         } else {

@@ -71,6 +71,10 @@ pub struct TrainConfig {
     pub prompt_template: PromptTemplate,
     pub suffix: String,
     pub group_size: usize,
+    /// Sequences decoded together while sampling (`generate::generate_batch`); 0: the memory
+    /// plan's widest batch on a GPU, 64 on the CPU, at most one round's prompts × G.
+    #[serde(default)]
+    pub rollout_rows: usize,
     pub temperature: f32,
     pub top_p: f32,
     pub top_k: usize,
@@ -192,12 +196,26 @@ pub fn run_lengths(
     Ok(Some((prompt, seq)))
 }
 
-/// The memory-saving settings a run takes (`plan_memory`).
+/// The memory settings a run takes (`plan_memory`).
 #[derive(Debug, Clone, Copy, PartialEq, Eq, Default)]
 pub struct MemorySettings {
     pub recompute: bool,
     pub offload_optimizer: bool,
+    /// `TrainConfig::rollout_rows` settled: 0 where nothing is sampled.
+    pub rollout_rows: usize,
 }
+
+/// Records a run samples from.
+fn source_len(source: &Source) -> usize {
+    match source {
+        Source::Prompts(p) => p.len(),
+        Source::Rollouts(r) => r.len(),
+        Source::Supervised(r) => r.len(),
+    }
+}
+
+/// Sequences decoded together on a backend without a device memory to plan against.
+const HOST_ROLLOUT_ROWS: usize = 64;
 
 /// Counts what the run will hold in the backend's and the host's memory (`memory_plan`), prints
 /// it, and settles `cfg.recompute` and `cfg.offload_optimizer`. Fails, with the plan and what
@@ -213,14 +231,20 @@ pub fn plan_memory<B: Backend>(
         return Ok(MemorySettings {
             recompute: cfg.recompute == Switch::On,
             offload_optimizer: cfg.offload_optimizer == Switch::On,
+            rollout_rows: 0,
         });
     };
     let replay = matches!(source, Source::Rollouts(_));
-    let shape = RunShape {
+    let group = cfg.group_size.max(1);
+    let mut shape = RunShape {
         storage: be.storage_bytes(),
         prompt,
         max_new: if replay { 0 } else { cfg.max_new_tokens },
-        group: cfg.group_size,
+        rollout_rows: if cfg.rollout_rows > 0 {
+            cfg.rollout_rows
+        } else {
+            group
+        },
         train_seq,
         optim: cfg.optim,
         reference: cfg.kl_coef > 0.0,
@@ -228,11 +252,23 @@ pub fn plan_memory<B: Backend>(
         offload: false,
     };
     let budget = Budget::measure(be.device_memory().map(|(free, _)| free as u64));
-    let plan = memory_plan::resolve(model, shape, cfg.recompute, cfg.offload_optimizer, budget)?;
+    let mut plan =
+        memory_plan::resolve(model, shape, cfg.recompute, cfg.offload_optimizer, budget)?;
+    if cfg.rollout_rows == 0 && !replay {
+        // One round samples at most a step's prompts.
+        let want = group * cfg.prompts_per_step.unwrap_or(source_len(source)).max(1);
+        shape = plan.shape;
+        shape.rollout_rows = match budget.device {
+            Some(free) => plan.widest_rollout(model, memory_plan::usable(free), want),
+            None => want.min(HOST_ROLLOUT_ROWS),
+        };
+        plan = memory_plan::MemoryPlan::new(model, shape);
+    }
     eprintln!("{}", plan.summary(budget.device));
     Ok(MemorySettings {
         recompute: plan.shape.recompute,
         offload_optimizer: plan.host_moments > 0,
+        rollout_rows: if replay { 0 } else { plan.shape.rollout_rows },
     })
 }
 
@@ -596,15 +632,78 @@ impl<'a, B: Backend> Trainer<'a, B> {
     }
 
     fn source_len(&self) -> usize {
-        match &self.source {
-            Source::Prompts(p) => p.len(),
-            Source::Rollouts(r) => r.len(),
-            Source::Supervised(r) => r.len(),
-        }
+        source_len(&self.source)
     }
 
-    /// The group for record `pos` (wrapping around the file), sampled or replayed.
-    fn make_group(&self, pos: usize, step: usize) -> Result<Group> {
+    /// The groups of records pos..pos + count (wrapping around the file): replayed, or sampled
+    /// together, every record from its own random stream keyed on (step, record) so that a
+    /// resumed run, or another batch size, samples the same.
+    fn make_groups(&self, pos: usize, count: usize, step: usize) -> Result<Vec<Group>> {
+        let Source::Prompts(ex) = &self.source else {
+            return (pos..pos + count).map(|p| self.replayed_group(p)).collect();
+        };
+        let n = self.source_len();
+        let prompts: Vec<Vec<u32>> = (pos..pos + count)
+            .map(|p| {
+                let text = render_prompt(
+                    &self.tok,
+                    &ex[p % n].prompt,
+                    self.cfg.prompt_template,
+                    &self.cfg.suffix,
+                )?;
+                self.tok.encode(&text)
+            })
+            .collect::<Result<_>>()?;
+        let group = self.cfg.group_size.max(1);
+        let requests: Vec<crate::generate::Request> = prompts
+            .iter()
+            .zip(pos..)
+            .map(|(prompt, p)| crate::generate::Request {
+                prompt,
+                n: group,
+                seed: self.cfg.seed
+                    ^ ((step as u64) << 32)
+                    ^ (p as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
+            })
+            .collect();
+        let opt = crate::generate::GenerateOptions {
+            max_new_tokens: self.cfg.max_new_tokens,
+            sampling: self.sampling(),
+            n: group,
+            seed: self.cfg.seed,
+            stop_ids: self.tok.eos_ids.clone(),
+            ignore_eos: false,
+        };
+        let rows = match self.cfg.rollout_rows {
+            0 => HOST_ROLLOUT_ROWS,
+            r => r,
+        };
+        let outs = crate::generate::generate_batch(self.be, &self.model, &requests, &opt, rows)?;
+        outs.into_iter()
+            .zip(prompts)
+            .zip(pos..)
+            .map(|((outs, prompt_ids), p)| {
+                let completions: Vec<Vec<u32>> = outs
+                    .into_iter()
+                    .map(|c| c.ids)
+                    .filter(|c| !c.is_empty())
+                    .collect();
+                let texts = completions
+                    .iter()
+                    .map(|c| self.tok.decode(c, true))
+                    .collect::<Result<_>>()?;
+                Ok(Group {
+                    prompt_ids,
+                    completions,
+                    texts,
+                    gold: ex[p % n].gold.clone(),
+                })
+            })
+            .collect()
+    }
+
+    /// The replayed group of record `pos` (wrapping around the file).
+    fn replayed_group(&self, pos: usize) -> Result<Group> {
         let n = self.source_len();
         let idx = pos % n;
         match &self.source {
@@ -649,43 +748,7 @@ impl<'a, B: Backend> Trainer<'a, B> {
                 }
             },
             Source::Supervised(_) => bail!("a supervised data file has no groups to sample"),
-            Source::Prompts(ex) => {
-                let e = &ex[idx];
-                let text = render_prompt(
-                    &self.tok,
-                    &e.prompt,
-                    self.cfg.prompt_template,
-                    &self.cfg.suffix,
-                )?;
-                let prompt_ids = self.tok.encode(&text)?;
-                let opt = crate::generate::GenerateOptions {
-                    max_new_tokens: self.cfg.max_new_tokens,
-                    sampling: self.sampling(),
-                    n: self.cfg.group_size,
-                    // Each (step, record) gets its own stream, so a resumed run samples the same.
-                    seed: self.cfg.seed
-                        ^ ((step as u64) << 32)
-                        ^ (pos as u64).wrapping_mul(0x9E37_79B9_7F4A_7C15),
-                    stop_ids: self.tok.eos_ids.clone(),
-                    ignore_eos: false,
-                };
-                let outs = crate::generate::generate(self.be, &self.model, &prompt_ids, &opt)?;
-                let completions: Vec<Vec<u32>> = outs
-                    .into_iter()
-                    .map(|c| c.ids)
-                    .filter(|c| !c.is_empty())
-                    .collect();
-                let texts = completions
-                    .iter()
-                    .map(|c| self.tok.decode(c, true))
-                    .collect::<Result<_>>()?;
-                Ok(Group {
-                    prompt_ids,
-                    completions,
-                    texts,
-                    gold: e.gold.clone(),
-                })
-            }
+            Source::Prompts(_) => bail!("prompts are sampled, not replayed"),
         }
     }
 
@@ -716,31 +779,36 @@ impl<'a, B: Backend> Trainer<'a, B> {
         } else {
             per_step * (1 + self.cfg.max_refill_rounds)
         };
+        // A round samples as many records as could still be kept, all together; since each
+        // record keeps at most one group, that is the same records the one-at-a-time loop saw.
         while kept.len() < per_step && seen < max_groups {
-            let g = self.make_group(self.state.data_pos, step)?;
-            self.state.data_pos += 1;
-            seen += 1;
-            gen_tokens += g.completions.iter().map(Vec::len).sum::<usize>();
-            if g.completions.is_empty() {
-                continue;
-            }
-            let (rewards, stats, corr) = score_group(self.cfg.algo, &g);
-            se_sum += stats.semantic_entropy as f64;
-            maj_sum += stats.majority_share as f64;
-            for c in corr.iter().flatten() {
-                graded += 1;
-                correct += *c as usize;
-            }
-            reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
-            n_rewards += rewards.len();
-            let in_band = rl::entropy_in_band(
-                stats.semantic_entropy,
-                self.cfg.entropy_min,
-                self.cfg.entropy_max,
-            );
-            if self.cfg.algo == Algo::Em || self.cfg.algo == Algo::Grpo || in_band {
-                let adv = rl::group_advantages(&rewards);
-                kept.push((g, adv));
+            let count = (per_step - kept.len()).min(max_groups - seen);
+            let groups = self.make_groups(self.state.data_pos, count, step)?;
+            self.state.data_pos += count;
+            seen += count;
+            for g in groups {
+                gen_tokens += g.completions.iter().map(Vec::len).sum::<usize>();
+                if g.completions.is_empty() {
+                    continue;
+                }
+                let (rewards, stats, corr) = score_group(self.cfg.algo, &g);
+                se_sum += stats.semantic_entropy as f64;
+                maj_sum += stats.majority_share as f64;
+                for c in corr.iter().flatten() {
+                    graded += 1;
+                    correct += *c as usize;
+                }
+                reward_sum += rewards.iter().map(|&r| r as f64).sum::<f64>();
+                n_rewards += rewards.len();
+                let in_band = rl::entropy_in_band(
+                    stats.semantic_entropy,
+                    self.cfg.entropy_min,
+                    self.cfg.entropy_max,
+                );
+                if self.cfg.algo == Algo::Em || self.cfg.algo == Algo::Grpo || in_band {
+                    let adv = rl::group_advantages(&rewards);
+                    kept.push((g, adv));
+                }
             }
         }
         let gen_secs = t_gen.elapsed().as_secs_f64();

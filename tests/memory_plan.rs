@@ -136,7 +136,7 @@ fn empo_7b(moments: MomentDtype) -> RunShape {
         storage: 2,
         prompt: 300,
         max_new: 1024,
-        group: 8,
+        rollout_rows: 8,
         train_seq: 1324,
         optim: adamw(moments),
         reference: false,
@@ -231,6 +231,50 @@ fn a_7b_run_is_planned_against_the_gpu_it_has() {
     )
     .unwrap();
     assert!(!cpu.shape.recompute && !cpu.shape.offload);
+}
+
+/// While sampling, the GPU holds the weights (and the moments, where they are not offloaded)
+/// and nothing of the update, so the rest goes to decoding more sequences at once: the 7B run
+/// on an H100 decodes hundreds where a group is 8, on an H200 with its moments on the GPU fewer.
+/// The widest batch fits and one more sequence would not, and a step that needs fewer gets
+/// only those.
+#[test]
+fn the_sampling_batch_widens_to_the_memory_left() {
+    let c = qwen_7b();
+    for (free, name) in [(H100_FREE, "H100"), (H200_FREE, "H200")] {
+        let plan = resolve_7b(
+            MomentDtype::F32,
+            Switch::Auto,
+            Switch::Auto,
+            budget(free, HOST_AVAILABLE),
+        )
+        .unwrap();
+        let usable = memory_plan::usable(free);
+        let rows = plan.widest_rollout(&c, usable, 100_000);
+        let with = |rows| {
+            MemoryPlan::new(
+                &c,
+                RunShape {
+                    rollout_rows: rows,
+                    ..plan.shape
+                },
+            )
+        };
+        println!(
+            "{name}: {rows} sequences: {}",
+            with(rows).summary(Some(free))
+        );
+        assert!(rows >= 64, "{name}: {rows}");
+        assert!(with(rows).peak() <= usable, "{name}");
+        assert!(with(rows + 1).peak() > usable, "{name}");
+        assert_eq!(
+            plan.widest_rollout(&c, usable, 40),
+            40,
+            "{name}: capped by the step"
+        );
+        // Less room than a group: the group's G stands, and the plan's own verdict decides.
+        assert_eq!(plan.widest_rollout(&c, 0, 100), 8, "{name}");
+    }
 }
 
 /// Without the host memory to offload to, or with offloading turned off, the 7B run does not
