@@ -218,8 +218,12 @@ pub fn generate_batch<B: Backend>(
                 next[s] = 0;
             }
         }
-        if slots.iter().all(Option::is_none) && queue.peek().is_none() {
-            break;
+        if slots.iter().all(Option::is_none) {
+            // Nothing to decode: refill every slot, or stop.
+            if queue.peek().is_none() {
+                break;
+            }
+            continue;
         }
         model.forward_cached(be, &next, &mut step_acts, &mut cache)?;
     }
