@@ -71,7 +71,15 @@ pub struct BenchShapes {
     pub seqs: &'static [usize],
     pub copy_bytes: usize,
     pub gemm: usize,
+    /// Sequences a `decode_rows` step decodes together, one row each.
+    pub decode_rows: &'static [usize],
+    /// The shortest and the longest context of a decode step's sequences.
+    pub decode_context: (usize, usize),
 }
+
+/// The memory plan's sampling batch for the mission's 7B EMPO run on an H100 (80 GB, 1324
+/// tokens a sequence): `tests/memory_plan.rs` checks that the plan still gives this width.
+pub const PLANNED_ROLLOUT_ROWS_7B_H100: usize = 841;
 
 impl BenchShapes {
     pub fn qwen_7b() -> BenchShapes {
@@ -86,6 +94,9 @@ impl BenchShapes {
             seqs: &[1024, 2048, 4096],
             copy_bytes: 1 << 30,
             gemm: 8192,
+            decode_rows: &[8, 64, 256, PLANNED_ROLLOUT_ROWS_7B_H100],
+            // A 256-token prompt, and up to 1068 new tokens (the mission's run: 1324 in all).
+            decode_context: (256, 1324),
         }
     }
     pub fn small() -> BenchShapes {
@@ -100,6 +111,8 @@ impl BenchShapes {
             seqs: &[256],
             copy_bytes: 1 << 26,
             gemm: 512,
+            decode_rows: &[4, 16],
+            decode_context: (32, 160),
         }
     }
 }
@@ -389,21 +402,14 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     rows.extend(sampling_rows(be, s, iters)?);
     rows.extend(lm_head_rows(be, s, iters)?);
     rows.extend(model_rows(be, s, iters)?);
+    rows.extend(decode_rows(be, s, iters)?);
     Ok(rows)
 }
 
-/// The model's forward and backward over one training sequence of `s.tokens` tokens, as the
-/// drivers run it (chunked lm_head statistics, then the backward), through MODEL_LAYERS layers
-/// of the bench's shapes and a vocabulary of MODEL_VOCAB, so that the layers' work dominates:
-/// with every layer's activations kept, and with each layer recomputed in the backward. Work is
-/// the useful FLOPs of both (the GEMMs, and causal attention counted as the attention rows
-/// count it), so the recompute row's lower rate is its cost; the extra memory column is what
-/// each needed beyond the weights, where the backend tracks it.
-pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
-    use crate::config::{DType, ModelConfig};
-    use crate::model::{random_tensors, Qwen2};
-    let t = s.tokens;
-    let cfg = ModelConfig {
+/// The bench's model: MODEL_LAYERS layers of the bench's shapes and a vocabulary of
+/// MODEL_VOCAB, holding positions up to `max_pos`.
+fn bench_model_config(s: &BenchShapes, max_pos: usize) -> crate::config::ModelConfig {
+    crate::config::ModelConfig {
         hidden_size: s.hidden,
         intermediate_size: s.inter,
         num_layers: MODEL_LAYERS,
@@ -414,9 +420,22 @@ pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<V
         rms_norm_eps: 1e-6,
         rope_theta: 1e6,
         tie_word_embeddings: false,
-        max_position_embeddings: t,
-        dtype: DType::BF16,
-    };
+        max_position_embeddings: max_pos,
+        dtype: crate::config::DType::BF16,
+    }
+}
+
+/// The model's forward and backward over one training sequence of `s.tokens` tokens, as the
+/// drivers run it (chunked lm_head statistics, then the backward), through MODEL_LAYERS layers
+/// of the bench's shapes and a vocabulary of MODEL_VOCAB, so that the layers' work dominates:
+/// with every layer's activations kept, and with each layer recomputed in the backward. Work is
+/// the useful FLOPs of both (the GEMMs, and causal attention counted as the attention rows
+/// count it), so the recompute row's lower rate is its cost; the extra memory column is what
+/// each needed beyond the weights, where the backend tracks it.
+pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    use crate::model::{random_tensors, Qwen2};
+    let t = s.tokens;
+    let cfg = bench_model_config(s, t);
     let mut model = Qwen2::from_host(be, cfg.clone(), &random_tensors(&cfg, 7, 0.02))?;
     let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % MODEL_VOCAB) as u32).collect();
     let targets = crate::generate::next_token_targets(&ids, 1, t);
@@ -480,6 +499,104 @@ pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<V
 /// a few percent of the work.
 const MODEL_LAYERS: usize = 2;
 const MODEL_VOCAB: usize = 4096;
+
+/// One step of batched sampling as `generate::generate_batch` runs it: the model's forward of
+/// one new token for each of `rows` sequences over a ragged KV cache, then the draw of the next
+/// tokens (which come back to the host). Each row of `s.decode_rows` decodes that many
+/// sequences, their contexts spread evenly over `s.decode_context`, each step replayed at the
+/// same lengths. Bytes: what the step has to read at least, the weights once (the embedding
+/// table's B rows only) and each sequence's keys and values, so a step that streams them at
+/// the copy ceiling is at 100%. On a GPU the narrow batches are bound by reading the weights
+/// and the wide ones by the GEMMs; `format_decode` gives tokens a second against the narrowest.
+pub fn decode_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    use crate::model::{random_tensors, Qwen2};
+    use crate::sampling::{DrawKey, SamplingParams};
+    let (lo, hi) = s.decode_context;
+    let cfg = bench_model_config(s, hi + 1);
+    let model = Qwen2::from_host(be, cfg.clone(), &random_tensors(&cfg, 11, 0.02))?;
+    let (h, v) = (cfg.hidden_size, cfg.vocab_size);
+    // One prompt of the longest context, prefilled once: every sequence's cache is a prefix.
+    let prompt: Vec<u32> = (0..hi).map(|i| (i * 7919 % v) as u32).collect();
+    let mut src = model.alloc_cache(be, 1, hi)?;
+    let mut prefill = model.alloc_activations(be, 1, hi, false)?;
+    model.forward_cached(be, &prompt, &mut prefill, &mut src)?;
+    drop(prefill);
+    let weights = (crate::memory_plan::param_count(&cfg) - (v * h) as u64) as f64;
+    let sampling = SamplingParams {
+        temperature: 1.0,
+        top_k: 0,
+        top_p: 1.0,
+    };
+    let mut out = Vec::new();
+    for &rows in s.decode_rows {
+        let lens: Vec<usize> = (0..rows)
+            .map(|b| lo + b * (hi - lo) / (rows - 1).max(1))
+            .collect();
+        let mut cache = model.alloc_cache(be, rows, hi + 1)?;
+        for (b, &l) in lens.iter().enumerate() {
+            cache.copy_prefix(be, b, &src, 0, l)?;
+        }
+        let mut acts = model.alloc_activations(be, rows, 1, false)?;
+        let ids: Vec<u32> = (0..rows).map(|b| (b * 104729 % v) as u32).collect();
+        let mut step = 0;
+        let mut err = None;
+        let t = time(be, iters, || {
+            step += 1;
+            for (b, &l) in lens.iter().enumerate() {
+                cache.truncate(b, l);
+            }
+            let keys: Vec<DrawKey> = (0..rows as u64)
+                .map(|sequence| DrawKey {
+                    seed: 5,
+                    sequence,
+                    step,
+                })
+                .collect();
+            let r = model
+                .forward_cached(be, &ids, &mut acts, &mut cache)
+                .and_then(|_| be.sample(&acts.logits, rows, v, &sampling, &keys));
+            if let Err(e) = r {
+                err.get_or_insert(e);
+            }
+        })?;
+        if let Some(e) = err {
+            return Err(e);
+        }
+        let context: usize = lens.iter().map(|l| l + 1).sum();
+        let kv = (context * 2 * cfg.kv_dim() * MODEL_LAYERS) as f64;
+        out.push(BenchRow::new(
+            "decode step",
+            format!("{rows} rows, context {lo}..{hi}, {MODEL_LAYERS} layers of h {h}, V {v}"),
+            Unit::Bytes,
+            2.0 * (weights + (rows * h) as f64 + kv),
+            t,
+        ));
+    }
+    Ok(out)
+}
+
+/// Tokens a second of each `decode step` row, and how many times the narrowest batch's.
+pub fn format_decode(rows: &[BenchRow]) -> String {
+    let steps: Vec<(usize, f64)> = rows
+        .iter()
+        .filter(|r| r.op == "decode step")
+        .filter_map(|r| {
+            let n = r.shape.split(' ').next()?.parse::<usize>().ok()?;
+            Some((n, n as f64 / r.seconds))
+        })
+        .collect();
+    let Some(&(narrow, base)) = steps.first() else {
+        return String::new();
+    };
+    let mut s = String::from("batched decoding (the bench's layers, one step):\n");
+    for (n, rate) in &steps {
+        s += &format!(
+            "  {n:>4} rows: {rate:>9.0} tokens/s, {:.1}x the {narrow}-row step's\n",
+            rate / base
+        );
+    }
+    s
+}
 
 /// `sets` lists of m token ids below v, each gathering other rows of the table.
 pub fn gather_ids(sets: usize, m: usize, v: usize) -> Vec<Vec<u32>> {

@@ -884,7 +884,9 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
 }
 
 fn bench(a: &BenchArgs) -> Result<()> {
-    use empo_engine::kernel_bench::{format_table, format_targets, run_all, BenchShapes};
+    use empo_engine::kernel_bench::{
+        format_decode, format_table, format_targets, run_all, BenchShapes,
+    };
     let shapes = if a.small || a.device == DeviceArg::Cpu {
         BenchShapes::small()
     } else {
@@ -919,6 +921,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         rows
     };
     print!("{}", format_table(&rows));
+    print!("{}", format_decode(&rows));
     if a.device != DeviceArg::Cpu {
         print!("{}", format_targets(&rows));
     }

@@ -283,6 +283,12 @@ impl<T> KvCache<T> {
         }
     }
 
+    /// Forgets sequence b's positions from `len` on, if it holds more: the next forward
+    /// overwrites them (the decode benchmark replays one step at fixed lengths this way).
+    pub fn truncate(&mut self, b: usize, len: usize) {
+        self.lens[b] = self.lens[b].min(len as u32);
+    }
+
     /// Empties sequence b's slot for reuse: a finished sequence's row takes a new one.
     pub fn clear(&mut self, b: usize) {
         self.lens[b] = 0;

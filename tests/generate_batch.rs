@@ -136,3 +136,41 @@ fn empty_prompts_and_zero_lengths_are_handled() {
         .to_string();
     assert!(err.contains("prompt 2 is empty"), "{err}");
 }
+
+/// A cache truncated back to earlier lengths decodes as if the later positions had never been
+/// written: the decode bench replays one step this way, and its rows are only honest if the
+/// replayed step computes what the first one did.
+#[test]
+fn a_truncated_cache_replays_the_same_step() {
+    let be = CpuBackend;
+    let (model, prompts, _) = setup();
+    let v = model.cfg.vocab_size;
+    let rows = prompts.len();
+    let mut cache = model.alloc_cache(&be, rows, 16).unwrap();
+    for (b, p) in prompts.iter().enumerate() {
+        let mut one = model.alloc_cache(&be, 1, p.len()).unwrap();
+        let mut acts = model.alloc_activations(&be, 1, p.len(), false).unwrap();
+        model.forward_cached(&be, p, &mut acts, &mut one).unwrap();
+        cache.copy_prefix(&be, b, &one, 0, p.len()).unwrap();
+    }
+    let lens: Vec<u32> = cache.lens().to_vec();
+    let mut acts = model.alloc_activations(&be, rows, 1, false).unwrap();
+    let step = |ids: &[u32], cache: &mut _, acts: &mut _| {
+        model.forward_cached(&be, ids, acts, cache).unwrap();
+        be.download(&acts.logits).unwrap()
+    };
+    let first = step(&[4, 9, 2, 7, 1], &mut cache, &mut acts);
+    // Two more steps write other tokens past the prompts, then every sequence goes back.
+    step(&[5, 5, 5, 5, 5], &mut cache, &mut acts);
+    step(&[8, 3, 6, 0, 2], &mut cache, &mut acts);
+    for (b, &l) in lens.iter().enumerate() {
+        cache.truncate(b, l as usize);
+    }
+    assert_eq!(cache.lens(), &lens[..]);
+    let replay = step(&[4, 9, 2, 7, 1], &mut cache, &mut acts);
+    assert_eq!(first.len(), rows * v);
+    assert_eq!(first, replay, "the replayed step's logits");
+    // Truncating past a sequence's length leaves it as it is.
+    cache.truncate(0, 100);
+    assert_eq!(cache.len(0), lens[0] as usize + 1);
+}

@@ -31,6 +31,55 @@ def timed(fn, iters):
     return a.elapsed_time(b) / 1e3 / iters
 
 
+# `decode_rows` in src/kernel_bench.rs: sequences decoding one token each over a KV cache, their
+# contexts spread evenly from a 256-token prompt to 1324 tokens, then the next tokens drawn and
+# brought to the host. transformers' way: a DynamicCache holding every row left-padded to the
+# longest, an attention mask over the padding, and the step's new position cropped off again so
+# that each call decodes at the same lengths. Bytes counted as ours counts them.
+# The widest is the memory plan's for the 7B run on an H100 (PLANNED_ROLLOUT_ROWS_7B_H100).
+DECODE_ROWS, DECODE_CONTEXT = [8, 64, 256, 841], (256, 1324)
+
+
+def decode_rows(dev, it, h=H, inter=I, heads=HEADS, kv=KV, d=D, layers=2, vocab=4096,
+                batches=DECODE_ROWS, context=DECODE_CONTEXT):
+    from transformers import DynamicCache, Qwen2Config, Qwen2ForCausalLM
+    lo, hi = context
+    cfg = Qwen2Config(hidden_size=h, intermediate_size=inter, num_hidden_layers=layers,
+                      num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
+                      max_position_embeddings=hi + 1, rope_theta=1e6, tie_word_embeddings=False,
+                      attn_implementation="sdpa")
+    model = Qwen2ForCausalLM(cfg).to(dev, bf).eval()
+    params = sum(p.numel() for p in model.parameters()) - vocab * h
+    out = []
+    for rows in batches:
+        lens = [lo + b * (hi - lo) // max(rows - 1, 1) for b in range(rows)]
+        cache = DynamicCache()
+        for layer in range(layers):
+            k = torch.randn(rows, kv, hi, d, dtype=bf, device=dev)
+            cache.update(k, torch.randn_like(k), layer)
+        mask = torch.zeros(rows, hi + 1, dtype=torch.long, device=dev)
+        for b, n in enumerate(lens):
+            mask[b, hi - n:] = 1
+        pos = torch.tensor(lens, device=dev)[:, None]
+        ids = (torch.arange(rows, device=dev) * 104729 % vocab)[:, None]
+
+        @torch.no_grad()
+        def step():
+            logits = model(input_ids=ids, attention_mask=mask, position_ids=pos,
+                           past_key_values=cache, use_cache=True).logits
+            cache.crop(-1)  # drop the new position (older versions also read -1 so)
+            p = torch.softmax(logits[:, -1].float(), -1)
+            return torch.multinomial(p, 1).cpu()
+
+        kv_bytes = sum(n + 1 for n in lens) * 2 * kv * d * layers
+        work = 2.0 * (params + rows * h + kv_bytes)
+        shape = f"{rows} rows, context {lo}..{hi}, {layers} layers of h {h}, V {vocab}"
+        out.append(("decode step", shape, "Bytes", work, timed(step, it)))
+        del cache
+    del model
+    return out
+
+
 def main():
     ap = argparse.ArgumentParser()
     ap.add_argument("--iters", type=int, default=10)
@@ -296,6 +345,12 @@ def main():
         del model
     except Exception as e:  # an older transformers: the other rows still count
         print(f"model fwd+bwd skipped: {e}")
+
+    try:
+        for row in decode_rows(dev, it):
+            push(*row)
+    except Exception as e:
+        print(f"decode step skipped: {e}")
 
     ceil = {r["op"]: r for r in rows}
     copy_bw = ceil["ceiling: copy"]["work"] / ceil["ceiling: copy"]["seconds"] / 1e9
