@@ -401,15 +401,17 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
     rows.extend(optimizer_rows(be, s, iters)?);
     rows.extend(sampling_rows(be, s, iters)?);
     rows.extend(lm_head_rows(be, s, iters)?);
-    rows.extend(model_rows(be, s, iters)?);
-    rows.extend(decode_rows(be, s, iters)?);
+    let mut model = bench_model(be, s)?;
+    rows.extend(model_rows(be, &mut model, s, iters)?);
+    rows.extend(decode_rows(be, &model, s, iters)?);
     Ok(rows)
 }
 
-/// The bench's model: MODEL_LAYERS layers of the bench's shapes and a vocabulary of
-/// MODEL_VOCAB, holding positions up to `max_pos`.
-fn bench_model_config(s: &BenchShapes, max_pos: usize) -> crate::config::ModelConfig {
-    crate::config::ModelConfig {
+/// The model of `model_rows` and `decode_rows`: MODEL_LAYERS layers of the bench's shapes and
+/// a vocabulary of MODEL_VOCAB, with random weights (built once: drawing 0.5 billion of them
+/// takes seconds).
+pub fn bench_model<B: Backend>(be: &B, s: &BenchShapes) -> Result<crate::model::Qwen2<B>> {
+    let cfg = crate::config::ModelConfig {
         hidden_size: s.hidden,
         intermediate_size: s.inter,
         num_layers: MODEL_LAYERS,
@@ -420,9 +422,11 @@ fn bench_model_config(s: &BenchShapes, max_pos: usize) -> crate::config::ModelCo
         rms_norm_eps: 1e-6,
         rope_theta: 1e6,
         tie_word_embeddings: false,
-        max_position_embeddings: max_pos,
+        max_position_embeddings: s.tokens.max(s.decode_context.1 + 1),
         dtype: crate::config::DType::BF16,
-    }
+    };
+    let tensors = crate::model::random_tensors(&cfg, 7, 0.02);
+    crate::model::Qwen2::from_host(be, cfg, &tensors)
 }
 
 /// The model's forward and backward over one training sequence of `s.tokens` tokens, as the
@@ -432,11 +436,14 @@ fn bench_model_config(s: &BenchShapes, max_pos: usize) -> crate::config::ModelCo
 /// the useful FLOPs of both (the GEMMs, and causal attention counted as the attention rows
 /// count it), so the recompute row's lower rate is its cost; the extra memory column is what
 /// each needed beyond the weights, where the backend tracks it.
-pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
-    use crate::model::{random_tensors, Qwen2};
+pub fn model_rows<B: Backend>(
+    be: &B,
+    model: &mut crate::model::Qwen2<B>,
+    s: &BenchShapes,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
     let t = s.tokens;
-    let cfg = bench_model_config(s, t);
-    let mut model = Qwen2::from_host(be, cfg.clone(), &random_tensors(&cfg, 7, 0.02))?;
+    let cfg = model.cfg.clone();
     let ids: Vec<u32> = (0..t).map(|i| (i * 7919 % MODEL_VOCAB) as u32).collect();
     let targets = crate::generate::next_token_targets(&ids, 1, t);
     let (h, qd, kvd, inter) = (
@@ -491,6 +498,7 @@ pub fn model_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<V
             ..BenchRow::new(op, shape.clone(), Unit::Flops, flops, seconds)
         });
     }
+    model.recompute = false;
     Ok(rows)
 }
 
@@ -508,12 +516,15 @@ const MODEL_VOCAB: usize = 4096;
 /// table's B rows only) and each sequence's keys and values, so a step that streams them at
 /// the copy ceiling is at 100%. On a GPU the narrow batches are bound by reading the weights
 /// and the wide ones by the GEMMs; `format_decode` gives tokens a second against the narrowest.
-pub fn decode_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
-    use crate::model::{random_tensors, Qwen2};
+pub fn decode_rows<B: Backend>(
+    be: &B,
+    model: &crate::model::Qwen2<B>,
+    s: &BenchShapes,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
     use crate::sampling::{DrawKey, SamplingParams};
     let (lo, hi) = s.decode_context;
-    let cfg = bench_model_config(s, hi + 1);
-    let model = Qwen2::from_host(be, cfg.clone(), &random_tensors(&cfg, 11, 0.02))?;
+    let cfg = &model.cfg;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
     // One prompt of the longest context, prefilled once: every sequence's cache is a prefix.
     let prompt: Vec<u32> = (0..hi).map(|i| (i * 7919 % v) as u32).collect();
@@ -521,7 +532,7 @@ pub fn decode_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<
     let mut prefill = model.alloc_activations(be, 1, hi, false)?;
     model.forward_cached(be, &prompt, &mut prefill, &mut src)?;
     drop(prefill);
-    let weights = (crate::memory_plan::param_count(&cfg) - (v * h) as u64) as f64;
+    let weights = (crate::memory_plan::param_count(cfg) - (v * h) as u64) as f64;
     let sampling = SamplingParams {
         temperature: 1.0,
         top_k: 0,
