@@ -398,13 +398,40 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     drop((p, gr, mm, vm));
-    rows.extend(optimizer_rows(be, s, iters)?);
-    rows.extend(sampling_rows(be, s, iters)?);
-    rows.extend(lm_head_rows(be, s, iters)?);
-    let mut model = bench_model(be, s)?;
-    rows.extend(model_rows(be, &mut model, s, iters)?);
-    rows.extend(decode_rows(be, &model, s, iters)?);
+    keep(be, &mut rows, "optimizer", optimizer_rows(be, s, iters));
+    keep(be, &mut rows, "sampling", sampling_rows(be, s, iters));
+    keep(be, &mut rows, "lm_head", lm_head_rows(be, s, iters));
+    match bench_model(be, s) {
+        Ok(mut model) => {
+            keep(be, &mut rows, "model", model_rows(be, &mut model, s, iters));
+            keep(
+                be,
+                &mut rows,
+                "decode step",
+                decode_rows(be, &model, s, iters),
+            );
+        }
+        Err(e) => eprintln!("bench: the model and decode step rows are left out: {e:#}"),
+    }
     Ok(rows)
+}
+
+/// Adds a section's rows, or says why it has none: a section that cannot run on some GPU (out
+/// of memory, a kernel's error) must not cost the table of every other one. The device's
+/// pending error, if any, is cleared for the next section.
+pub fn keep<B: Backend>(
+    be: &B,
+    rows: &mut Vec<BenchRow>,
+    section: &str,
+    got: Result<Vec<BenchRow>>,
+) {
+    match got {
+        Ok(r) => rows.extend(r),
+        Err(e) => {
+            let _ = be.sync();
+            eprintln!("bench: the {section} rows are left out: {e:#}");
+        }
+    }
 }
 
 /// The model of `model_rows` and `decode_rows`: MODEL_LAYERS layers of the bench's shapes and

@@ -911,12 +911,11 @@ fn bench(a: &BenchArgs) -> Result<()> {
         };
         println!("bench: {}", empo_engine::backend::Backend::name(&be));
         let mut rows = run_all(&be, &shapes, iters)?;
-        rows.extend(empo_engine::kernel_bench::policy_loss_rows_cuda(
-            &be, iters,
-        )?);
-        rows.extend(empo_engine::kernel_bench::pdl_rows_cuda(
-            &be, &shapes, iters,
-        )?);
+        use empo_engine::kernel_bench::{keep, pdl_rows_cuda, policy_loss_rows_cuda};
+        let loss = policy_loss_rows_cuda(&be, iters);
+        keep(&be, &mut rows, "policy loss", loss);
+        let pdl = pdl_rows_cuda(&be, &shapes, iters);
+        keep(&be, &mut rows, "(pdl)", pdl);
         empo_engine::kernel_bench::add_copy_peers(&be, &mut rows, iters)?;
         rows
     };
