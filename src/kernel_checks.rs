@@ -147,6 +147,39 @@ impl<B: Backend> Ctx<'_, B> {
     }
 }
 
+/// A check that stops with an error (an op refused or failed, memory ran out) becomes a failed
+/// row, and the checks after it still run: one broken kernel must not hide the state of every
+/// other one. The device's pending error is cleared first.
+fn attempt<'a, B: Backend>(
+    c: &mut Ctx<'a, B>,
+    what: &str,
+    check: impl FnOnce(&mut Ctx<'a, B>) -> Result<()>,
+) {
+    if let Err(e) = check(c) {
+        let _ = c.be.sync();
+        c.push(errored_row(what, &e));
+    }
+}
+
+/// The failed row of a check that could not run: its error in the shape column.
+pub fn errored_row(what: &str, e: &anyhow::Error) -> CheckRow {
+    let mut msg = format!("{e:#}");
+    if msg.len() > 120 {
+        let cut = (0..=117)
+            .rev()
+            .find(|&i| msg.is_char_boundary(i))
+            .unwrap_or(0);
+        msg.truncate(cut);
+        msg += "...";
+    }
+    CheckRow {
+        op: format!("{what}: error"),
+        shape: msg,
+        err: f64::INFINITY,
+        tol: 0.0,
+    }
+}
+
 /// Runs every op check at small and at Qwen2.5-like shapes, then the model checks.
 pub fn run_all<B: Backend>(
     be: &B,
@@ -167,9 +200,9 @@ pub fn run_all<B: Backend>(
         &[(7, 96), (16, 256)]
     };
     for &(rows, dim) in dims {
-        check_elementwise(&mut c, rows, dim)?;
-        check_rmsnorm(&mut c, rows, dim)?;
-        check_embedding(&mut c, rows, dim)?;
+        attempt(&mut c, "elementwise", |c| check_elementwise(c, rows, dim));
+        attempt(&mut c, "rmsnorm", |c| check_rmsnorm(c, rows, dim));
+        attempt(&mut c, "embedding", |c| check_embedding(c, rows, dim));
     }
     let mats: &[(usize, usize, usize)] = if big {
         &[(5, 24, 40), (256, 3584, 512)]
@@ -177,22 +210,36 @@ pub fn run_all<B: Backend>(
         &[(5, 24, 40), (64, 128, 96)]
     };
     for &(m, k, n) in mats {
-        check_matmul(&mut c, m, k, n)?;
+        attempt(&mut c, "matmul", |c| check_matmul(c, m, k, n));
     }
-    check_rope(&mut c, 2, 9, 4, 16, Starts::Same(3))?;
-    check_rope(&mut c, 1, 33, 28, 128, Starts::Same(3))?;
+    attempt(&mut c, "rope", |c| {
+        check_rope(c, 2, 9, 4, 16, Starts::Same(3))
+    });
+    attempt(&mut c, "rope", |c| {
+        check_rope(c, 1, 33, 28, 128, Starts::Same(3))
+    });
     // Positions of a 4K training sequence and of Qwen2.5's 32K context, where a fast sine
     // without range reduction, or a fast pow in the inverse frequencies, drifts from the oracle.
-    check_rope(&mut c, 1, 33, 28, 128, Starts::Same(4000))?;
-    check_rope(&mut c, 1, 33, 28, 128, Starts::Same(32700))?;
+    attempt(&mut c, "rope", |c| {
+        check_rope(c, 1, 33, 28, 128, Starts::Same(4000))
+    });
+    attempt(&mut c, "rope", |c| {
+        check_rope(c, 1, 33, 28, 128, Starts::Same(32700))
+    });
     // A decode step over a ragged cache: each sequence's one new token at its own position.
-    check_rope(&mut c, 5, 1, 28, 128, Starts::Each(&[0, 17, 4000, 3, 1200]))?;
-    check_rope(&mut c, 3, 1, 4, 16, Starts::Each(&[9, 0, 31]))?;
+    attempt(&mut c, "rope", |c| {
+        check_rope(c, 5, 1, 28, 128, Starts::Each(&[0, 17, 4000, 3, 1200]))
+    });
+    attempt(&mut c, "rope", |c| {
+        check_rope(c, 3, 1, 4, 16, Starts::Each(&[9, 0, 31]))
+    });
     if big {
         // More rows than the blocks that fit on the GPU at once, so the resident grids of the
         // embedding and RoPE kernels go round several times, loading ahead as they do.
-        check_embedding(&mut c, 4096, 3584)?;
-        check_rope(&mut c, 2, 2048, 28, 128, Starts::Same(5))?;
+        attempt(&mut c, "embedding", |c| check_embedding(c, 4096, 3584));
+        attempt(&mut c, "rope", |c| {
+            check_rope(c, 2, 2048, 28, 128, Starts::Same(5))
+        });
     }
     let attn: Vec<AttnShape> = {
         let s = |batch, tq, tk, cap, heads, kv_heads, head_dim| AttnShape {
@@ -218,10 +265,14 @@ pub fn run_all<B: Backend>(
         v
     };
     for s in attn {
-        check_attention(&mut c, s)?;
+        attempt(&mut c, "attention", |c| check_attention(c, s));
     }
-    check_kv_write(&mut c, 5, Starts::Same(7))?;
-    check_kv_write(&mut c, 1, Starts::Each(&[19, 0, 6]))?;
+    attempt(&mut c, "kv_write", |c| {
+        check_kv_write(c, 5, Starts::Same(7))
+    });
+    attempt(&mut c, "kv_write", |c| {
+        check_kv_write(c, 1, Starts::Each(&[19, 0, 6]))
+    });
     {
         let s = |batch, cap, head_dim| AttnShape {
             batch,
@@ -232,24 +283,42 @@ pub fn run_all<B: Backend>(
             kv_heads: 2,
             head_dim,
         };
-        check_attention_ragged(&mut c, s(4, 300, 128), &[1, 300, 37, 129])?;
-        check_attention_ragged(&mut c, s(3, 40, 64), &[40, 2, 17])?;
-        check_attention_ragged(&mut c, s(2, 24, 16), &[5, 24])?;
+        attempt(&mut c, "attention_ragged", |c| {
+            check_attention_ragged(c, s(4, 300, 128), &[1, 300, 37, 129])
+        });
+        attempt(&mut c, "attention_ragged", |c| {
+            check_attention_ragged(c, s(3, 40, 64), &[40, 2, 17])
+        });
+        attempt(&mut c, "attention_ragged", |c| {
+            check_attention_ragged(c, s(2, 24, 16), &[5, 24])
+        });
     }
     let vocab = if big { 152064 } else { 5000 };
-    check_softmax_stats(&mut c, 6, 1000)?;
-    check_softmax_stats(&mut c, 5, 1001)?; // odd vocabulary: the scalar path
-    check_softmax_stats(&mut c, 300, 1000)?; // more CTAs than rows fill the GPU: splits by fill
-    check_softmax_stats(&mut c, 70_000, 16)?; // past grid y's 65535 rows: two launches
-    check_softmax_stats(&mut c, 4, vocab)?;
-    check_adamw(&mut c, 1000)?;
-    check_optimizer_step(&mut c)?;
-    check_optimizer_offloaded(&mut c)?;
-    check_optimizer_bf16_moments(&mut c)?;
-    check_sampling(&mut c, if big { 152064 } else { 1000 })?;
-    check_sum_squares(&mut c, 100_000)?;
+    attempt(&mut c, "softmax_stats", |c| check_softmax_stats(c, 6, 1000));
+    attempt(&mut c, "softmax_stats", |c| check_softmax_stats(c, 5, 1001)); // odd vocabulary: the scalar path
+    attempt(&mut c, "softmax_stats", |c| {
+        check_softmax_stats(c, 300, 1000)
+    }); // more CTAs than rows fill the GPU: splits by fill
+    attempt(&mut c, "softmax_stats", |c| {
+        check_softmax_stats(c, 70_000, 16)
+    }); // past grid y's 65535 rows: two launches
+    attempt(&mut c, "softmax_stats", |c| {
+        check_softmax_stats(c, 4, vocab)
+    });
+    attempt(&mut c, "adamw", |c| check_adamw(c, 1000));
+    attempt(&mut c, "optimizer_step", check_optimizer_step);
+    attempt(&mut c, "optimizer_offloaded", check_optimizer_offloaded);
+    attempt(
+        &mut c,
+        "optimizer_bf16_moments",
+        check_optimizer_bf16_moments,
+    );
+    attempt(&mut c, "sampling", |c| {
+        check_sampling(c, if big { 152064 } else { 1000 })
+    });
+    attempt(&mut c, "sum_squares", |c| check_sum_squares(c, 100_000));
     for cfg in model_configs() {
-        check_model(&mut c, &cfg)?;
+        attempt(&mut c, "model", |c| check_model(c, &cfg));
     }
     Ok(c.rows)
 }
@@ -1543,4 +1612,33 @@ pub fn check_pdl_cuda(
             r
         })
         .collect())
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    /// A check that errors is one failed row naming it, and the checks after it still run.
+    #[test]
+    fn a_check_that_errors_fails_its_row_and_the_rest_still_run() {
+        let tol = Tolerances::exact();
+        let mut c = Ctx {
+            be: &CpuBackend,
+            seed: 3,
+            stream: 0,
+            tol: &tol,
+            rows: Vec::new(),
+        };
+        attempt(&mut c, "broken", |_| {
+            anyhow::bail!("kernel x: launch failed")
+        });
+        attempt(&mut c, "rmsnorm", |c| check_rmsnorm(c, 3, 16));
+        assert_eq!(c.rows[0].op, "broken: error");
+        assert_eq!(c.rows[0].shape, "kernel x: launch failed");
+        assert!(!c.rows[0].pass());
+        assert!(c.rows.len() > 1 && c.rows[1..].iter().all(CheckRow::pass));
+        let long = anyhow::anyhow!("é{}", "x".repeat(300));
+        assert!(errored_row("y", &long).shape.len() <= 120);
+    }
 }

@@ -834,7 +834,7 @@ fn info(a: &InfoArgs) -> Result<()> {
 }
 
 fn check_kernels(a: &CheckArgs) -> Result<()> {
-    use empo_engine::kernel_checks::{format_table, run_all, Tolerances};
+    use empo_engine::kernel_checks::{format_table, run_all, CheckRow, Tolerances};
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -856,22 +856,29 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
             "check-kernels: {} against the CPU reference, seed {seed}",
             empo_engine::backend::Backend::name(&be)
         );
+        use empo_engine::kernel_checks::{
+            check_pdl_cuda, check_policy_loss_cuda, check_wgmma_probe_cuda, errored_row,
+        };
+        // A part that stops with an error is a failed row; the parts after it still run.
+        let part = |what: &str, got: Result<Vec<CheckRow>>| match got {
+            Ok(rows) => rows,
+            Err(e) => {
+                let _ = empo_engine::backend::Backend::sync(&be);
+                vec![errored_row(what, &e)]
+            }
+        };
         // The wgmma probe first: if a wgmma attention kernel hangs below, its rows are out.
-        let mut rows = empo_engine::kernel_checks::check_wgmma_probe_cuda(&be, seed)?;
+        let mut rows = part("wgmma probe", check_wgmma_probe_cuda(&be, seed));
         if !rows.is_empty() {
             print!("{}", format_table(&rows));
         }
-        rows.extend(run_all(&be, seed, &Tolerances::bf16(), !a.quick)?);
-        rows.extend(empo_engine::kernel_checks::check_policy_loss_cuda(
-            &be,
-            seed,
-            &Tolerances::bf16(),
-        )?);
-        rows.extend(empo_engine::kernel_checks::check_pdl_cuda(
-            &be,
-            seed,
-            &Tolerances::bf16(),
-        )?);
+        let bf16 = Tolerances::bf16();
+        rows.extend(part("ops", run_all(&be, seed, &bf16, !a.quick)));
+        rows.extend(part(
+            "policy loss",
+            check_policy_loss_cuda(&be, seed, &bf16),
+        ));
+        rows.extend(part("pdl", check_pdl_cuda(&be, seed, &bf16)));
         rows
     };
     print!("{}", format_table(&rows));
