@@ -172,10 +172,27 @@ pub fn ceilings(rows: &[BenchRow]) -> (f64, f64) {
     (find("ceiling: copy"), find("ceiling: GEMM"))
 }
 
+/// Prints a row to stderr as soon as it is measured: should the bench be cut off (a hang, the
+/// device call's time limit), what ran before is already out; the table on stdout comes last.
+pub fn announce(r: &BenchRow) {
+    let rate = match r.unit {
+        Unit::Bytes => format!("{:.0} GB/s", r.rate()),
+        Unit::Flops => format!("{:.1} TFLOP/s", r.rate()),
+    };
+    eprintln!(
+        "  {} [{}]: {:.3} ms, {rate}",
+        r.op,
+        r.shape,
+        r.seconds * 1e3
+    );
+}
+
 pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
+        let r = BenchRow::new(op, shape, unit, work, seconds);
+        announce(&r);
+        rows.push(r)
     };
     // bf16 storage on the GPU: 2 bytes a value (the CPU's f32 moves twice that; its table
     // rows are still comparable to each other).
@@ -426,7 +443,10 @@ pub fn keep<B: Backend>(
     got: Result<Vec<BenchRow>>,
 ) {
     match got {
-        Ok(r) => rows.extend(r),
+        Ok(r) => {
+            r.iter().for_each(announce);
+            rows.extend(r)
+        }
         Err(e) => {
             let _ = be.sync();
             eprintln!("bench: the {section} rows are left out: {e:#}");
