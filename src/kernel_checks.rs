@@ -320,6 +320,9 @@ pub fn run_all<B: Backend>(
     for cfg in model_configs() {
         attempt(&mut c, "model", |c| check_model(c, &cfg));
     }
+    let wide = if big { 96 } else { 9 };
+    let cfg = model_configs().remove(1);
+    attempt(&mut c, "wide decode", |c| check_wide_decode(c, &cfg, wide));
     Ok(c.rows)
 }
 
@@ -891,6 +894,66 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
     c.push(CheckRow {
         op: format!("model ragged KV-cache decode logits ({lens:?} + 4 steps)"),
         shape: tag,
+        err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
+        tol: c.tol.model_logits,
+    });
+    Ok(())
+}
+
+/// Batched sampling's decode at a realistic width: `rows` sequences whose prompts (1 to 40
+/// tokens) are each prefilled alone and copied into their slots, three steps together over the
+/// ragged cache, then every third slot cleared (as a finished sequence's slot is, decoding a
+/// placeholder at position 0) and one more step; the last step's logits against the oracle's.
+fn check_wide_decode<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig, rows: usize) -> Result<()> {
+    let be = c.be;
+    let cpu_be = cpu::CpuBackend;
+    let tensors: Vec<Vec<f32>> = random_tensors(cfg, c.seed ^ 0xdec0, 0.05)
+        .iter()
+        .map(|t| round_bf16(t))
+        .collect();
+    let dev = Qwen2::from_host(be, cfg.clone(), &tensors)?;
+    let oracle = Qwen2::from_host(&cpu_be, cfg.clone(), &tensors)?;
+    let v = cfg.vocab_size as u32;
+    let token = |b: usize, i: usize| ((b * 7919 + i * 104729 + c.seed as usize) as u32) % v;
+    let (mut got, mut want) = (
+        dev.alloc_cache(be, rows, 48)?,
+        oracle.alloc_cache(&cpu_be, rows, 48)?,
+    );
+    let lens: Vec<usize> = (0..rows).map(|b| 1 + (b * 13) % 40).collect();
+    for (b, &len) in lens.iter().enumerate() {
+        let prompt: Vec<u32> = (0..len).map(|i| token(b, i)).collect();
+        let (mut g1, mut c1) = (
+            dev.alloc_cache(be, 1, len)?,
+            oracle.alloc_cache(&cpu_be, 1, len)?,
+        );
+        let mut ga = dev.alloc_activations(be, 1, len, false)?;
+        let mut ca = oracle.alloc_activations(&cpu_be, 1, len, false)?;
+        dev.forward_cached(be, &prompt, &mut ga, &mut g1)?;
+        oracle.forward_cached(&cpu_be, &prompt, &mut ca, &mut c1)?;
+        got.copy_prefix(be, b, &g1, 0, len)?;
+        want.copy_prefix(&cpu_be, b, &c1, 0, len)?;
+    }
+    let mut gs = dev.alloc_activations(be, rows, 1, false)?;
+    let mut cs = oracle.alloc_activations(&cpu_be, rows, 1, false)?;
+    for step in 0..4 {
+        if step == 3 {
+            for b in (0..rows).step_by(3) {
+                got.clear(b);
+                want.clear(b);
+            }
+        }
+        let next: Vec<u32> = (0..rows).map(|b| token(b, 100 + step)).collect();
+        dev.forward_cached(be, &next, &mut gs, &mut got)?;
+        oracle.forward_cached(&cpu_be, &next, &mut cs, &mut want)?;
+    }
+    c.push(CheckRow {
+        op: format!(
+            "model ragged decode, {rows} sequences (prompts 1..40, 4 steps, slots cleared)"
+        ),
+        shape: format!(
+            "h {} L {} heads {}/{} d {} V {}",
+            cfg.hidden_size, cfg.num_layers, cfg.num_heads, cfg.num_kv_heads, cfg.head_dim, v
+        ),
         err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
         tol: c.tol.model_logits,
     });
