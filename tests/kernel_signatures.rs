@@ -1,0 +1,270 @@
+//! Every kernel launch in `src/backend/cuda*.rs` passes the arguments its kernel in `cuda/`
+//! declares: as many, and of the same kinds (pointer, 32-bit int, 64-bit int, float). cudarc
+//! launches through untyped argument arrays, so a launcher that falls out of step with its
+//! kernel would otherwise only show on a GPU, as wrong values or a crash.
+//!
+//! Both sides are read as text. A launch's kernel name is a string literal, a `format!` pattern,
+//! or a variable bound by a `let` whose literals name the kernels it may hold; its arguments are
+//! an inline `&[Arg::…]` array or a `let args = [Arg::…]` before it. Launches whose name and
+//! arguments are both parameters (the `launch_ew*` helpers themselves) are skipped; every other
+//! launch must resolve, so a form this reader does not know fails the test rather than going
+//! unchecked.
+
+use regex::Regex;
+use std::collections::BTreeMap;
+use std::path::PathBuf;
+
+fn root() -> PathBuf {
+    PathBuf::from(env!("CARGO_MANIFEST_DIR"))
+}
+
+/// Argument kinds as the launcher's `Arg` variants name them.
+fn kind(param: &str) -> char {
+    let param = param.trim();
+    if param.contains('*') {
+        return 'P';
+    }
+    let ty: Vec<&str> = param.split_whitespace().collect();
+    match ty[..ty.len() - 1].join(" ").trim_start_matches("const ") {
+        "int" | "int32_t" | "uint32_t" | "unsigned" | "unsigned int" => 'I',
+        "int64_t" | "long long" => 'L',
+        "uint64_t" | "unsigned long long" => 'U',
+        "float" => 'F',
+        other => panic!("kernel parameter `{param}`: type {other} has no Arg kind"),
+    }
+}
+
+/// name → argument kinds, for every `extern "C"` kernel in cuda/.
+fn kernels() -> BTreeMap<String, String> {
+    let re = Regex::new(
+        r#"extern\s+"C"\s+(?:(?:__launch_bounds__\([^)]*\)|__global__|void)\s+)+(\w+)\s*\(([^)]*)\)"#,
+    )
+    .unwrap();
+    let mut out = BTreeMap::new();
+    for entry in std::fs::read_dir(root().join("cuda")).unwrap() {
+        let path = entry.unwrap().path();
+        if path.extension().is_none_or(|e| e != "cu") {
+            continue;
+        }
+        let text = std::fs::read_to_string(&path).unwrap();
+        for m in re.captures_iter(&text) {
+            let kinds: String = m[2].split(',').map(kind).collect();
+            out.insert(m[1].to_string(), kinds);
+        }
+    }
+    out
+}
+
+/// The text from `open` (an opening bracket) to its matching close, exclusive.
+fn balanced(text: &str, open: usize) -> &str {
+    let b = text.as_bytes();
+    let mut depth = 0;
+    let mut in_str = false;
+    for i in open..b.len() {
+        match b[i] {
+            b'"' if b[i - 1] != b'\\' => in_str = !in_str,
+            b'(' | b'[' | b'{' if !in_str => depth += 1,
+            b')' | b']' | b'}' if !in_str => {
+                depth -= 1;
+                if depth == 0 {
+                    return &text[open + 1..i];
+                }
+            }
+            _ => {}
+        }
+    }
+    panic!("unbalanced brackets from byte {open}");
+}
+
+/// Splits at top-level commas.
+fn top_level_args(call: &str) -> Vec<&str> {
+    let (mut out, mut depth, mut start, mut in_str) = (Vec::new(), 0i32, 0, false);
+    let b = call.as_bytes();
+    for i in 0..b.len() {
+        match b[i] {
+            b'"' if i == 0 || b[i - 1] != b'\\' => in_str = !in_str,
+            b'(' | b'[' | b'{' if !in_str => depth += 1,
+            b')' | b']' | b'}' if !in_str => depth -= 1,
+            b',' if depth == 0 && !in_str => {
+                out.push(call[start..i].trim());
+                start = i + 1;
+            }
+            _ => {}
+        }
+    }
+    if !call[start..].trim().is_empty() {
+        out.push(call[start..].trim());
+    }
+    out
+}
+
+/// The statement `let … ident … = …;` last before `at` in `body`, from `let` to its `;`.
+fn binding<'a>(body: &'a str, at: usize, ident: &str) -> Option<&'a str> {
+    let re = Regex::new(&format!(r"let\s+(?:mut\s+)?\(?\s*{ident}\b")).unwrap();
+    let start = re.find_iter(&body[..at]).last()?.start();
+    let b = body.as_bytes();
+    let mut depth = 0i32;
+    for i in start..at {
+        match b[i] {
+            b'(' | b'[' | b'{' => depth += 1,
+            b')' | b']' | b'}' => depth -= 1,
+            b';' if depth == 0 => return Some(&body[start..i]),
+            _ => {}
+        }
+    }
+    None
+}
+
+/// The kernels a launch's name expression may hold.
+fn names(expr: &str, body: &str, at: usize, kernels: &BTreeMap<String, String>) -> Vec<String> {
+    let lit = Regex::new(r#""([^"]*)""#).unwrap();
+    let hole = Regex::new(r"\{[^}]*\}").unwrap();
+    let expr = expr.trim_start_matches('&');
+    let source = if expr.starts_with('"') || expr.starts_with("format!") {
+        expr
+    } else if let Some(stmt) = binding(body, at, expr) {
+        stmt
+    } else {
+        return Vec::new();
+    };
+    let mut out = Vec::new();
+    for m in lit.captures_iter(source) {
+        let s = &m[1];
+        if s.contains('{') {
+            // A format! pattern: each {…} stands for a suffix such as 128 or bf16.
+            let pat = hole.replace_all(s, "[a-z0-9]+");
+            let re = Regex::new(&format!("^{pat}$")).unwrap();
+            out.extend(kernels.keys().filter(|k| re.is_match(k)).cloned());
+        } else if kernels.contains_key(s) {
+            out.push(s.to_string());
+        }
+    }
+    out
+}
+
+/// The kinds of an argument-list expression: an inline `[Arg::…]`, or a variable built before
+/// `at` by `let v = [Arg::…]` / `vec![…]` / `w.to_vec()`, then `v.extend(…)` and `v.push(…)`.
+fn arg_kinds(expr: &str, body: &str, at: usize) -> Option<String> {
+    let arg = Regex::new(r"Arg::([PILFU])\(").unwrap();
+    let expr = expr.trim_start_matches('&').trim();
+    if expr.contains("Arg::") {
+        return Some(arg.captures_iter(expr).map(|c| c[1].to_string()).collect());
+    }
+    let ident = expr.trim_end_matches(".to_vec()");
+    if !Regex::new(r"^\w+$").unwrap().is_match(ident) {
+        return None;
+    }
+    let stmt = binding(body, at, ident)?;
+    let rhs = stmt.split_once('=')?.1.trim();
+    let mut kinds = arg_kinds(rhs, body, body.find(stmt)?)?;
+    // The extends and pushes between the binding and the use, in order.
+    let start = body.find(stmt)? + stmt.len();
+    let grow = Regex::new(&format!(r"\b{ident}\.(extend|push)\(")).unwrap();
+    for m in grow.find_iter(&body[start..at]) {
+        let open = start + m.end() - 1;
+        let inner = balanced(body, open);
+        kinds += &arg_kinds(inner, body, open)?;
+    }
+    Some(kinds)
+}
+
+/// `text` without `//` comments (line count kept): a comma in a comment is not an argument.
+fn strip_comments(text: &str) -> String {
+    text.lines()
+        .map(|l| {
+            let mut in_str = false;
+            let b = l.as_bytes();
+            for i in 0..b.len() {
+                match b[i] {
+                    b'"' if i == 0 || b[i - 1] != b'\\' => in_str = !in_str,
+                    b'/' if !in_str && b.get(i + 1) == Some(&b'/') => return &l[..i],
+                    _ => {}
+                }
+            }
+            l
+        })
+        .collect::<Vec<_>>()
+        .join("\n")
+}
+
+#[test]
+fn every_launch_passes_what_its_kernel_declares() {
+    let kernels = kernels();
+    assert!(
+        kernels.len() >= 40,
+        "{} kernels found in cuda/",
+        kernels.len()
+    );
+    let call = Regex::new(r"\.(launch|launch_ew|launch_ew_vec)\(").unwrap();
+    let mut checked = BTreeMap::<String, usize>::new();
+    let mut problems = Vec::new();
+    for file in ["cuda.rs", "cuda_attention.rs", "cuda_rl.rs"] {
+        let text = strip_comments(
+            &std::fs::read_to_string(root().join("src/backend").join(file)).unwrap(),
+        );
+        for m in call.find_iter(&text) {
+            let open = m.end() - 1;
+            let line = text[..open].lines().count();
+            let args = top_level_args(balanced(&text, open));
+            let fn_start = text[..open].rfind("fn ").unwrap_or(0);
+            let body = &text[fn_start..];
+            let at = m.start() - fn_start;
+            let (name_expr, list) = match (m.as_str(), args.len()) {
+                (".launch(", 5) => (args[0], args[4]),
+                (".launch_ew(" | ".launch_ew_vec(", 3) => (args[0], args[2]),
+                // cudarc's own `LaunchArgs::launch(cfg)`, inside `launch_func`.
+                (".launch(", 1) if args[0] == "cfg" => continue,
+                _ => {
+                    problems.push(format!(
+                        "{file}:{line}: a launch of {} arguments",
+                        args.len()
+                    ));
+                    continue;
+                }
+            };
+            let kinds = arg_kinds(list, body, at);
+            let names = names(name_expr, body, at, &kernels);
+            if names.is_empty() && kinds.is_none() {
+                // A helper passing its own parameters through (launch_ew and the like).
+                continue;
+            }
+            let Some(kinds) = kinds else {
+                problems.push(format!("{file}:{line}: arguments `{list}` not resolved"));
+                continue;
+            };
+            if names.is_empty() {
+                problems.push(format!(
+                    "{file}:{line}: kernel name `{name_expr}` not resolved"
+                ));
+                continue;
+            }
+            for n in names {
+                let want = &kernels[&n];
+                if *want != kinds {
+                    problems.push(format!(
+                        "{file}:{line}: {n} declares {want} ({} arguments), the launch passes {kinds} ({})",
+                        want.len(),
+                        kinds.len()
+                    ));
+                }
+                *checked.entry(n).or_default() += 1;
+            }
+        }
+    }
+    assert!(problems.is_empty(), "{}", problems.join("\n"));
+    // Every kernel the launchers name was checked; the ones never launched from Rust are
+    // listed so that a launch this reader missed shows up here.
+    let unchecked: Vec<&String> = kernels
+        .keys()
+        .filter(|k| !checked.contains_key(*k))
+        .collect();
+    println!(
+        "{} kernels checked at their launches; not launched through `launch`: {unchecked:?}",
+        checked.len()
+    );
+    assert!(
+        checked.len() >= 35,
+        "only {} kernels checked",
+        checked.len()
+    );
+}
