@@ -1,7 +1,9 @@
 //! Every kernel launch in `src/backend/cuda*.rs` passes the arguments its kernel in `cuda/`
 //! declares: as many, and of the same kinds (pointer, 32-bit int, 64-bit int, float). cudarc
 //! launches through untyped argument arrays, so a launcher that falls out of step with its
-//! kernel would otherwise only show on a GPU, as wrong values or a crash.
+//! kernel would otherwise only show on a GPU, as wrong values or a crash. Each launch's block
+//! size, where it is a constant, is also held to the kernel's `__launch_bounds__`: a larger
+//! block is refused at launch.
 //!
 //! Both sides are read as text. A launch's kernel name is a string literal, a `format!` pattern,
 //! or a variable bound by a `let` whose literals name the kernels it may hold; its arguments are
@@ -36,10 +38,20 @@ fn kind(param: &str) -> char {
 
 /// name → argument kinds, for every `extern "C"` kernel in cuda/.
 fn kernels() -> BTreeMap<String, String> {
+    kernel_decls()
+        .into_iter()
+        .map(|(k, (a, _))| (k, a))
+        .collect()
+}
+
+/// name → (argument kinds, the most threads a block may have: `__launch_bounds__`'s first
+/// value, a number or a `#define` of the same file, else CUDA's 1024).
+fn kernel_decls() -> BTreeMap<String, (String, u32)> {
     let re = Regex::new(
-        r#"extern\s+"C"\s+(?:(?:__launch_bounds__\([^)]*\)|__global__|void)\s+)+(\w+)\s*\(([^)]*)\)"#,
+        r#"extern\s+"C"\s+((?:(?:__launch_bounds__\([^)]*\)|__global__|void)\s+)+)(\w+)\s*\(([^)]*)\)"#,
     )
     .unwrap();
+    let bounds = Regex::new(r"__launch_bounds__\(\s*(\w+)").unwrap();
     let mut out = BTreeMap::new();
     for entry in std::fs::read_dir(root().join("cuda")).unwrap() {
         let path = entry.unwrap().path();
@@ -48,8 +60,15 @@ fn kernels() -> BTreeMap<String, String> {
         }
         let text = std::fs::read_to_string(&path).unwrap();
         for m in re.captures_iter(&text) {
-            let kinds: String = m[2].split(',').map(kind).collect();
-            out.insert(m[1].to_string(), kinds);
+            let kinds: String = m[3].split(',').map(kind).collect();
+            let most = bounds.captures(&m[1]).map_or(1024, |b| {
+                b[1].parse().unwrap_or_else(|_| {
+                    let def = Regex::new(&format!(r"#define\s+{}\s+(\d+)", &b[1])).unwrap();
+                    let v = def.captures(&text).expect("a #define for the launch bound");
+                    v[1].parse().unwrap()
+                })
+            });
+            out.insert(m[2].to_string(), (kinds, most));
         }
     }
     out
@@ -189,7 +208,23 @@ fn strip_comments(text: &str) -> String {
 
 #[test]
 fn every_launch_passes_what_its_kernel_declares() {
+    let decls = kernel_decls();
     let kernels = kernels();
+    let sources: Vec<String> = ["cuda.rs", "cuda_attention.rs", "cuda_rl.rs"]
+        .iter()
+        .map(|f| {
+            strip_comments(&std::fs::read_to_string(root().join("src/backend").join(f)).unwrap())
+        })
+        .collect();
+    // A block dimension: a number, or a `const` of the backend's sources (`as u32` dropped).
+    let dim = |e: &str| -> Option<u32> {
+        let e = e.trim().trim_end_matches(" as u32").trim();
+        e.parse().ok().or_else(|| {
+            let re = Regex::new(&format!(r"const\s+{e}\s*:\s*\w+\s*=\s*(\d+)\s*;")).ok()?;
+            sources.iter().find_map(|t| re.captures(t)?[1].parse().ok())
+        })
+    };
+    let mut blocks_checked = 0;
     assert!(
         kernels.len() >= 40,
         "{} kernels found in cuda/",
@@ -238,6 +273,23 @@ fn every_launch_passes_what_its_kernel_declares() {
                 ));
                 continue;
             }
+            // Threads a block: more than the kernel's launch bound and the launch is refused.
+            let block = match m.as_str() {
+                ".launch(" => args[2].trim_start_matches('(').trim_end_matches(')'),
+                _ => "EW_BLOCK, 1, 1",
+            };
+            let threads: Option<u32> = block.split(',').map(dim).product();
+            for n in &names {
+                if let Some(t) = threads {
+                    blocks_checked += 1;
+                    let most = decls[n].1;
+                    if t > most {
+                        problems.push(format!(
+                            "{file}:{line}: {n} launched with {t} threads a block, its bound is {most}"
+                        ));
+                    }
+                }
+            }
             for n in names {
                 let want = &kernels[&n];
                 if *want != kinds {
@@ -261,6 +313,11 @@ fn every_launch_passes_what_its_kernel_declares() {
     println!(
         "{} kernels checked at their launches; not launched through `launch`: {unchecked:?}",
         checked.len()
+    );
+    println!("{blocks_checked} launches' block sizes checked against the kernels' bounds");
+    assert!(
+        blocks_checked >= 30,
+        "only {blocks_checked} block sizes checked"
     );
     assert!(
         checked.len() >= 35,
