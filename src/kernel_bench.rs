@@ -569,7 +569,7 @@ pub fn decode_rows<B: Backend>(
     s: &BenchShapes,
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
-    use crate::sampling::{DrawKey, SamplingParams};
+    use crate::sampling::SamplingParams;
     let (lo, hi) = s.decode_context;
     let cfg = &model.cfg;
     let (h, v) = (cfg.hidden_size, cfg.vocab_size);
@@ -603,13 +603,7 @@ pub fn decode_rows<B: Backend>(
             for (b, &l) in lens.iter().enumerate() {
                 cache.truncate(b, l);
             }
-            let keys: Vec<DrawKey> = (0..rows as u64)
-                .map(|sequence| DrawKey {
-                    seed: 5,
-                    sequence,
-                    step,
-                })
-                .collect();
+            let keys = draw_keys(5, rows, step);
             let r = model
                 .forward_cached(be, &ids, &mut acts, &mut cache)
                 .and_then(|_| be.sample(&acts.logits, rows, v, &sampling, &keys));
@@ -631,6 +625,17 @@ pub fn decode_rows<B: Backend>(
         ));
     }
     Ok(out)
+}
+
+/// The draw keys of `rows` sequences at one step of one seed.
+fn draw_keys(seed: u64, rows: usize, step: u64) -> Vec<crate::sampling::DrawKey> {
+    (0..rows as u64)
+        .map(|sequence| crate::sampling::DrawKey {
+            seed,
+            sequence,
+            step,
+        })
+        .collect()
 }
 
 /// Tokens a second of each `decode step` row, and how many times the narrowest batch's.
@@ -999,7 +1004,7 @@ fn offload_rows<B: Backend>(
 /// `sample` as rollouts call it (the sequence ids go up, the tokens come back). Bytes: one read
 /// of the bf16 logits, although truncation makes up to four passes over each row.
 pub fn sampling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
-    use crate::sampling::{DrawKey, SamplingParams};
+    use crate::sampling::SamplingParams;
     let (rows_n, v) = (64, s.vocab);
     let logits = be.upload(&rnd(rows_n * v, 6.0))?;
     let mut out = Vec::new();
@@ -1033,13 +1038,7 @@ pub fn sampling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
         let mut err = None;
         let t = time(be, iters, || {
             step += 1;
-            let keys: Vec<DrawKey> = (0..rows_n as u64)
-                .map(|sequence| DrawKey {
-                    seed: 7,
-                    sequence,
-                    step,
-                })
-                .collect();
+            let keys = draw_keys(7, rows_n, step);
             if let Err(e) = be.sample(&logits, rows_n, v, &sp, &keys) {
                 err = Some(e);
             }
