@@ -1,9 +1,11 @@
 //! Every kernel launch in `src/backend/cuda*.rs` passes the arguments its kernel in `cuda/`
 //! declares: as many, and of the same kinds (pointer, 32-bit int, 64-bit int, float). cudarc
 //! launches through untyped argument arrays, so a launcher that falls out of step with its
-//! kernel would otherwise only show on a GPU, as wrong values or a crash. Each launch's block
-//! size, where it is a constant, is also held to the kernel's `__launch_bounds__`: a larger
-//! block is refused at launch.
+//! kernel would otherwise only show on a GPU, as wrong values or a crash. Arguments of one kind
+//! in the wrong order are caught where their names tell: an argument built on the name of
+//! another of the kernel's parameters (`k` where `v` goes, `heads` where `kv_heads` goes) fails.
+//! Each launch's block size, where it is a constant, is also held to the kernel's
+//! `__launch_bounds__`: a larger block is refused at launch.
 //!
 //! Both sides are read as text. A launch's kernel name is a string literal, a `format!` pattern,
 //! or a variable bound by a `let` whose literals name the kernels it may hold; its arguments are
@@ -36,17 +38,30 @@ fn kind(param: &str) -> char {
     }
 }
 
+/// A parameter's name: its last word, without `*`.
+fn param_name(param: &str) -> String {
+    let last = param.split_whitespace().last().unwrap_or("");
+    last.trim_start_matches('*').to_string()
+}
+
 /// name → argument kinds, for every `extern "C"` kernel in cuda/.
 fn kernels() -> BTreeMap<String, String> {
     kernel_decls()
         .into_iter()
-        .map(|(k, (a, _))| (k, a))
+        .map(|(k, d)| (k, d.kinds))
         .collect()
 }
 
-/// name → (argument kinds, the most threads a block may have: `__launch_bounds__`'s first
-/// value, a number or a `#define` of the same file, else CUDA's 1024).
-fn kernel_decls() -> BTreeMap<String, (String, u32)> {
+struct Decl {
+    kinds: String,
+    names: Vec<String>,
+    /// The most threads a block may have: `__launch_bounds__`'s first value, a number or a
+    /// `#define` of the same file, else CUDA's 1024.
+    most: u32,
+}
+
+/// Every `extern "C"` kernel in cuda/, by name.
+fn kernel_decls() -> BTreeMap<String, Decl> {
     let re = Regex::new(
         r#"extern\s+"C"\s+((?:(?:__launch_bounds__\([^)]*\)|__global__|void)\s+)+)(\w+)\s*\(([^)]*)\)"#,
     )
@@ -68,7 +83,8 @@ fn kernel_decls() -> BTreeMap<String, (String, u32)> {
                     v[1].parse().unwrap()
                 })
             });
-            out.insert(m[2].to_string(), (kinds, most));
+            let names = m[3].split(',').map(param_name).collect();
+            out.insert(m[2].to_string(), Decl { kinds, names, most });
         }
     }
     out
@@ -161,13 +177,37 @@ fn names(expr: &str, body: &str, at: usize, kernels: &BTreeMap<String, String>) 
     out
 }
 
-/// The kinds of an argument-list expression: an inline `[Arg::…]`, or a variable built before
-/// `at` by `let v = [Arg::…]` / `vec![…]` / `w.to_vec()`, then `v.extend(…)` and `v.push(…)`.
-fn arg_kinds(expr: &str, body: &str, at: usize) -> Option<String> {
+/// What one `Arg::K(expr)` passes: its kind, and the name its expression is built on (`x` of
+/// `x.ptr`, `cap` of `s.cap as i32`, `stats` of `stats.ptr + 12 * r`; empty for arithmetic).
+fn arg_name(expr: &str) -> String {
+    let path = Regex::new(r"^[A-Za-z_]\w*(?:\.[A-Za-z_]\w*(?:\(\))?)*").unwrap();
+    let Some(m) = path.find(expr.trim()) else {
+        return String::new();
+    };
+    let segs: Vec<&str> = m
+        .as_str()
+        .split('.')
+        .map(|p| p.trim_end_matches("()"))
+        .filter(|p| *p != "ptr")
+        .collect();
+    segs.last().unwrap_or(&"").to_string()
+}
+
+/// The arguments of an argument-list expression, as (kind, name): an inline `[Arg::…]`, or a
+/// variable built before `at` by `let v = [Arg::…]` / `vec![…]` / `w.to_vec()`, then
+/// `v.extend(…)` and `v.push(…)`.
+fn arg_list(expr: &str, body: &str, at: usize) -> Option<Vec<(char, String)>> {
     let arg = Regex::new(r"Arg::([PILFU])\(").unwrap();
     let expr = expr.trim_start_matches('&').trim();
     if expr.contains("Arg::") {
-        return Some(arg.captures_iter(expr).map(|c| c[1].to_string()).collect());
+        return Some(
+            arg.captures_iter(expr)
+                .map(|c| {
+                    let open = c.get(0).unwrap().end() - 1;
+                    (c[1].chars().next().unwrap(), arg_name(balanced(expr, open)))
+                })
+                .collect(),
+        );
     }
     let ident = expr.trim_end_matches(".to_vec()");
     if !Regex::new(r"^\w+$").unwrap().is_match(ident) {
@@ -175,16 +215,16 @@ fn arg_kinds(expr: &str, body: &str, at: usize) -> Option<String> {
     }
     let stmt = binding(body, at, ident)?;
     let rhs = stmt.split_once('=')?.1.trim();
-    let mut kinds = arg_kinds(rhs, body, body.find(stmt)?)?;
+    let mut list = arg_list(rhs, body, body.find(stmt)?)?;
     // The extends and pushes between the binding and the use, in order.
     let start = body.find(stmt)? + stmt.len();
     let grow = Regex::new(&format!(r"\b{ident}\.(extend|push)\(")).unwrap();
     for m in grow.find_iter(&body[start..at]) {
         let open = start + m.end() - 1;
         let inner = balanced(body, open);
-        kinds += &arg_kinds(inner, body, open)?;
+        list.extend(arg_list(inner, body, open)?);
     }
-    Some(kinds)
+    Some(list)
 }
 
 /// `text` without `//` comments (line count kept): a comma in a comment is not an argument.
@@ -225,6 +265,7 @@ fn every_launch_passes_what_its_kernel_declares() {
         })
     };
     let mut blocks_checked = 0;
+    let mut named = 0;
     assert!(
         kernels.len() >= 40,
         "{} kernels found in cuda/",
@@ -257,7 +298,8 @@ fn every_launch_passes_what_its_kernel_declares() {
                     continue;
                 }
             };
-            let kinds = arg_kinds(list, body, at);
+            let passed = arg_list(list, body, at);
+            let kinds: Option<String> = passed.as_ref().map(|l| l.iter().map(|a| a.0).collect());
             let names = names(name_expr, body, at, &kernels);
             if names.is_empty() && kinds.is_none() {
                 // A helper passing its own parameters through (launch_ew and the like).
@@ -282,10 +324,28 @@ fn every_launch_passes_what_its_kernel_declares() {
             for n in &names {
                 if let Some(t) = threads {
                     blocks_checked += 1;
-                    let most = decls[n].1;
+                    let most = decls[n].most;
                     if t > most {
                         problems.push(format!(
                             "{file}:{line}: {n} launched with {t} threads a block, its bound is {most}"
+                        ));
+                    }
+                }
+            }
+            // An argument built on the name of another of the kernel's parameters sits in the
+            // wrong place: `k` passed where `v` goes, `heads` where `kv_heads` goes.
+            for n in &names {
+                let params = &decls[n].names;
+                for (i, (_, got)) in passed.iter().flatten().enumerate() {
+                    let own = params.get(i).map(String::as_str);
+                    if own == Some(got.as_str()) {
+                        named += 1;
+                        continue;
+                    }
+                    if let Some(j) = params.iter().position(|p| p == got) {
+                        problems.push(format!(
+                            "{file}:{line}: {n}'s argument {i} ({}) is built on `{got}`, the name of its argument {j}",
+                            own.unwrap_or("?")
                         ));
                     }
                 }
@@ -315,6 +375,8 @@ fn every_launch_passes_what_its_kernel_declares() {
         checked.len()
     );
     println!("{blocks_checked} launches' block sizes checked against the kernels' bounds");
+    println!("{named} arguments built on their own parameter's name, none on another's");
+    assert!(named >= 150, "only {named} arguments matched by name");
     assert!(
         blocks_checked >= 30,
         "only {blocks_checked} block sizes checked"
