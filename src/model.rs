@@ -71,13 +71,18 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64, scale: f32) -> Vec<Vec<f32>>
             if name.ends_with("norm.weight") {
                 return vec![1.0; n];
             }
-            (0..n)
-                .map(|i| {
-                    (crate::sampling::uniform(seed, ti as u64, i as u64) * 2.0 - 1.0)
-                        * scale
-                        * 1.732
-                })
-                .collect()
+            // Counter-based draws, so chunks fill in parallel with the same values: two 7B
+            // layers (the bench's model) are half a billion of them.
+            use rayon::prelude::*;
+            const CHUNK: usize = 1 << 16;
+            let mut v = vec![0.0f32; n];
+            v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
+                for (k, x) in out.iter_mut().enumerate() {
+                    let i = (c * CHUNK + k) as u64;
+                    *x = (crate::sampling::uniform(seed, ti as u64, i) * 2.0 - 1.0) * scale * 1.732;
+                }
+            });
+            v
         })
         .collect()
 }
