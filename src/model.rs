@@ -1079,3 +1079,28 @@ impl<B: Backend> Qwen2<B> {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    /// Filled in parallel chunks, each value is still the draw of its own index: across a
+    /// chunk's edge and at the end of a tensor.
+    #[test]
+    fn random_tensors_are_the_draws_of_their_indices() {
+        let cfg = crate::kernel_checks::model_configs().remove(0);
+        let t = random_tensors(&cfg, 9, 0.5);
+        let specs = tensor_specs(&cfg);
+        let (ti, big) = t
+            .iter()
+            .enumerate()
+            .max_by_key(|(_, v)| v.len())
+            .expect("tensors");
+        assert!(big.len() > (1 << 16) + 1, "{} values", big.len());
+        assert!(!specs[ti].0.ends_with("norm.weight"));
+        for i in [0, (1 << 16) - 1, 1 << 16, (1 << 16) + 1, big.len() - 1] {
+            let want = (crate::sampling::uniform(9, ti as u64, i as u64) * 2.0 - 1.0) * 0.5 * 1.732;
+            assert_eq!(big[i], want, "value {i} of {}", specs[ti].0);
+        }
+    }
+}
