@@ -48,7 +48,8 @@ def decode_rows(dev, it, h=H, inter=I, heads=HEADS, kv=KV, d=D, layers=2, vocab=
                       num_attention_heads=heads, num_key_value_heads=kv, vocab_size=vocab,
                       max_position_embeddings=hi + 1, rope_theta=1e6, tie_word_embeddings=False,
                       attn_implementation="sdpa")
-    model = Qwen2ForCausalLM(cfg).to(dev, bf).eval()
+    with torch.device(dev):  # initialized where it runs: two 7B layers take seconds on a CPU
+        model = Qwen2ForCausalLM(cfg).to(bf).eval()
     params = sum(p.numel() for p in model.parameters()) - vocab * h
     out = []
     for rows in batches:
@@ -327,7 +328,8 @@ def main():
                           num_attention_heads=HEADS, num_key_value_heads=KV, vocab_size=VM,
                           max_position_embeddings=TOK, rope_theta=1e6, tie_word_embeddings=False,
                           use_cache=False, attn_implementation="sdpa")
-        model = Qwen2ForCausalLM(cfg).to(dev, bf).train()
+        with torch.device(dev):
+            model = Qwen2ForCausalLM(cfg).to(bf).train()
         ids = (torch.arange(TOK, device=dev) * 7919 % VM)[None]
 
         def model_step():
