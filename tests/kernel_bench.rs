@@ -1,7 +1,9 @@
 //! The bench table's bookkeeping, over the CPU backend (the GPU numbers need a GPU).
 
 use empo_engine::backend::cpu::CpuBackend;
-use empo_engine::kernel_bench::{add_copy_peers, format_table, format_targets, BenchRow, Unit};
+use empo_engine::kernel_bench::{
+    add_copy_peers, format_decode, format_table, format_targets, BenchRow, Unit,
+};
 
 fn row(op: &str, unit: Unit, work: f64) -> BenchRow {
     BenchRow {
@@ -78,4 +80,29 @@ fn targets_are_read_off_the_right_rows() {
     );
     // No row, no line.
     assert!(!t.contains("softmax"), "{t}");
+}
+
+#[test]
+fn decode_summary_gives_tokens_a_second_against_the_narrowest_step() {
+    let step = |rows: usize, seconds: f64| BenchRow {
+        shape: format!("{rows} rows, context 256..1324, 2 layers of h 3584, V 4096"),
+        seconds,
+        ..row("decode step", Unit::Bytes, 1e9)
+    };
+    let rows = vec![
+        row("ceiling: copy", Unit::Bytes, 3e9),
+        step(8, 1e-3),
+        step(841, 1e-2),
+    ];
+    let s = format_decode(&rows);
+    assert!(
+        s.contains("8 rows:      8000 tokens/s, 1.0x the 8-row step's"),
+        "{s}"
+    );
+    assert!(
+        s.contains("841 rows:     84100 tokens/s, 10.5x the 8-row step's"),
+        "{s}"
+    );
+    // Without decode rows there is nothing to say.
+    assert_eq!(format_decode(&rows[..1]), "");
 }
