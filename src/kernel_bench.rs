@@ -458,7 +458,14 @@ pub fn keep<B: Backend>(
 /// a vocabulary of MODEL_VOCAB, with random weights (built once: drawing 0.5 billion of them
 /// takes seconds).
 pub fn bench_model<B: Backend>(be: &B, s: &BenchShapes) -> Result<crate::model::Qwen2<B>> {
-    let cfg = crate::config::ModelConfig {
+    let cfg = bench_model_config(s);
+    let tensors = crate::model::random_tensors(&cfg, 7, 0.02);
+    crate::model::Qwen2::from_host(be, cfg, &tensors)
+}
+
+/// The configuration of `bench_model`.
+pub fn bench_model_config(s: &BenchShapes) -> crate::config::ModelConfig {
+    crate::config::ModelConfig {
         hidden_size: s.hidden,
         intermediate_size: s.inter,
         num_layers: MODEL_LAYERS,
@@ -471,9 +478,16 @@ pub fn bench_model<B: Backend>(be: &B, s: &BenchShapes) -> Result<crate::model::
         tie_word_embeddings: false,
         max_position_embeddings: s.tokens.max(s.decode_context.1 + 1),
         dtype: crate::config::DType::BF16,
-    };
-    let tensors = crate::model::random_tensors(&cfg, 7, 0.02);
-    crate::model::Qwen2::from_host(be, cfg, &tensors)
+    }
+}
+
+/// What the memory plan counts for a `decode_rows` step of `rows` sequences, in bf16: their
+/// KV cache (`memory_plan::cache_bytes`) and one decode step's activations and logits.
+pub fn decode_plan_bytes(s: &BenchShapes, rows: usize) -> u64 {
+    use crate::memory_plan::{activations_bytes, cache_bytes};
+    let c = bench_model_config(s);
+    cache_bytes(&c, rows, s.decode_context.1 + 1, 2)
+        + activations_bytes(&c, rows, 1, false, false, 2)
 }
 
 /// The model's forward and backward over one training sequence of `s.tokens` tokens, as the
@@ -588,7 +602,12 @@ pub fn decode_rows<B: Backend>(
     let mut out = Vec::new();
     // A width that cannot run (the widest may not fit beside the rest on a smaller GPU) is
     // reported; the narrower ones' rows stay.
+    let free = || be.sync().ok().and(be.device_memory()).map(|m| m.0);
     let width = |rows: usize| -> Result<BenchRow> {
+        // Device memory the step holds, as the driver sees it: its cache and activations, and
+        // what the plan does not count (decode partials, sampler and cuBLAS scratch) where
+        // earlier sections did not already leave it allocated.
+        let before = free();
         let lens: Vec<usize> = (0..rows)
             .map(|b| lo + b * (hi - lo) / (rows - 1).max(1))
             .collect();
@@ -616,15 +635,19 @@ pub fn decode_rows<B: Backend>(
         if let Some(e) = err {
             return Err(e);
         }
+        let held = before.zip(free()).map(|(a, b)| a.saturating_sub(b));
         let context: usize = lens.iter().map(|l| l + 1).sum();
         let kv = (context * 2 * cfg.kv_dim() * MODEL_LAYERS) as f64;
-        Ok(BenchRow::new(
-            "decode step",
-            format!("{rows} rows, context {lo}..{hi}, {MODEL_LAYERS} layers of h {h}, V {v}"),
-            Unit::Bytes,
-            2.0 * (weights + (rows * h) as f64 + kv),
-            t,
-        ))
+        Ok(BenchRow {
+            extra_bytes: held,
+            ..BenchRow::new(
+                "decode step",
+                format!("{rows} rows, context {lo}..{hi}, {MODEL_LAYERS} layers of h {h}, V {v}"),
+                Unit::Bytes,
+                2.0 * (weights + (rows * h) as f64 + kv),
+                t,
+            )
+        })
     };
     for &rows in s.decode_rows {
         match width(rows) {
@@ -649,25 +672,37 @@ fn draw_keys(seed: u64, rows: usize, step: u64) -> Vec<crate::sampling::DrawKey>
         .collect()
 }
 
-/// Tokens a second of each `decode step` row, and how many times the narrowest batch's.
-pub fn format_decode(rows: &[BenchRow]) -> String {
-    let steps: Vec<(usize, f64)> = rows
+/// Tokens a second of each `decode step` row, and how many times the narrowest batch's; where
+/// the device's memory was measured, what the step held against what the memory plan counts.
+pub fn format_decode(rows: &[BenchRow], shapes: &BenchShapes) -> String {
+    let steps: Vec<(usize, f64, Option<usize>)> = rows
         .iter()
         .filter(|r| r.op == "decode step")
         .filter_map(|r| {
             let n = r.shape.split(' ').next()?.parse::<usize>().ok()?;
-            Some((n, n as f64 / r.seconds))
+            Some((n, n as f64 / r.seconds, r.extra_bytes))
         })
         .collect();
-    let Some(&(narrow, base)) = steps.first() else {
+    let Some(&(narrow, base, _)) = steps.first() else {
         return String::new();
     };
+    let mib = |b: f64| b / (1u64 << 20) as f64;
     let mut s = String::from("batched decoding (the bench's layers, one step):\n");
-    for (n, rate) in &steps {
+    for &(n, rate, held) in &steps {
         s += &format!(
-            "  {n:>4} rows: {rate:>9.0} tokens/s, {:.1}x the {narrow}-row step's\n",
+            "  {n:>4} rows: {rate:>9.0} tokens/s, {:.1}x the {narrow}-row step's",
             rate / base
         );
+        if let Some(held) = held {
+            let plan = decode_plan_bytes(shapes, n) as f64;
+            s += &format!(
+                "; held {:.0} MiB, the memory plan counts {:.0} MiB ({:.2}x)",
+                mib(held as f64),
+                mib(plan),
+                held as f64 / plan
+            );
+        }
+        s += "\n";
     }
     s
 }

@@ -927,7 +927,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
         rows
     };
     print!("{}", format_table(&rows));
-    print!("{}", format_decode(&rows));
+    print!("{}", format_decode(&rows, &shapes));
     if a.device != DeviceArg::Cpu {
         print!("{}", format_targets(&rows));
     }

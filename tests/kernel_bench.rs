@@ -2,7 +2,8 @@
 
 use empo_engine::backend::cpu::CpuBackend;
 use empo_engine::kernel_bench::{
-    add_copy_peers, format_decode, format_table, format_targets, BenchRow, Unit,
+    add_copy_peers, decode_plan_bytes, format_decode, format_table, format_targets, BenchRow,
+    BenchShapes, Unit,
 };
 
 fn row(op: &str, unit: Unit, work: f64) -> BenchRow {
@@ -94,15 +95,30 @@ fn decode_summary_gives_tokens_a_second_against_the_narrowest_step() {
         step(8, 1e-3),
         step(841, 1e-2),
     ];
-    let s = format_decode(&rows);
+    let shapes = BenchShapes::qwen_7b();
+    let s = format_decode(&rows, &shapes);
     assert!(
-        s.contains("8 rows:      8000 tokens/s, 1.0x the 8-row step's"),
+        s.contains("   8 rows:      8000 tokens/s, 1.0x the 8-row step's\n"),
         "{s}"
     );
     assert!(
-        s.contains("841 rows:     84100 tokens/s, 10.5x the 8-row step's"),
+        s.contains(" 841 rows:     84100 tokens/s, 10.5x the 8-row step's\n"),
         "{s}"
     );
     // Without decode rows there is nothing to say.
-    assert_eq!(format_decode(&rows[..1]), "");
+    assert_eq!(format_decode(&rows[..1], &shapes), "");
+    // Where the device memory was measured: against the plan's count, which is the 2-layer
+    // cache of 841 × 1325 positions × 512 keys and as many values in bf16 (4.56 GB) and a
+    // step's activations (151 MiB at 841 rows).
+    let plan = decode_plan_bytes(&shapes, 841);
+    let cache: u64 = 2 * 2 * 841 * 1325 * 512 * 2;
+    assert!(plan > cache && plan < cache + (256 << 20), "{plan}");
+    let mut measured = rows.clone();
+    measured[2].extra_bytes = Some(plan as usize * 5 / 4);
+    let s = format_decode(&measured, &shapes);
+    assert!(
+        s.contains(" 841 rows:     84100 tokens/s, 10.5x the 8-row step's; held "),
+        "{s}"
+    );
+    assert!(s.trim_end().ends_with("(1.25x)"), "{s}");
 }
