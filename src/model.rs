@@ -71,18 +71,13 @@ pub fn random_tensors(cfg: &ModelConfig, seed: u64, scale: f32) -> Vec<Vec<f32>>
             if name.ends_with("norm.weight") {
                 return vec![1.0; n];
             }
-            // Counter-based draws, so chunks fill in parallel with the same values: two 7B
+            // Counter-based draws, so they are made in parallel with the same values: two 7B
             // layers (the bench's model) are half a billion of them.
             use rayon::prelude::*;
-            const CHUNK: usize = 1 << 16;
-            let mut v = vec![0.0f32; n];
-            v.par_chunks_mut(CHUNK).enumerate().for_each(|(c, out)| {
-                for (k, x) in out.iter_mut().enumerate() {
-                    let i = (c * CHUNK + k) as u64;
-                    *x = (crate::sampling::uniform(seed, ti as u64, i) * 2.0 - 1.0) * scale * 1.732;
-                }
-            });
-            v
+            (0..n as u64)
+                .into_par_iter()
+                .map(|i| (crate::sampling::uniform(seed, ti as u64, i) * 2.0 - 1.0) * scale * 1.732)
+                .collect()
         })
         .collect()
 }
@@ -1084,8 +1079,8 @@ impl<B: Backend> Qwen2<B> {
 mod tests {
     use super::*;
 
-    /// Filled in parallel chunks, each value is still the draw of its own index: across a
-    /// chunk's edge and at the end of a tensor.
+    /// Drawn in parallel, each value is still the draw of its own index: across the edges of
+    /// rayon's splits and at the end of a tensor.
     #[test]
     fn random_tensors_are_the_draws_of_their_indices() {
         let cfg = crate::kernel_checks::model_configs().remove(0);
