@@ -2,8 +2,8 @@
 // clipping stays on the device: multi_grad_sumsq leaves Σg² in a double that the update kernels
 // read themselves, so no host round-trip sits between the two launches. Params are bf16 and are
 // written with stochastic rounding (unbiased, so an update below bf16 resolution still moves the
-// weight on average); the random bits are a hash of (seed, step, element), so a run is
-// reproducible. CPU oracles: optim::Optimizer::step with cpu::adamw (AdamW) or Backend::axpy
+// weight on average); the random bits are a hash of (seed, step, tensor, element), so a run is
+// reproducible, and the same whether the tensors are updated in one launch or in groups. CPU oracles: optim::Optimizer::step with cpu::adamw (AdamW) or Backend::axpy
 // (SGD), which round to nearest in f32 instead.
 //
 // Launcher reference (each kernel is extern "C"):
@@ -11,10 +11,11 @@
 //                                    const optim::Tensor *ts, int n_tensors);
 //   __global__ void multi_adamw_m32(const optim::Tensor *ts, int n_tensors, const double *sumsq,
 //                                   float max_norm, float decay, float beta1, float beta2, float eps,
-//                                   float step_size, float bc2_sqrt, uint64_t seed, uint64_t step);
+//                                   float step_size, float bc2_sqrt, uint64_t seed, uint64_t step,
+//                                   int first_tensor);
 //   __global__ void multi_adamw_m16(same arguments as multi_adamw_m32);
 //   __global__ void multi_sgd(const optim::Tensor *ts, int n_tensors, const double *sumsq,
-//                             float max_norm, float lr, uint64_t seed, uint64_t step);
+//                             float max_norm, float lr, uint64_t seed, uint64_t step, int first_tensor);
 //
 // Descriptor array (device memory, n_tensors entries, sorted by first_block), 48 bytes each:
 //   offset  0  param        bf16*  [n]
@@ -33,8 +34,12 @@
 // or 8-byte (bf16) access, so the vector path wants param/m/v/grad 16-byte aligned (f32) or
 // 8-byte aligned (bf16), as cudaMalloc'd buffers are; a tensor with a pointer that is not goes
 // element by element, as does the last n % 4 of each tensor; the results are the same.
-// Element i of chunk c rounds with element_bits(mix of seed and step, c, i): bits 0-15 for the
-// param, 16-31 for m and 32-47 for v (bf16 moments only).
+// Descriptor t is the model's tensor first_tensor + t (its place in the whole parameter list).
+// Element e of that tensor, in chunk k = e / OPTIM_CHUNK of it, rounds with
+// element_bits(tensor_key(seed, step, first_tensor + t), k, e % OPTIM_CHUNK): bits 0-15 for the
+// param, 16-31 for m and 32-47 for v (bf16 moments only). Keying on the tensor's place rather
+// than on the launch's chunk numbering is what lets the offloaded optimizer, which updates the
+// tensors a group at a time, write the same bits as one launch over all of them.
 //
 // Clipping, as optim.rs: norm = sqrt(*sumsq); scale = max_norm / (norm + 1e-6) when max_norm > 0
 // and norm > max_norm, else 1; the gradient is multiplied by scale. A null sumsq means no
@@ -105,9 +110,10 @@ __host__ __device__ inline uint64_t mix64(uint64_t z) {
     return z ^ (z >> 31);
 }
 
-// The definition of the random bits: 64 of them for element i of chunk `chunk` (the update
-// kernels' blockIdx.x); distinct elements of one launch hash distinct inputs (chunk ·
-// OPTIM_CHUNK + i is unique over all tensors). The kernels compute it through ChunkBits.
+// The definition of the random bits: 64 of them for element i of chunk `chunk` of the tensor
+// whose key is `key`; distinct elements of one tensor hash distinct inputs (chunk · OPTIM_CHUNK
+// + i is the element's index), and tensors have unrelated keys. The kernels compute it through
+// ChunkBits.
 __host__ __device__ inline uint64_t element_bits(uint64_t key, uint64_t chunk, int64_t i) {
     return mix64(key ^ (chunk * OPTIM_CHUNK + (uint64_t)i));
 }
@@ -132,15 +138,21 @@ struct ChunkBits {
     }
 };
 
-__device__ __forceinline__ uint64_t launch_key(uint64_t seed, uint64_t step) {
-    return mix64(seed ^ mix64(step + 0x9E3779B97F4A7C15ull));
+// The key of the model's tensor `tensor` at this step: step and tensor each go through their own
+// mix64 before they meet the seed, so that no (step, tensor) pair can alias another.
+__host__ __device__ inline uint64_t tensor_key(uint64_t seed, uint64_t step, uint64_t tensor) {
+    return mix64(seed ^ mix64(step + 0x9E3779B97F4A7C15ull) ^ mix64(~tensor));
 }
 
-// This block's ChunkBits, held in registers: left to itself the compiler recomputes the launch
-// key (three mix64) inside the element loops to shorten live ranges.
-__device__ __forceinline__ ChunkBits block_bits(uint64_t seed, uint64_t step, uint64_t chunk) {
-    ChunkBits b(launch_key(seed, step), chunk);
+// This block's ChunkBits (chunk c of the launch, in descriptor t), held in registers: left to
+// itself the compiler recomputes the key (four mix64) inside the element loops to shorten live
+// ranges.
+__device__ __forceinline__ ChunkBits block_bits(uint64_t seed, uint64_t step, int first_tensor, int t,
+                                                const Tensor &d, int64_t c) {
+    ChunkBits b(tensor_key(seed, step, (uint64_t)(first_tensor + t)), (uint64_t)(c - d.first_block));
+#ifdef __CUDA_ARCH__
     asm volatile("" : "+r"(b.lo), "+l"(b.hi));
+#endif
     return b;
 }
 
@@ -225,18 +237,19 @@ __device__ __forceinline__ void chunk_range(const Tensor &t, int64_t c, int64_t 
 template <typename M>
 __device__ __forceinline__ void adamw(const Tensor *ts, int n_tensors, const double *sumsq, float max_norm,
                                       float decay, float b1, float b2, float eps, float step_size, float bc2_sqrt,
-                                      uint64_t seed, uint64_t step) {
+                                      uint64_t seed, uint64_t step, int first_tensor) {
     const float scale = clip_scale(sumsq, max_norm);
     if (scale < 0.0f) return;
     const int64_t c = blockIdx.x;
-    const Tensor t = ts[find_tensor(ts, n_tensors, c)];
+    const int ti = find_tensor(ts, n_tensors, c);
+    const Tensor t = ts[ti];
     int64_t beg;
     int n;
     chunk_range(t, c, &beg, &n);
     bf16 *p = (bf16 *)t.param + beg;
     const float *g = t.grad + beg;
     M *m = (M *)t.m + beg, *v = (M *)t.v + beg;
-    const ChunkBits bits = block_bits(seed, step, (uint64_t)c);
+    const ChunkBits bits = block_bits(seed, step, first_tensor, ti, t, c);
     // gi, w, mi, vi: the gradient, weight and moments in; w, mi, vi: the new ones out.
     const auto update = [=](float gi, float &w, float &mi, float &vi) {
         gi *= scale;
@@ -370,22 +383,27 @@ extern "C" __global__ void __launch_bounds__(256) multi_grad_sumsq(double *sumsq
 
 // AdamW with fp32 moments (descriptor m, v: float*). decay = 1 − lr·weight_decay, step_size =
 // lr / (1 − β1^t) and bc2_sqrt = sqrt(1 − β2^t) computed on the host in f64 exactly as
-// cpu::adamw; seed/step pick the stochastic-rounding bits (step = the optimizer step is fine).
+// cpu::adamw; seed/step pick the stochastic-rounding bits (step = the optimizer step is fine), and
+// first_tensor is the first descriptor's place among the model's tensors (0 for all of them).
 // grid Σ ceil(n / OPTIM_CHUNK), block 256, no shared memory, nothing to zero. sumsq: the output
 // of multi_grad_sumsq earlier on the same stream (null: no clipping). max_norm = grad_clip
 // (<= 0: off). CPU oracle: Optimizer::step with cpu::adamw, up to the stochastic rounding of p.
 extern "C" __global__ void __launch_bounds__(256, 4)
     multi_adamw_m32(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm, float decay,
-                    float beta1, float beta2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step) {
-    optim::adamw<float>(ts, n_tensors, sumsq, max_norm, decay, beta1, beta2, eps, step_size, bc2_sqrt, seed, step);
+                    float beta1, float beta2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step,
+                    int first_tensor) {
+    optim::adamw<float>(ts, n_tensors, sumsq, max_norm, decay, beta1, beta2, eps, step_size, bc2_sqrt, seed, step,
+                              first_tensor);
 }
 
 // As multi_adamw_m32 with bf16 moments (descriptor m, v: bf16*), stored with stochastic rounding
 // from independent bits (for when fp32 moments do not fit). Same geometry and arguments.
 extern "C" __global__ void __launch_bounds__(256, 4)
     multi_adamw_m16(const optim::Tensor *ts, int n_tensors, const double *sumsq, float max_norm, float decay,
-                    float beta1, float beta2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step) {
-    optim::adamw<bf16>(ts, n_tensors, sumsq, max_norm, decay, beta1, beta2, eps, step_size, bc2_sqrt, seed, step);
+                    float beta1, float beta2, float eps, float step_size, float bc2_sqrt, uint64_t seed, uint64_t step,
+                    int first_tensor) {
+    optim::adamw<bf16>(ts, n_tensors, sumsq, max_norm, decay, beta1, beta2, eps, step_size, bc2_sqrt, seed, step,
+                              first_tensor);
 }
 
 // SGD: p += (−lr · scale) · g with the clip scale above, the alpha optim.rs hands to axpy, then
@@ -394,19 +412,20 @@ extern "C" __global__ void __launch_bounds__(256, 4)
 // Same chunk and group layout as the AdamW kernels.
 extern "C" __global__ void __launch_bounds__(256) multi_sgd(const optim::Tensor *ts, int n_tensors,
                                                             const double *sumsq, float max_norm, float lr,
-                                                            uint64_t seed, uint64_t step) {
+                                                            uint64_t seed, uint64_t step, int first_tensor) {
     using namespace optim;
     const float scale = clip_scale(sumsq, max_norm);
     if (scale < 0.0f) return;
     const float alpha = -lr * scale;
     const int64_t c = blockIdx.x;
-    const Tensor t = ts[find_tensor(ts, n_tensors, c)];
+    const int ti = find_tensor(ts, n_tensors, c);
+    const Tensor t = ts[ti];
     int64_t beg;
     int n;
     chunk_range(t, c, &beg, &n);
     bf16 *p = (bf16 *)t.param + beg;
     const float *g = t.grad + beg;
-    const ChunkBits bits = block_bits(seed, step, (uint64_t)c);
+    const ChunkBits bits = block_bits(seed, step, first_tensor, ti, t, c);
     int done = 0;
     if (aligned4(p) && aligned4(g)) {
         const int groups = n >> 2, stride = blockDim.x;

@@ -944,6 +944,7 @@ pub fn optimizer_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resu
             lr: 1e-6,
             max_norm: 1.0,
             sumsq: None,
+            first_tensor: 0,
         };
         let mut err = None;
         let t = time(be, iters, || {
@@ -1013,6 +1014,7 @@ fn offload_rows<B: Backend>(
         lr: adamw.lr,
         max_norm: 1.0,
         sumsq: None,
+        first_tensor: 0,
     };
     let mut err = None;
     let step = time(be, iters, || {

@@ -179,6 +179,7 @@ impl<B: Backend> Optimizer<B> {
             lr: c.lr,
             max_norm: c.grad_clip,
             sumsq: None,
+            first_tensor: 0,
         };
         let mut plist = params.list_mut();
         let glist = grads.list();
@@ -315,6 +316,10 @@ pub fn offloaded_step<B: Backend>(
         {
             let mut ml: Vec<&mut B::Buf> = md.iter_mut().collect();
             let mut vl: Vec<&mut B::Buf> = vd.iter_mut().collect();
+            let h = OptimizerStep {
+                first_tensor: h.first_tensor + g.start,
+                ..h
+            };
             be.optimizer_step(
                 &mut params[g.clone()],
                 &grads[g.clone()],

@@ -1,7 +1,7 @@
 //! The real cuda/ kernels run on the host by tools/kernel_emulator (one fiber per CUDA thread),
 //! against double-precision copies of the CPU oracles: attention (forward, backward, decode),
-//! softmax-entropy, the elementwise, RMSNorm and RoPE kernels, and token sampling (against a
-//! sort-based oracle of its exact draw). Each test is skipped, with the reason printed, without
+//! softmax-entropy, the elementwise, RMSNorm and RoPE kernels, token sampling (against a
+//! sort-based oracle of its exact draw), and the multi-tensor optimizer (bit for bit). Each test is skipped, with the reason printed, without
 //! python3 or g++.
 
 use std::path::{Path, PathBuf};
@@ -116,4 +116,9 @@ fn memory_bound_kernels_match_the_oracles_under_emulation() {
     if generate("gen_ops.py", &root().join("cuda"), &dir, &[]) {
         build_and_run(&dir, "ops_main.cpp", &[("7", false), ("3", false)]);
     }
+}
+
+#[test]
+fn optimizer_kernels_write_the_oracles_bits_under_emulation() {
+    run_one_file("optimizer", "optimizer.cu", &[("0", false), ("5", false)]);
 }

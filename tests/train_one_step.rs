@@ -319,8 +319,10 @@ fn adamw_step(on: On, offload: &str) -> PathBuf {
 /// AdamW with its moments in host memory, copied through the device a group of tensors at a
 /// time, takes the step it takes with them in place. On the CPU the two are bit-identical. On
 /// the GPU the f32 moments agree to the gradient's run-to-run noise, and the bf16 weights may
-/// stand one bf16 spacing apart: stochastic rounding draws its bits by launch and chunk, and the
-/// offloaded update splits the launch.
+/// stand one bf16 spacing apart: stochastic rounding draws the same bits for an element either
+/// way (they are keyed on its tensor's place in the model, which the grouped launches are told;
+/// tools/kernel_emulator checks that bit for bit), but that noise can carry an f32 weight across
+/// its rounding threshold.
 fn offload_case(on: On) {
     let (kept, off) = (adamw_step(on, "off"), adamw_step(on, "on"));
     let files = |d: &PathBuf, f: &str| WeightFiles::open_files(&[d.join("final").join(f)]).unwrap();

@@ -197,8 +197,11 @@ pub fn optimizer_step(
             (sumsq, sumsq_p)
         }
     };
-    // Stochastic rounding draws from (seed, step, element): a fixed seed keeps runs repeatable.
+    // Stochastic rounding draws from (seed, step, tensor, element): a fixed seed keeps runs
+    // repeatable.
     let seed = 0x5eed_0fad_a3a3_u64;
+    let first_tensor = i32::try_from(h.first_tensor)
+        .map_err(|_| anyhow!("optimizer: tensor index {} past i32", h.first_tensor))?;
     match (&moments, h.adamw) {
         (Some(_), Some(a)) => {
             let bc1 = 1.0 - (a.beta1 as f64).powi(a.step as i32);
@@ -226,6 +229,7 @@ pub fn optimizer_step(
                     Arg::F(bc2.sqrt() as f32),
                     Arg::U(seed),
                     Arg::U(a.step),
+                    Arg::I(first_tensor),
                 ],
             );
         }
@@ -242,6 +246,7 @@ pub fn optimizer_step(
                 Arg::F(h.lr),
                 Arg::U(seed),
                 Arg::U(h.adamw.map_or(0, |a| a.step)),
+                Arg::I(first_tensor),
             ],
         ),
     }

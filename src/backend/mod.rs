@@ -121,6 +121,10 @@ pub struct OptimizerStep {
     /// Σg² over the whole gradient, when the caller has it: offloaded moments are updated a
     /// group of tensors at a time, and each group is clipped by the norm of all of them.
     pub sumsq: Option<f64>,
+    /// The place of the first tensor handed in among all the model's tensors (0 when all of
+    /// them are). The GPU's stochastic rounding keys on each tensor's place, so an update done
+    /// a group at a time writes the same bits as one over every tensor.
+    pub first_tensor: usize,
 }
 
 /// AdamW's first and second moments of every tensor, in `Params::list` order.

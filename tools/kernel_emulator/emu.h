@@ -13,6 +13,7 @@
 #include <ucontext.h>
 using std::max;
 using std::min;
+using std::isfinite;
 
 #define __device__
 #define __global__
@@ -249,3 +250,13 @@ inline float4 atomicAdd(float4 *p, float4 v) {
     *p = {o.x + v.x, o.y + v.y, o.z + v.z, o.w + v.w};
     return o;
 }
+
+// The rest of the CUDA API the optimizer kernels use (optimizer_main.cpp). Cache hints (.cs
+// streaming, .cg L2-only) change nothing here.
+inline float __uint_as_float(uint32_t u) { float f; memcpy(&f, &u, 4); return f; }
+inline uint32_t __float_as_uint(float f) { uint32_t u; memcpy(&u, &f, 4); return u; }
+inline bf16 __ushort_as_bfloat16(unsigned short u) { return {u}; }
+template <class T> inline T __ldcs(const T *p) { return *p; }
+template <class T> inline void __stcs(T *p, T v) { *p = v; }
+inline float4 __ldcg(const float4 *p) { return *p; }
+inline double __ldcg(const double *p) { return *p; }
