@@ -154,7 +154,7 @@ impl<B: Backend> Optimizer<B> {
     }
 
     pub fn grad_norm(be: &B, grads: &Params<B::Buf>) -> Result<f64> {
-        Ok(grad_sumsq(be, grads.list())?.sqrt())
+        Ok(be.grad_sumsq(&grads.list())?.sqrt())
     }
 
     /// One update of `params` from `grads`. A non-finite gradient stops training with an
@@ -269,18 +269,6 @@ impl<B: Backend> Optimizer<B> {
     }
 }
 
-/// Σg² over tensors, in order.
-fn grad_sumsq<'a, B: Backend>(be: &B, grads: impl IntoIterator<Item = &'a B::Buf>) -> Result<f64>
-where
-    B::Buf: 'a,
-{
-    let mut sum = 0.0;
-    for g in grads {
-        sum += be.sum_squares(g)?;
-    }
-    Ok(sum)
-}
-
 /// `Backend::optimizer_step` with the moments in host memory: the whole gradient's norm first,
 /// then each group's moments up, its update, and its moments back. The device buffers are
 /// freed when a group is done, so the next group reuses the memory. Returns the norm; when it
@@ -293,7 +281,7 @@ pub fn offloaded_step<B: Backend>(
     groups: &[Range<usize>],
     h: &OptimizerStep,
 ) -> Result<f64> {
-    let sumsq = grad_sumsq(be, grads.iter().copied())?;
+    let sumsq = be.grad_sumsq(grads)?;
     if !sumsq.is_finite() {
         return Ok(sumsq.sqrt());
     }

@@ -1078,6 +1078,9 @@ impl Backend for CudaBackend {
     ) -> Result<Vec<u32>> {
         super::cuda_rl::sample(self, logits, rows, vocab, p, keys)
     }
+    fn grad_sumsq(&self, grads: &[&CudaBuf]) -> Result<f64> {
+        super::cuda_rl::grad_sumsq(self, grads)
+    }
     fn optimizer_step(
         &self,
         params: &mut [&mut CudaBuf],

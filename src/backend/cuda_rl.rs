@@ -125,6 +125,60 @@ unsafe impl ValidAsZeroBits for OptimTensor {}
 /// stochastic-rounding hash input (chunk · OPTIM_CHUNK + i), so changing it changes every run.
 const OPTIM_CHUNK: usize = 16384;
 
+/// multi_grad_sumsq over `blocks` chunks of the descriptors at `ts_p`: Σg² left in a device
+/// double (and its pointer) that an update launch can read without a trip to the host.
+fn launch_sumsq(
+    be: &CudaBackend,
+    ts_p: u64,
+    blocks: usize,
+    nt: i32,
+) -> Result<(CudaSlice<f64>, u64)> {
+    let (sumsq, sumsq_p) = zeros::<f64>(be, 1)?;
+    let (_partials, partials_p) = zeros::<f64>(be, blocks)?;
+    let (_counter, counter_p) = zeros::<u32>(be, 1)?;
+    be.launch(
+        "multi_grad_sumsq",
+        (blocks as u32, 1, 1),
+        (256, 1, 1),
+        0,
+        &[
+            Arg::P(sumsq_p),
+            Arg::P(partials_p),
+            Arg::P(counter_p),
+            Arg::P(ts_p),
+            Arg::I(nt),
+        ],
+    );
+    Ok((sumsq, sumsq_p))
+}
+
+/// `Backend::grad_sumsq` on the device: the launch `optimizer_step` makes over the same tensors,
+/// so the offloaded update, which reduces the norm first and updates group by group, clips by
+/// the very double the in-place update computes. One read of the result.
+pub fn grad_sumsq(be: &CudaBackend, grads: &[&CudaBuf]) -> Result<f64> {
+    let mut ts = Vec::with_capacity(grads.len());
+    let mut blocks = 0usize;
+    for g in grads {
+        let n = g.len();
+        if !be.want("grad_sumsq", "grad", g, Dtype::F32, n) {
+            be.sync()?;
+        }
+        ts.push(OptimTensor {
+            grad: g.ptr(),
+            n: n as i64,
+            first_block: blocks as i64,
+            ..Default::default()
+        });
+        blocks += n.div_ceil(OPTIM_CHUNK);
+    }
+    if blocks == 0 {
+        return Ok(0.0);
+    }
+    let (_ts, ts_p) = dev(be, &ts)?;
+    let (sumsq, _) = launch_sumsq(be, ts_p, blocks, ts.len() as i32)?;
+    Ok(read(be, &sumsq)?[0])
+}
+
 /// `Backend::optimizer_step` on the device: Σg² by one multi-tensor launch into a double the
 /// update launch reads, so the clipping scale never visits the host; one download of the norm
 /// at the end, for logging and the NaN check.
@@ -177,25 +231,7 @@ pub fn optimizer_step(
     let (sumsq, sumsq_p) = match h.sumsq {
         // The whole gradient's Σg², reduced by the caller (offloaded moments, group by group).
         Some(s) => dev(be, &[s])?,
-        None => {
-            let (sumsq, sumsq_p) = zeros::<f64>(be, 1)?;
-            let (_partials, partials_p) = zeros::<f64>(be, blocks)?;
-            let (_counter, counter_p) = zeros::<u32>(be, 1)?;
-            be.launch(
-                "multi_grad_sumsq",
-                grid,
-                (256, 1, 1),
-                0,
-                &[
-                    Arg::P(sumsq_p),
-                    Arg::P(partials_p),
-                    Arg::P(counter_p),
-                    Arg::P(ts_p),
-                    Arg::I(nt),
-                ],
-            );
-            (sumsq, sumsq_p)
-        }
+        None => launch_sumsq(be, ts_p, blocks, nt)?,
     };
     // Stochastic rounding draws from (seed, step, tensor, element): a fixed seed keeps runs
     // repeatable.

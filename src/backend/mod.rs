@@ -216,6 +216,17 @@ pub trait Backend {
         h: &AdamWStep,
     );
 
+    /// Σ over the tensors of Σ x²: the whole gradient's squared norm, as `optimizer_step`
+    /// reduces it when not handed one. The GPU sums in the same fixed order in both places, so
+    /// an update split in groups (offloaded moments) clips by exactly the same scale.
+    fn grad_sumsq(&self, grads: &[&Self::Buf]) -> Result<f64> {
+        let mut sum = 0.0;
+        for g in grads {
+            sum += self.sum_squares(g)?;
+        }
+        Ok(sum)
+    }
+
     /// One update of every parameter tensor: the global gradient norm, the clipping scale
     /// min(1, max_norm / (norm + 1e-6)) folded into the update, and AdamW or SGD. Returns the
     /// norm before clipping; when it is not finite nothing is updated and the caller gets the
@@ -230,13 +241,7 @@ pub trait Backend {
     ) -> Result<f64> {
         let sum = match h.sumsq {
             Some(s) => s,
-            None => {
-                let mut sum = 0.0;
-                for g in grads {
-                    sum += self.sum_squares(g)?;
-                }
-                sum
-            }
+            None => self.grad_sumsq(grads)?,
         };
         let norm = sum.sqrt();
         if !norm.is_finite() {
