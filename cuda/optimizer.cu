@@ -144,12 +144,10 @@ __host__ __device__ inline uint64_t tensor_key(uint64_t seed, uint64_t step, uin
     return mix64(seed ^ mix64(step + 0x9E3779B97F4A7C15ull) ^ mix64(~tensor));
 }
 
-// This block's ChunkBits (chunk c of the launch, in descriptor t), held in registers: left to
-// itself the compiler recomputes the key (four mix64) inside the element loops to shorten live
-// ranges.
-__device__ __forceinline__ ChunkBits block_bits(uint64_t seed, uint64_t step, int first_tensor, int t,
-                                                const Tensor &d, int64_t c) {
-    ChunkBits b(tensor_key(seed, step, (uint64_t)(first_tensor + t)), (uint64_t)(c - d.first_block));
+// The bits of chunk `chunk` of the model's tensor `tensor`, held in registers: left to itself
+// the compiler recomputes the key (four mix64) inside the element loops to shorten live ranges.
+__device__ __forceinline__ ChunkBits block_bits(uint64_t seed, uint64_t step, int tensor, int64_t chunk) {
+    ChunkBits b(tensor_key(seed, step, (uint64_t)tensor), (uint64_t)chunk);
 #ifdef __CUDA_ARCH__
     asm volatile("" : "+r"(b.lo), "+l"(b.hi));
 #endif
@@ -224,10 +222,21 @@ __device__ __forceinline__ float clip_scale(const double *sumsq, float max_norm)
     return max_norm > 0.0f && norm > (double)max_norm ? (float)((double)max_norm / (norm + 1e-6)) : 1.0f;
 }
 
-// Chunk c of tensor t: its first element and its length (OPTIM_CHUNK but for a tensor's last).
-__device__ __forceinline__ void chunk_range(const Tensor &t, int64_t c, int64_t *beg, int *n) {
-    *beg = (c - t.first_block) * OPTIM_CHUNK;
-    *n = (int)min(t.n - *beg, (int64_t)OPTIM_CHUNK);
+// Chunk c of the launch: its descriptor, the descriptor's index, and the chunk's first element
+// in the tensor and length (OPTIM_CHUNK but for a tensor's last).
+struct Chunk {
+    Tensor t;
+    int index;
+    int64_t beg;
+    int n;
+};
+__device__ __forceinline__ Chunk launch_chunk(const Tensor *ts, int n_tensors, int64_t c) {
+    Chunk k;
+    k.index = find_tensor(ts, n_tensors, c);
+    k.t = ts[k.index];
+    k.beg = (c - k.t.first_block) * OPTIM_CHUNK;
+    k.n = (int)min(k.t.n - k.beg, (int64_t)OPTIM_CHUNK);
+    return k;
 }
 
 // cpu::adamw per element, in the same order: scale the gradient, decay the weight, update the
@@ -240,16 +249,12 @@ __device__ __forceinline__ void adamw(const Tensor *ts, int n_tensors, const dou
                                       uint64_t seed, uint64_t step, int first_tensor) {
     const float scale = clip_scale(sumsq, max_norm);
     if (scale < 0.0f) return;
-    const int64_t c = blockIdx.x;
-    const int ti = find_tensor(ts, n_tensors, c);
-    const Tensor t = ts[ti];
-    int64_t beg;
-    int n;
-    chunk_range(t, c, &beg, &n);
-    bf16 *p = (bf16 *)t.param + beg;
-    const float *g = t.grad + beg;
-    M *m = (M *)t.m + beg, *v = (M *)t.v + beg;
-    const ChunkBits bits = block_bits(seed, step, first_tensor, ti, t, c);
+    const Chunk k = launch_chunk(ts, n_tensors, blockIdx.x);
+    const int n = k.n;
+    bf16 *p = (bf16 *)k.t.param + k.beg;
+    const float *g = k.t.grad + k.beg;
+    M *m = (M *)k.t.m + k.beg, *v = (M *)k.t.v + k.beg;
+    const ChunkBits bits = block_bits(seed, step, first_tensor + k.index, k.beg / OPTIM_CHUNK);
     // gi, w, mi, vi: the gradient, weight and moments in; w, mi, vi: the new ones out.
     const auto update = [=](float gi, float &w, float &mi, float &vi) {
         gi *= scale;
@@ -319,11 +324,9 @@ extern "C" __global__ void __launch_bounds__(256) multi_grad_sumsq(double *sumsq
                                                                    int n_tensors) {
     __shared__ bool last;
     const int64_t c = (int64_t)gridDim.x - 1 - blockIdx.x;
-    const optim::Tensor t = ts[optim::find_tensor(ts, n_tensors, c)];
-    int64_t beg;
-    int n;
-    optim::chunk_range(t, c, &beg, &n);
-    const float *g = t.grad + beg;
+    const optim::Chunk k = optim::launch_chunk(ts, n_tensors, c);
+    const int n = k.n;
+    const float *g = k.t.grad + k.beg;
     // Loads are .cg (L2 only, nothing to reuse in L1) and keep the normal L2 policy: see above.
     double s = 0.0;  // g² is exact in f64; only the additions round
     int done = 0;
@@ -417,15 +420,11 @@ extern "C" __global__ void __launch_bounds__(256) multi_sgd(const optim::Tensor 
     const float scale = clip_scale(sumsq, max_norm);
     if (scale < 0.0f) return;
     const float alpha = -lr * scale;
-    const int64_t c = blockIdx.x;
-    const int ti = find_tensor(ts, n_tensors, c);
-    const Tensor t = ts[ti];
-    int64_t beg;
-    int n;
-    chunk_range(t, c, &beg, &n);
-    bf16 *p = (bf16 *)t.param + beg;
-    const float *g = t.grad + beg;
-    const ChunkBits bits = block_bits(seed, step, first_tensor, ti, t, c);
+    const Chunk k = launch_chunk(ts, n_tensors, blockIdx.x);
+    const int n = k.n;
+    bf16 *p = (bf16 *)k.t.param + k.beg;
+    const float *g = k.t.grad + k.beg;
+    const ChunkBits bits = block_bits(seed, step, first_tensor + k.index, k.beg / OPTIM_CHUNK);
     int done = 0;
     if (aligned4(p) && aligned4(g)) {
         const int groups = n >> 2, stride = blockDim.x;
