@@ -11,7 +11,8 @@
 # Logs are written under $OUT/logs (OUT defaults to ./gpu-out) and packed into
 # $OUT/gpu-logs.tgz on exit, since the device tool brings back at most 8 files; a short summary
 # is printed last. The steps' own time limits add up to more than one 10-minute call: in a
-# lease, run `check train demo` in one call and `bench criterion` in the next.
+# lease, run `check train demo` in one call and `bench criterion` in the next. BUDGET (560 s)
+# caps the whole run: a late step gets what is left, or is skipped.
 set -uo pipefail
 DEST=${OUT:-gpu-out}
 OUT=$DEST/logs
@@ -37,9 +38,22 @@ nvidia-smi --query-gpu=name,driver_version,clocks.sm,clocks.mem,temperature.gpu 
 
 has() { [[ " $steps " == *" $1 "* || " $steps " == *" all "* ]]; }
 
-if has check; then
+# The device tool ends a call at 600 s, and a call cut off there may bring back nothing packed:
+# each step's limit is cut to what is left of BUDGET seconds since this script started (a margin
+# for packing and the transfer), and a step with under 30 s left is skipped with a line saying
+# so. budget NAME SECONDS sets LIM.
+BUDGET=${BUDGET:-560}
+budget() {
+    LIM=$((BUDGET - SECONDS))
+    ((LIM > $2)) && LIM=$2
+    ((LIM >= 30)) && return 0
+    echo "$1 skipped: ${LIM} s of the ${BUDGET} s budget left" | tee -a "$OUT/skipped.txt"
+    return 1
+}
+
+if has check && budget check-kernels 280; then
     echo "== check-kernels"
-    timeout -k 10 280 "$BIN" check-kernels --device cuda >"$OUT/check.txt" 2>&1
+    timeout -k 10 $LIM "$BIN" check-kernels --device cuda >"$OUT/check.txt" 2>&1
     rc=$?
     echo "check-kernels exit $rc" | tee -a "$OUT/check.txt"
     # A hang (timeout's 124, or 137 once killed): the rows printed before it are in check.txt.
@@ -49,51 +63,53 @@ if has check; then
         export EMPO_WGMMA=0
     fi
 fi
-if has sanitize; then
+if has sanitize && budget sanitize 300; then
     echo "== compute-sanitizer (quick checks)"
-    timeout 300 compute-sanitizer --print-limit 20 "$BIN" check-kernels --device cuda --quick \
+    timeout $LIM compute-sanitizer --print-limit 20 "$BIN" check-kernels --device cuda --quick \
         >"$OUT/sanitize.txt" 2>&1
     echo "sanitize exit $?" | tee -a "$OUT/sanitize.txt"
 fi
 # The driver on the GPU: `train` one step on fixed rollouts against PyTorch autograd
 # (tests/train_one_step.rs, whose GPU test skips everywhere else), then EMPO on the embedded demo,
 # sampling included, with greedy accuracy and semantic entropy before and after.
-if has train && [ -x .gpu/train-one-step ]; then
+if has train && [ -x .gpu/train-one-step ] && budget train-one-step 120; then
     echo "== train one step vs PyTorch"
-    EMPO_BIN=$BIN EMPO_FIXTURES=tests/fixtures timeout 120 .gpu/train-one-step \
+    EMPO_BIN=$BIN EMPO_FIXTURES=tests/fixtures timeout $LIM .gpu/train-one-step \
         --test-threads 1 --nocapture >"$OUT/train.txt" 2>&1
     echo "train-one-step exit $?" | tee -a "$OUT/train.txt"
 fi
-if has demo; then
+if has demo && budget demo 300; then
     echo "== EMPO on the embedded demo"
-    EMPO_DEMO_DIR=assets/demo timeout 300 "$BIN" train --device cuda --out "$OUT/demo-run" \
+    EMPO_DEMO_DIR=assets/demo timeout $LIM "$BIN" train --device cuda --out "$OUT/demo-run" \
         >"$OUT/demo.txt" 2>&1
     echo "demo exit $?" | tee -a "$OUT/demo.txt"
     cp "$OUT/demo-run/summary.json" "$OUT/demo-summary.json" 2>/dev/null
     rm -rf "$OUT/demo-run"
 fi
-if has bench; then
+if has bench && budget bench 200; then
     echo "== bench"
-    timeout 200 "$BIN" bench --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
+    timeout $LIM "$BIN" bench --json "$OUT/bench.json" >"$OUT/bench.txt" 2>&1
     echo "bench exit $?" | tee -a "$OUT/bench.txt"
-    PYTHONUNBUFFERED=1 timeout 120 python3 tools/bench_torch_gpu.py --ours "$OUT/bench.json" \
+fi
+if has bench && budget torch 120; then
+    PYTHONUNBUFFERED=1 timeout $LIM python3 tools/bench_torch_gpu.py --ours "$OUT/bench.json" \
         >"$OUT/torch.txt" 2>&1
     echo "torch exit $?" | tee -a "$OUT/torch.txt"
 fi
 # A/B against an older build in the same lease (same clocks, same GPU): carry it as
 # .gpu/empo-engine-prev (see docs/gpu/README.md) and ask for `prev`.
-if has prev && [ -x .gpu/empo-engine-prev ]; then
+if has prev && [ -x .gpu/empo-engine-prev ] && budget bench-prev 150; then
     echo "== bench, previous build"
-    timeout 150 .gpu/empo-engine-prev bench --json "$OUT/bench-prev.json" >"$OUT/bench-prev.txt" 2>&1
+    timeout $LIM .gpu/empo-engine-prev bench --json "$OUT/bench-prev.json" >"$OUT/bench-prev.txt" 2>&1
     echo "bench-prev exit $?" | tee -a "$OUT/bench-prev.txt"
 fi
-if has criterion; then
+if has criterion && budget criterion 240; then
     echo "== cargo bench (criterion executable)"
-    timeout 240 .gpu/kernels-bench --bench --warm-up-time 1 --measurement-time 3 \
+    timeout $LIM .gpu/kernels-bench --bench --warm-up-time 1 --measurement-time 3 \
         >"$OUT/criterion.txt" 2>&1
     echo "criterion exit $?" | tee -a "$OUT/criterion.txt"
 fi
 
-for f in check sanitize train demo bench torch bench-prev criterion; do
+for f in skipped check sanitize train demo bench torch bench-prev criterion; do
     [ -f "$OUT/$f.txt" ] && { echo "---- $f"; tail -n 60 "$OUT/$f.txt"; }
 done
