@@ -9,7 +9,9 @@
 //! The harness is generic over `Backend`. On the GPU it checks the CUDA backend; run over the
 //! CPU backend itself (a CI test) it checks the harness: every shape and argument order.
 
-use crate::backend::{cpu, AdamWStep, AttnShape, Backend, RowStats, Starts, StatsLoss, NO_TARGET};
+use crate::backend::{
+    cpu, AdamWStep, AttnShape, Backend, RowStats, Starts, StatsLoss, Traffic, NO_TARGET,
+};
 use crate::config::{DType, ModelConfig};
 use crate::generate::next_token_targets;
 use crate::model::{random_tensors, tensor_specs, Qwen2};
@@ -323,6 +325,7 @@ pub fn run_all<B: Backend>(
     let wide = if big { 96 } else { 9 };
     let cfg = model_configs().remove(1);
     attempt(&mut c, "wide decode", |c| check_wide_decode(c, &cfg, wide));
+    attempt(&mut c, "layer traffic", |c| check_layer_traffic(c, &cfg));
     Ok(c.rows)
 }
 
@@ -897,6 +900,85 @@ fn check_model<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
         err: max_rel_err(&be.download(&gs.logits)?, &cs.logits),
         tol: c.tol.model_logits,
     });
+    Ok(())
+}
+
+/// The hot-path rule: a warm layer neither allocates nor copies between host and device. A
+/// training step (forward, loss gradient, backward) and a ragged decode step run twice through
+/// the same model at 1 and at 3 layers, and the second run's counts (`Backend::traffic`) must
+/// not grow with depth. What a step does once (ids and lengths staged, a loss read back) stays
+/// out of the comparison; what a layer does twice would show as a difference.
+fn check_layer_traffic<B: Backend>(c: &mut Ctx<B>, cfg: &ModelConfig) -> Result<()> {
+    let be = c.be;
+    let (batch, seq) = (2, 16);
+    let mut counts = Vec::new();
+    for layers in [1, 3] {
+        let cfg = ModelConfig {
+            num_layers: layers,
+            ..cfg.clone()
+        };
+        let tensors = random_tensors(&cfg, c.seed ^ 0x7a1f, 0.05);
+        let model = Qwen2::from_host(be, cfg.clone(), &tensors)?;
+        let v = cfg.vocab_size;
+        let ids: Vec<u32> = (0..batch * seq)
+            .map(|i| ((i * 7919 + 13) % v) as u32)
+            .collect();
+        let targets = next_token_targets(&ids, batch, seq);
+        let ones = vec![1.0f32; batch * seq];
+        let loss = StatsLoss {
+            targets: &targets,
+            temperature: 1.0,
+            a: &ones,
+            b: &ones,
+        };
+        let mut acts = model.alloc_activations(be, batch, seq, true)?;
+        let mut dlogits = be.alloc(batch * seq * v)?;
+        let mut grads = model.zeros_like_params(be)?;
+        let mut train = || -> Result<()> {
+            model.forward_train(be, &ids, &mut acts)?;
+            be.softmax_stats_bwd(&mut dlogits, &acts.logits, batch * seq, v, &loss);
+            model.backward(be, &mut acts, &dlogits, &mut grads)?;
+            be.sync()
+        };
+        // Three sequences left at 8, 5 and 0 positions, as batched sampling leaves its slots.
+        let lens = [8usize, 5, 0];
+        let mut cache = model.alloc_cache(be, lens.len(), 24)?;
+        let mut prefill = model.alloc_activations(be, lens.len(), 8, false)?;
+        model.forward_cached(be, &ids[..lens.len() * 8], &mut prefill, &mut cache)?;
+        let mut step_acts = model.alloc_activations(be, lens.len(), 1, false)?;
+        let next: Vec<u32> = ids[..lens.len()].to_vec();
+        let mut decode = || -> Result<()> {
+            for (b, &len) in lens.iter().enumerate() {
+                cache.truncate(b, len);
+            }
+            model.forward_cached(be, &next, &mut step_acts, &mut cache)?;
+            be.sync()
+        };
+        let measured = |run: &mut dyn FnMut() -> Result<()>| -> Result<Traffic> {
+            run()?; // grows scratch and staging
+            let before = be.traffic();
+            run()?;
+            Ok(be.traffic().since(before))
+        };
+        counts.push([measured(&mut train)?, measured(&mut decode)?]);
+    }
+    let show = |t: Traffic| format!("{}/{}/{}", t.allocs, t.to_device, t.to_host);
+    for (i, what) in ["training step", "ragged decode step"].iter().enumerate() {
+        let (one, three) = (counts[0][i], counts[1][i]);
+        let grown = three.allocs.saturating_sub(one.allocs)
+            + three.to_device.saturating_sub(one.to_device)
+            + three.to_host.saturating_sub(one.to_host);
+        c.push(CheckRow {
+            op: format!("model {what}, warm: allocations and copies a layer adds"),
+            shape: format!(
+                "L 1: {}, L 3: {} (allocs/to device/to host)",
+                show(one),
+                show(three)
+            ),
+            err: grown as f64,
+            tol: 0.0,
+        });
+    }
     Ok(())
 }
 

@@ -25,10 +25,13 @@ fn harness_runs_every_check_over_the_cpu_backend() {
         "softmax_stats",
         "adamw",
         "optimizer_step offloaded moments",
+        "optimizer_step offloaded = one launch",
         "sum_squares",
         "model forward",
         "model grads",
         "model KV-cache",
+        "model training step, warm",
+        "model ragged decode step, warm",
     ] {
         assert!(
             rows.iter().any(|r| r.op.starts_with(op)),

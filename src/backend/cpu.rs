@@ -3,7 +3,8 @@
 //! Each op is a free function over slices, so checks can call it without a backend object.
 
 use super::{
-    check_stats_args, AdamWStep, AttnShape, Backend, RowStats, Starts, StatsLoss, NO_TARGET,
+    check_stats_args, AdamWStep, AttnShape, Backend, RowStats, Starts, StatsLoss, Traffic,
+    NO_TARGET,
 };
 use anyhow::{bail, Result};
 use rayon::prelude::*;
@@ -606,9 +607,31 @@ pub fn adamw(p: &mut [f32], g: &[f32], m: &mut [f32], v: &mut [f32], h: &AdamWSt
         });
 }
 
+thread_local! {
+    // Per thread: the reference is called from many test threads at once, and a count must
+    // see only its own caller's work.
+    static TRAFFIC: std::cell::Cell<Traffic> = const {
+        std::cell::Cell::new(Traffic { allocs: 0, to_device: 0, to_host: 0 })
+    };
+}
+
+/// Counts what the model asks of the reference: its buffers are host memory, so an "upload"
+/// is a copy all the same, and the model's discipline is the same on both backends.
+fn count(f: impl FnOnce(&mut Traffic)) {
+    TRAFFIC.with(|t| {
+        let mut v = t.get();
+        f(&mut v);
+        t.set(v);
+    });
+}
+
 impl Backend for CpuBackend {
     type Buf = Vec<f32>;
     type Host = Vec<f32>;
+
+    fn traffic(&self) -> Traffic {
+        TRAFFIC.with(|t| t.get())
+    }
 
     fn name(&self) -> String {
         format!(
@@ -617,21 +640,30 @@ impl Backend for CpuBackend {
         )
     }
     fn alloc(&self, n: usize) -> Result<Vec<f32>> {
+        count(|t| t.allocs += 1);
         Ok(vec![0.0; n])
     }
     fn upload(&self, host: &[f32]) -> Result<Vec<f32>> {
+        count(|t| {
+            t.allocs += 1;
+            t.to_device += 1;
+        });
         Ok(host.to_vec())
     }
     fn download(&self, buf: &Vec<f32>) -> Result<Vec<f32>> {
+        count(|t| t.to_host += 1);
         Ok(buf.clone())
     }
     fn alloc_host(&self, n: usize) -> Result<Vec<f32>> {
+        count(|t| t.allocs += 1);
         Ok(vec![0.0; n])
     }
     fn copy_to_device(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        count(|t| t.to_device += 1);
         dst.copy_from_slice(src);
     }
     fn copy_to_host(&self, dst: &mut Vec<f32>, src: &Vec<f32>) {
+        count(|t| t.to_host += 1);
         dst.copy_from_slice(src);
     }
     fn host_values(&self, h: &Vec<f32>) -> Result<Vec<f32>> {

@@ -12,7 +12,7 @@
 //! device (token ids, targets, per-row coefficients) is staged through small buffers that are
 //! grown once and reused, so steady-state layers neither allocate nor copy.
 
-use super::{AdamWStep, AttnShape, Backend, Starts, StatsLoss, NO_TARGET};
+use super::{AdamWStep, AttnShape, Backend, Starts, StatsLoss, Traffic, NO_TARGET};
 use crate::device::KERNELS_FATBIN;
 use anyhow::{anyhow, bail, Result};
 use cudarc::cublas::{result as blas, sys as blas_sys, CudaBlas};
@@ -182,6 +182,8 @@ pub struct CudaBackend {
     pdl: Cell<bool>,
     error: RefCell<Option<String>>,
     mem: Arc<MemCounter>,
+    /// Every allocation and host-device copy this backend makes (`Backend::traffic`).
+    traffic: Cell<Traffic>,
 }
 
 /// Which kernels run training attention (forward and backward) at head_dim 128.
@@ -307,6 +309,7 @@ impl CudaBackend {
             pdl: Cell::new(false),
             error: RefCell::new(None),
             mem: Arc::new(MemCounter::default()),
+            traffic: Cell::new(Traffic::default()),
         };
         be.set_pdl(std::env::var("EMPO_PDL").is_ok_and(|v| v == "1"));
         if let Ok(v) = std::env::var("EMPO_ATTENTION") {
@@ -603,7 +606,15 @@ impl CudaBackend {
         true
     }
 
+    /// Adds to the allocation and copy counts (`Backend::traffic`).
+    pub(crate) fn count(&self, f: impl FnOnce(&mut Traffic)) {
+        let mut t = self.traffic.get();
+        f(&mut t);
+        self.traffic.set(t);
+    }
+
     fn alloc_dtype(&self, n: usize, dtype: Dtype) -> Result<CudaBuf> {
+        self.count(|t| t.allocs += 1);
         // A zero-byte cuMemAlloc fails; keep one element so every buffer has an address.
         let m = n.max(1);
         let mem = match dtype {
@@ -637,6 +648,7 @@ impl CudaBackend {
     /// Uploads host values into storage of the given dtype.
     pub fn upload_as(&self, host: &[f32], dtype: Dtype) -> Result<CudaBuf> {
         let mut buf = self.alloc_dtype(host.len(), dtype)?;
+        self.count(|t| t.to_device += 1);
         if host.is_empty() {
             return Ok(buf);
         }
@@ -656,6 +668,7 @@ impl CudaBackend {
     /// Uploads bf16 values as they are (weights from a bf16 checkpoint need no conversion).
     pub fn upload_bf16_raw(&self, host: &[bf16]) -> Result<CudaBuf> {
         let mut buf = self.alloc_dtype(host.len(), Dtype::Bf16)?;
+        self.count(|t| t.to_device += 1);
         if let Mem::Bf16(s) = &mut buf.mem {
             if !host.is_empty() {
                 self.stream
@@ -672,6 +685,7 @@ impl CudaBackend {
         let mut staging = self.staging.borrow_mut();
         let cell = &mut staging[slot as usize];
         if cell.as_ref().is_none_or(|s| s.len() < host.len().max(1)) {
+            self.count(|t| t.allocs += 1);
             match self.stream.alloc_zeros::<u32>(host.len().max(1024)) {
                 Ok(s) => *cell = Some(s),
                 Err(e) => {
@@ -683,6 +697,7 @@ impl CudaBackend {
         let s = cell.as_mut().expect("allocated above");
         let p = s.device_ptr(&self.stream).0;
         if !host.is_empty() {
+            self.count(|t| t.to_device += 1);
             let copied = match self.copy_pinned(p, host) {
                 Some(r) => r,
                 None => self
@@ -718,6 +733,7 @@ impl CudaBackend {
                 }
             }
             let cap = host.len().max(4096).next_power_of_two();
+            self.count(|t| t.allocs += 1);
             // SAFETY: page-locked u32s, written below before any copy reads them.
             let made = unsafe { self.ctx.alloc_pinned::<u32>(cap) }
                 .and_then(|b| Ok((b, self.ctx.new_event(None)?)));
@@ -785,6 +801,7 @@ impl CudaBackend {
         }
         if sc[i].as_ref().is_none_or(|s| s.len() < n.max(1)) {
             sc[i] = None; // free first: scratch can be large
+            self.count(|t| t.allocs += 1);
             match self.stream.alloc_zeros::<f32>(n.max(1)) {
                 Ok(s) => sc[i] = Some(s),
                 Err(e) => {
@@ -883,6 +900,7 @@ impl CudaBackend {
 
     /// Downloads any buffer as f32 (bf16 widened).
     fn download_f32(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
+        self.count(|t| t.to_host += 1);
         let out = match &buf.mem {
             Mem::Bf16(s) => self
                 .stream
@@ -972,7 +990,11 @@ impl Backend for CudaBackend {
     fn download(&self, buf: &CudaBuf) -> Result<Vec<f32>> {
         self.download_f32(buf)
     }
+    fn traffic(&self) -> Traffic {
+        self.traffic.get()
+    }
     fn alloc_host(&self, n: usize) -> Result<CudaHost> {
+        self.count(|t| t.allocs += 1);
         // Not write-combined (cudarc's alloc_pinned): checkpoints read these values back on the
         // host, and reads of write-combined memory are uncached.
         // SAFETY: every value is written (zeroed) below before anything reads it.
@@ -997,6 +1019,7 @@ impl Backend for CudaBackend {
         }
     }
     fn copy_to_device(&self, dst: &mut CudaBuf, src: &CudaHost) {
+        self.count(|t| t.to_device += 1);
         let n = src.len();
         let Mem::F32(s) = &mut dst.mem else {
             self.fail("copy_to_device: the destination must be f32 storage");
@@ -1018,6 +1041,7 @@ impl Backend for CudaBackend {
         }
     }
     fn copy_to_host(&self, dst: &mut CudaHost, src: &CudaBuf) {
+        self.count(|t| t.to_host += 1);
         let n = dst.len();
         let Mem::F32(s) = &src.mem else {
             self.fail("copy_to_host: the source must be f32 storage");
@@ -1197,6 +1221,10 @@ impl Backend for CudaBackend {
     }
 
     fn sum_squares(&self, x: &CudaBuf) -> Result<f64> {
+        self.count(|t| {
+            t.allocs += 1;
+            t.to_host += 1;
+        });
         let mut acc = self
             .stream
             .alloc_zeros::<f64>(1)

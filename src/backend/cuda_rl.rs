@@ -14,6 +14,10 @@ fn dev<T: DeviceRepr + ValidAsZeroBits>(
     be: &CudaBackend,
     host: &[T],
 ) -> Result<(CudaSlice<T>, u64)> {
+    be.count(|t| {
+        t.allocs += 1;
+        t.to_device += 1;
+    });
     let s = be
         .stream()
         .clone_htod(host)
@@ -26,6 +30,7 @@ fn zeros<T: DeviceRepr + ValidAsZeroBits>(
     be: &CudaBackend,
     n: usize,
 ) -> Result<(CudaSlice<T>, u64)> {
+    be.count(|t| t.allocs += 1);
     let s = be
         .stream()
         .alloc_zeros::<T>(n.max(1))
@@ -35,6 +40,7 @@ fn zeros<T: DeviceRepr + ValidAsZeroBits>(
 }
 
 fn read<T: DeviceRepr>(be: &CudaBackend, s: &CudaSlice<T>) -> Result<Vec<T>> {
+    be.count(|t| t.to_host += 1);
     let v = be
         .stream()
         .clone_dtoh(s)

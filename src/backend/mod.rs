@@ -109,6 +109,30 @@ pub struct AdamWStep {
 /// Marks a row that has no target token in `softmax_stats`.
 pub const NO_TARGET: u32 = u32::MAX;
 
+/// What a backend has allocated and copied between host and device, counted where it does so.
+/// The model's rule is that a warm layer does neither: `check-kernels` runs the same step at
+/// two depths and asks that these counts not grow with the layers.
+#[derive(Debug, Clone, Copy, Default, PartialEq, Eq)]
+pub struct Traffic {
+    /// Device buffers, scratch, staging and page-locked host memory allocated.
+    pub allocs: u64,
+    /// Copies from the host to the device (uploads, staged ids and lengths).
+    pub to_device: u64,
+    /// Copies from the device to the host (downloads, reductions read back).
+    pub to_host: u64,
+}
+
+impl Traffic {
+    /// The counts added since `before`.
+    pub fn since(self, before: Traffic) -> Traffic {
+        Traffic {
+            allocs: self.allocs - before.allocs,
+            to_device: self.to_device - before.to_device,
+            to_host: self.to_host - before.to_host,
+        }
+    }
+}
+
 /// One optimizer update's settings for `Backend::optimizer_step`.
 #[derive(Debug, Clone, Copy, PartialEq)]
 pub struct OptimizerStep {
@@ -158,6 +182,8 @@ pub trait Backend {
         let wide: Vec<f32> = host.iter().map(|x| x.to_f32()).collect();
         self.upload(&wide)
     }
+    /// Allocations and host-device copies so far (see [`Traffic`]).
+    fn traffic(&self) -> Traffic;
     /// Bytes held by this backend's buffers (live, peak since the last reset), where tracked.
     fn memory(&self) -> Option<(usize, usize)> {
         None
