@@ -131,6 +131,18 @@ unsafe impl ValidAsZeroBits for OptimTensor {}
 /// stochastic-rounding hash input (chunk · OPTIM_CHUNK + i), so changing it changes every run.
 const OPTIM_CHUNK: usize = 16384;
 
+/// Numbers the descriptors' chunks in order (each tensor's `first_block`) and returns how many
+/// there are: the grid of every optimizer launch. `grad_sumsq` and `optimizer_step` both number
+/// through here, so their Σg² runs over the same chunks in the same order.
+fn number_chunks(ts: &mut [OptimTensor]) -> usize {
+    let mut blocks = 0usize;
+    for t in ts {
+        t.first_block = blocks as i64;
+        blocks += (t.n as usize).div_ceil(OPTIM_CHUNK);
+    }
+    blocks
+}
+
 /// multi_grad_sumsq over `blocks` chunks of the descriptors at `ts_p`: Σg² left in a device
 /// double (and its pointer) that an update launch can read without a trip to the host.
 fn launch_sumsq(
@@ -163,7 +175,6 @@ fn launch_sumsq(
 /// the very double the in-place update computes. One read of the result.
 pub fn grad_sumsq(be: &CudaBackend, grads: &[&CudaBuf]) -> Result<f64> {
     let mut ts = Vec::with_capacity(grads.len());
-    let mut blocks = 0usize;
     for g in grads {
         let n = g.len();
         if !be.want("grad_sumsq", "grad", g, Dtype::F32, n) {
@@ -172,11 +183,10 @@ pub fn grad_sumsq(be: &CudaBackend, grads: &[&CudaBuf]) -> Result<f64> {
         ts.push(OptimTensor {
             grad: g.ptr(),
             n: n as i64,
-            first_block: blocks as i64,
             ..Default::default()
         });
-        blocks += n.div_ceil(OPTIM_CHUNK);
     }
+    let blocks = number_chunks(&mut ts);
     if blocks == 0 {
         return Ok(0.0);
     }
@@ -196,7 +206,6 @@ pub fn optimizer_step(
     h: &OptimizerStep,
 ) -> Result<f64> {
     let mut ts = Vec::with_capacity(params.len());
-    let mut blocks = 0usize;
     let m_dtype = moments
         .as_ref()
         .and_then(|(m, _)| m.first().map(|b| b.dtype()));
@@ -224,10 +233,10 @@ pub fn optimizer_step(
             m,
             v,
             n: n as i64,
-            first_block: blocks as i64,
+            first_block: 0,
         });
-        blocks += n.div_ceil(OPTIM_CHUNK);
     }
+    let blocks = number_chunks(&mut ts);
     if blocks == 0 {
         return Ok(0.0);
     }
