@@ -295,21 +295,6 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             2.5 * flops,
             t,
         );
-        // The other kernel sets (wgmma on an H100), timed on the same operands.
-        let variants = be.attention_variants();
-        for alt in variants.iter().skip(1) {
-            be.set_attention_variant(alt)?;
-            let tf = time(be, iters, || {
-                be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
-            });
-            let tb = time(be, iters, || {
-                be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
-            });
-            be.set_attention_variant(variants[0])?;
-            let name = |dir: &str| format!("attention {dir} (causal, {alt})");
-            push(&name("fwd"), shape.clone(), Unit::Flops, flops, tf?);
-            push(&name("bwd"), shape.clone(), Unit::Flops, 2.5 * flops, tb?);
-        }
     }
 
     // Decode: 64 sequences, one new query each over 2k cached positions; bytes of K and V.
@@ -429,6 +414,72 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             );
         }
         Err(e) => eprintln!("bench: the model and decode step rows are left out: {e:#}"),
+    }
+    Ok(rows)
+}
+
+/// The backend's other attention kernel sets (wgmma on an H100), timed at the training
+/// shapes of `run_all`. On the GPU this section runs last: these kernels have not yet run on
+/// one, and a fault there loses the device for every section after it.
+pub fn alternate_attention_rows<B: Backend>(
+    be: &B,
+    s: &BenchShapes,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let variants = be.attention_variants();
+    if variants.len() < 2 {
+        return Ok(rows);
+    }
+    for &t_len in s.seqs {
+        let sh = AttnShape {
+            batch: 1,
+            tq: t_len,
+            tk: t_len,
+            cap: t_len,
+            heads: s.heads,
+            kv_heads: s.kv_heads,
+            head_dim: s.head_dim,
+        };
+        let nq = t_len * s.heads * s.head_dim;
+        let nkv = t_len * s.kv_heads * s.head_dim;
+        let (q, k, vv) = (
+            be.upload(&rnd(nq, 1.0))?,
+            be.upload(&rnd(nkv, 1.0))?,
+            be.upload(&rnd(nkv, 1.0))?,
+        );
+        let (mut o, mut lse) = (be.alloc(nq)?, be.alloc_f32(t_len * s.heads)?);
+        let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
+        let flops = 2.0 * (t_len as f64).powi(2) * s.head_dim as f64 * s.heads as f64;
+        let shape = format!(
+            "t {t_len}, heads {}/{}, d {}",
+            s.heads, s.kv_heads, s.head_dim
+        );
+        for alt in variants.iter().skip(1) {
+            be.set_attention_variant(alt)?;
+            let tf = time(be, iters, || {
+                be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
+            });
+            let tb = time(be, iters, || {
+                be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
+            });
+            be.set_attention_variant(variants[0])?;
+            let name = |dir: &str| format!("attention {dir} (causal, {alt})");
+            rows.push(BenchRow::new(
+                &name("fwd"),
+                shape.clone(),
+                Unit::Flops,
+                flops,
+                tf?,
+            ));
+            rows.push(BenchRow::new(
+                &name("bwd"),
+                shape.clone(),
+                Unit::Flops,
+                2.5 * flops,
+                tb?,
+            ));
+        }
     }
     Ok(rows)
 }

@@ -98,9 +98,24 @@ struct Ctx<'a, B: Backend> {
     stream: u64,
     tol: &'a Tolerances,
     rows: Vec<CheckRow>,
+    /// The check after which the device was lost, if it was.
+    lost: Option<String>,
+    /// Whether the device is lost, asked after a check errors (`device_lost`; tests swap it).
+    probe: fn(&B) -> bool,
 }
 
-impl<B: Backend> Ctx<'_, B> {
+impl<'a, B: Backend> Ctx<'a, B> {
+    fn new(be: &'a B, seed: u64, tol: &'a Tolerances) -> Self {
+        Ctx {
+            be,
+            seed,
+            stream: 0,
+            tol,
+            rows: Vec::new(),
+            lost: None,
+            probe: device_lost::<B>,
+        }
+    }
     /// Fresh bf16-exact random values.
     fn rnd(&mut self, n: usize, scale: f32) -> Vec<f32> {
         self.stream += 1;
@@ -137,29 +152,61 @@ impl<B: Backend> Ctx<'_, B> {
     /// Keeps a row, and prints it to stderr at once: should a kernel hang, what ran before it
     /// is already out (the table on stdout comes at the end).
     fn push(&mut self, r: CheckRow) {
-        eprintln!(
-            "  {} {} [{}]: {:.3e} (tol {:.1e})",
-            if r.pass() { "ok  " } else { "FAIL" },
-            r.op,
-            r.shape,
-            r.err,
-            r.tol
-        );
+        announce(&r);
         self.rows.push(r);
     }
+}
+
+/// Prints a row to stderr as soon as it is known.
+fn announce(r: &CheckRow) {
+    eprintln!(
+        "  {} {} [{}]: {:.3e} (tol {:.1e})",
+        if r.pass() { "ok  " } else { "FAIL" },
+        r.op,
+        r.shape,
+        r.err,
+        r.tol
+    );
+}
+
+/// Whether the device is lost. After a fault in a kernel (an illegal address, a trap) every
+/// call on the CUDA context fails from then on, so a check run there can only add failed rows
+/// that say nothing of its own kernel. An error left pending by an earlier op is cleared
+/// first: only one that persists counts.
+pub fn device_lost<B: Backend>(be: &B) -> bool {
+    let _ = be.sync();
+    be.sync().is_err()
 }
 
 /// A check that stops with an error (an op refused or failed, memory ran out) becomes a failed
 /// row, and the checks after it still run: one broken kernel must not hide the state of every
 /// other one. The device's pending error is cleared first.
+/// Once the device is lost, the checks after it are failed rows that say so, without running.
 fn attempt<'a, B: Backend>(
     c: &mut Ctx<'a, B>,
     what: &str,
     check: impl FnOnce(&mut Ctx<'a, B>) -> Result<()>,
 ) {
+    if let Some(after) = &c.lost {
+        let row = not_run_row(what, after);
+        c.push(row);
+        return;
+    }
     if let Err(e) = check(c) {
-        let _ = c.be.sync();
         c.push(errored_row(what, &e));
+        if (c.probe)(c.be) {
+            c.lost = Some(what.to_string());
+        }
+    }
+}
+
+/// The failed row of a check skipped because an earlier one lost the device.
+pub fn not_run_row(what: &str, after: &str) -> CheckRow {
+    CheckRow {
+        op: format!("{what}: not run"),
+        shape: format!("the device was lost after {after}"),
+        err: f64::INFINITY,
+        tol: 0.0,
     }
 }
 
@@ -182,6 +229,47 @@ pub fn errored_row(what: &str, e: &anyhow::Error) -> CheckRow {
     }
 }
 
+/// The parts of a GPU check, run in order, each giving its rows. A part that errors is one
+/// failed row and the parts after it still run; once one has lost the device, the parts after
+/// it are failed rows that say so.
+pub struct Parts<'a, B: Backend> {
+    be: &'a B,
+    pub rows: Vec<CheckRow>,
+    lost: Option<String>,
+    probe: fn(&B) -> bool,
+}
+
+impl<'a, B: Backend> Parts<'a, B> {
+    pub fn new(be: &'a B) -> Self {
+        Parts {
+            be,
+            rows: Vec::new(),
+            lost: None,
+            probe: device_lost::<B>,
+        }
+    }
+
+    pub fn run(&mut self, what: &str, part: impl FnOnce() -> Result<Vec<CheckRow>>) {
+        if let Some(after) = &self.lost {
+            let row = not_run_row(what, after);
+            announce(&row);
+            self.rows.push(row);
+            return;
+        }
+        match part() {
+            Ok(rows) => self.rows.extend(rows),
+            Err(e) => {
+                let row = errored_row(what, &e);
+                announce(&row);
+                self.rows.push(row);
+            }
+        }
+        if (self.probe)(self.be) {
+            self.lost = Some(what.to_string());
+        }
+    }
+}
+
 /// Runs every op check at small and at Qwen2.5-like shapes, then the model checks.
 pub fn run_all<B: Backend>(
     be: &B,
@@ -189,13 +277,7 @@ pub fn run_all<B: Backend>(
     tol: &Tolerances,
     big: bool,
 ) -> Result<Vec<CheckRow>> {
-    let mut c = Ctx {
-        be,
-        seed,
-        stream: 0,
-        tol,
-        rows: Vec::new(),
-    };
+    let mut c = Ctx::new(be, seed, tol);
     let dims: &[(usize, usize)] = if big {
         &[(7, 96), (64, 3584)]
     } else {
@@ -243,31 +325,10 @@ pub fn run_all<B: Backend>(
             check_rope(c, 2, 2048, 28, 128, Starts::Same(5))
         });
     }
-    let attn: Vec<AttnShape> = {
-        let s = |batch, tq, tk, cap, heads, kv_heads, head_dim| AttnShape {
-            batch,
-            tq,
-            tk,
-            cap,
-            heads,
-            kv_heads,
-            head_dim,
-        };
-        let mut v = vec![
-            s(2, 13, 13, 13, 4, 2, 16), // tiny head_dim: fallback kernel
-            s(2, 70, 70, 70, 4, 1, 64), // GQA 4, ragged tiles
-            s(1, 5, 37, 40, 4, 2, 64),  // prefill after a cache prefix
-            s(3, 1, 29, 32, 4, 2, 128), // decode: one query over the cache
-            s(1, 130, 130, 130, 4, 2, 128),
-            s(2, 100, 300, 310, 4, 1, 128), // prefill over a cache, several key tiles, GQA 4
-        ];
-        if big {
-            v.push(s(1, 1024, 1024, 1024, 28, 4, 128));
-        }
-        v
-    };
-    for s in attn {
-        attempt(&mut c, "attention", |c| check_attention(c, s));
+    for s in attention_shapes(big) {
+        attempt(&mut c, "attention", |c| {
+            check_attention(c, s, Kernels::Default)
+        });
     }
     attempt(&mut c, "kv_write", |c| {
         check_kv_write(c, 5, Starts::Same(7))
@@ -326,6 +387,58 @@ pub fn run_all<B: Backend>(
     let cfg = model_configs().remove(1);
     attempt(&mut c, "wide decode", |c| check_wide_decode(c, &cfg, wide));
     attempt(&mut c, "layer traffic", |c| check_layer_traffic(c, &cfg));
+    Ok(c.rows)
+}
+
+/// The training attention shapes: the fallback kernel, GQA, ragged tiles, prefill after a
+/// cache, a single query, and with `big` a Qwen2.5-7B layer at 1K.
+fn attention_shapes(big: bool) -> Vec<AttnShape> {
+    let s = |batch, tq, tk, cap, heads, kv_heads, head_dim| AttnShape {
+        batch,
+        tq,
+        tk,
+        cap,
+        heads,
+        kv_heads,
+        head_dim,
+    };
+    let mut v = vec![
+        s(2, 13, 13, 13, 4, 2, 16), // tiny head_dim: fallback kernel
+        s(2, 70, 70, 70, 4, 1, 64), // GQA 4, ragged tiles
+        s(1, 5, 37, 40, 4, 2, 64),  // prefill after a cache prefix
+        s(3, 1, 29, 32, 4, 2, 128), // decode: one query over the cache
+        s(1, 130, 130, 130, 4, 2, 128),
+        s(2, 100, 300, 310, 4, 1, 128), // prefill over a cache, several key tiles, GQA 4
+    ];
+    if big {
+        v.push(s(1, 1024, 1024, 1024, 28, 4, 128));
+    }
+    v
+}
+
+/// Which attention kernels a pass checks: the backend's default set, or its others (wgmma on
+/// an H100, never yet run on one).
+#[derive(Debug, Clone, Copy, PartialEq, Eq)]
+enum Kernels {
+    Default,
+    Alternates,
+}
+
+/// The attention shapes again, for the backend's other attention kernels only. On the GPU this
+/// pass runs after every other check: a fault there loses the device, and with it whatever
+/// would have run after.
+pub fn run_alternates<B: Backend>(
+    be: &B,
+    seed: u64,
+    tol: &Tolerances,
+    big: bool,
+) -> Result<Vec<CheckRow>> {
+    let mut c = Ctx::new(be, seed ^ 0xa17, tol);
+    for s in attention_shapes(big) {
+        attempt(&mut c, "attention variants", |c| {
+            check_attention(c, s, Kernels::Alternates)
+        });
+    }
     Ok(c.rows)
 }
 
@@ -496,7 +609,13 @@ fn check_rope<B: Backend>(
     Ok(())
 }
 
-fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
+/// The attention kernels of `which` against the CPU oracle: the forward's output and
+/// log-sum-exp, and over full sequences the backward from the oracle's own forward.
+fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape, which: Kernels) -> Result<()> {
+    let alternates = which == Kernels::Alternates;
+    if alternates && !has_alternates(c.be, s) {
+        return Ok(());
+    }
     let shape = format!(
         "b {} tq {} tk {} heads {}/{} d {}",
         s.batch, s.tq, s.tk, s.heads, s.kv_heads, s.head_dim
@@ -511,28 +630,33 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
         c.rnd(nq, 1.0),
     );
     let (bq, bk, bv) = (c.be.upload(&q)?, c.be.upload(&k)?, c.be.upload(&v)?);
-    let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(nl)?);
-    c.be.attention(&mut out, &mut lse, &bq, &bk, &bv, s);
     let (mut wo, mut wl) = (vec![0.0; nq], vec![0.0; nl]);
     cpu::attention(&mut wo, &mut wl, &q, &k, &v, s);
-    let kind = if s.tq == 1 { "decode" } else { "flash" };
-    c.row(
-        &format!("attention {kind} out"),
-        shape.clone(),
-        &out,
-        &wo,
-        false,
-    )?;
-    c.row(
-        &format!("attention {kind} lse"),
-        shape.clone(),
-        &lse,
-        &wl,
-        true,
-    )?;
+    if !alternates {
+        let (mut out, mut lse) = (c.nan(nq)?, c.nan_f32(nl)?);
+        c.be.attention(&mut out, &mut lse, &bq, &bk, &bv, s);
+        let kind = if s.tq == 1 { "decode" } else { "flash" };
+        c.row(
+            &format!("attention {kind} out"),
+            shape.clone(),
+            &out,
+            &wo,
+            false,
+        )?;
+        c.row(
+            &format!("attention {kind} lse"),
+            shape.clone(),
+            &lse,
+            &wl,
+            true,
+        )?;
+    }
     if s.tq != s.tk {
         // training backward only runs over full sequences
-        return alt_attention(c, s, &shape, [&bq, &bk, &bv], [&wo, &wl], None);
+        return match which {
+            Kernels::Default => Ok(()),
+            Kernels::Alternates => alt_attention(c, s, &shape, [&bq, &bk, &bv], [&wo, &wl], None),
+        };
     }
     // Backward from the oracle's own forward (rounded as the backend stores it).
     let wo_b = round_bf16(&wo);
@@ -541,19 +665,27 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape) -> Result<()> {
         c.be.upload_f32(&wl)?,
         c.be.upload(&dout)?,
     );
-    let (mut dq, mut dk, mut dv) = (c.nan(nq)?, c.nan(nkv)?, c.nan(nkv)?);
-    c.be.attention_bwd(
-        &mut dq, &mut dk, &mut dv, &bdout, &bo, &bl, &bq, &bk, &bv, s,
-    );
     let (mut wdq, mut wdk, mut wdv) = (vec![0.0; nq], vec![0.0; nkv], vec![0.0; nkv]);
     cpu::attention_bwd(
         &mut wdq, &mut wdk, &mut wdv, &dout, &wo_b, &wl, &q, &k, &v, s,
     );
+    if alternates {
+        let bwd = ([&bo, &bl, &bdout], [&wdq[..], &wdk, &wdv]);
+        return alt_attention(c, s, &shape, [&bq, &bk, &bv], [&wo, &wl], Some(bwd));
+    }
+    let (mut dq, mut dk, mut dv) = (c.nan(nq)?, c.nan(nkv)?, c.nan(nkv)?);
+    c.be.attention_bwd(
+        &mut dq, &mut dk, &mut dv, &bdout, &bo, &bl, &bq, &bk, &bv, s,
+    );
     c.row("attention_bwd dq", shape.clone(), &dq, &wdq, false)?;
     c.row("attention_bwd dk", shape.clone(), &dk, &wdk, false)?;
-    c.row("attention_bwd dv", shape.clone(), &dv, &wdv, false)?;
-    let bwd = ([&bo, &bl, &bdout], [&wdq[..], &wdk, &wdv]);
-    alt_attention(c, s, &shape, [&bq, &bk, &bv], [&wo, &wl], Some(bwd))
+    c.row("attention_bwd dv", shape, &dv, &wdv, false)
+}
+
+/// Whether the backend has other attention kernels for this shape: the wgmma ones take head_dim
+/// 128 and more than one query.
+fn has_alternates<B: Backend>(be: &B, s: AttnShape) -> bool {
+    s.tq > 1 && s.head_dim == 128 && be.attention_variants().len() > 1
 }
 
 /// The backward's inputs for `alt_attention`: [out, lse, dout] on the device, and the oracle's
@@ -571,9 +703,6 @@ fn alt_attention<B: Backend>(
     [wo, wl]: [&[f32]; 2],
     bwd: Option<AltBwd<'_, B>>,
 ) -> Result<()> {
-    if s.tq == 1 || s.head_dim != 128 {
-        return Ok(());
-    }
     let variants = c.be.attention_variants();
     let (nq, nkv) = (
         s.batch * s.tq * s.heads * s.head_dim,
@@ -1597,16 +1726,32 @@ pub fn check_policy_loss_cuda(
                     &[gs.loss as f32, gs.clip_fraction as f32, gs.approx_kl as f32],
                     &[ws.loss as f32, ws.clip_fraction as f32, ws.approx_kl as f32],
                 );
-                rows.push(CheckRow {
+                let row = CheckRow {
                     op: format!("policy loss {kind:?} {agg:?} dual {dual_clip:?}: loss, clipfrac, kl, dlogp"),
                     shape: format!("{} seqs, {n} tokens", lens.len()),
                     err: stats_err.max(max_rel_err(&gd, &wd)),
                     tol: tol.f32_out,
-                });
+                };
+                announce(&row);
+                rows.push(row);
             }
         }
     }
     Ok(rows)
+}
+
+/// Every GPU check, against the CPU reference with bf16 tolerances. The kernels never yet run
+/// on a GPU (the wgmma probe and attention) go last: a fault there loses the device, and every
+/// part after it could only fail.
+pub fn run_cuda(be: &crate::backend::cuda::CudaBackend, seed: u64, big: bool) -> Vec<CheckRow> {
+    let tol = Tolerances::bf16();
+    let mut parts = Parts::new(be);
+    parts.run("ops", || run_all(be, seed, &tol, big));
+    parts.run("policy loss", || check_policy_loss_cuda(be, seed, &tol));
+    parts.run("pdl", || check_pdl_cuda(be, seed, &tol));
+    parts.run("wgmma probe", || check_wgmma_probe_cuda(be, seed));
+    parts.run("attention variants", || run_alternates(be, seed, &tol, big));
+    parts.rows
 }
 
 /// The wgmma layout probe on an H100 (`cuda_attention::wgmma_probe`): each wgmma form of the
@@ -1639,12 +1784,14 @@ pub fn check_wgmma_probe_cuda(
             let run = |a: &[f32], b: &[f32]| wgmma_probe(be, f, a, b);
             println!("{}", probe_decode(&run, [m, k, n], at, bt)?);
         }
-        rows.push(CheckRow {
+        let row = CheckRow {
             op: format!("wgmma probe {f}: {name}"),
             shape: format!("[{m}, {k}] x [{k}, {n}], exact"),
             err,
             tol: 0.0,
-        });
+        };
+        announce(&row);
+        rows.push(row);
     }
     Ok(rows)
 }
@@ -1762,13 +1909,7 @@ pub fn check_pdl_cuda(
     seed: u64,
     tol: &Tolerances,
 ) -> Result<Vec<CheckRow>> {
-    let mut c = Ctx {
-        be,
-        seed: seed ^ 0x9d1,
-        stream: 0,
-        tol,
-        rows: Vec::new(),
-    };
+    let mut c = Ctx::new(be, seed ^ 0x9d1, tol);
     let run = |c: &mut Ctx<crate::backend::cuda::CudaBackend>| -> Result<()> {
         for (rows, dim) in [(64, 3584), (4096, 3584)] {
             check_elementwise(c, rows, dim)?;
@@ -1802,13 +1943,7 @@ mod tests {
     #[test]
     fn a_check_that_errors_fails_its_row_and_the_rest_still_run() {
         let tol = Tolerances::exact();
-        let mut c = Ctx {
-            be: &CpuBackend,
-            seed: 3,
-            stream: 0,
-            tol: &tol,
-            rows: Vec::new(),
-        };
+        let mut c = Ctx::new(&CpuBackend, 3, &tol);
         attempt(&mut c, "broken", |_| {
             anyhow::bail!("kernel x: launch failed")
         });
@@ -1819,5 +1954,54 @@ mod tests {
         assert!(c.rows.len() > 1 && c.rows[1..].iter().all(CheckRow::pass));
         let long = anyhow::anyhow!("é{}", "x".repeat(300));
         assert!(errored_row("y", &long).shape.len() <= 120);
+    }
+
+    /// Once a check loses the device, the checks after it are failed rows naming the one that
+    /// lost it, without running; and so are the parts after it.
+    #[test]
+    fn after_the_device_is_lost_the_rest_are_failed_rows_that_say_so() {
+        let tol = Tolerances::exact();
+        let mut c = Ctx::new(&CpuBackend, 3, &tol);
+        c.probe = |_| true;
+        attempt(&mut c, "rmsnorm", |c| check_rmsnorm(c, 3, 16));
+        let healthy = c.rows.len();
+        assert!(healthy > 0 && c.rows.iter().all(CheckRow::pass));
+        attempt(&mut c, "faulty", |_| {
+            anyhow::bail!("CUDA_ERROR_ILLEGAL_ADDRESS")
+        });
+        let mut ran = false;
+        attempt(&mut c, "elementwise", |_| {
+            ran = true;
+            Ok(())
+        });
+        assert!(!ran);
+        let after: Vec<(&str, &str)> = c.rows[healthy..]
+            .iter()
+            .map(|r| (r.op.as_str(), r.shape.as_str()))
+            .collect();
+        assert_eq!(
+            after,
+            [
+                ("faulty: error", "CUDA_ERROR_ILLEGAL_ADDRESS"),
+                ("elementwise: not run", "the device was lost after faulty"),
+            ]
+        );
+        assert!(c.rows[healthy..].iter().all(|r| !r.pass()));
+
+        let mut parts = Parts::new(&CpuBackend);
+        parts.run("ops", || Ok(vec![]));
+        parts.run("policy loss", || anyhow::bail!("launch failed"));
+        assert_eq!(parts.rows.len(), 1, "a healthy device runs every part");
+        parts.probe = |_| true;
+        parts.run("pdl", || Ok(vec![]));
+        let mut ran = false;
+        parts.run("wgmma probe", || {
+            ran = true;
+            Ok(vec![])
+        });
+        assert!(!ran);
+        let ops: Vec<&str> = parts.rows.iter().map(|r| r.op.as_str()).collect();
+        assert_eq!(ops, ["policy loss: error", "wgmma probe: not run"]);
+        assert_eq!(parts.rows[1].shape, "the device was lost after pdl");
     }
 }

@@ -834,7 +834,7 @@ fn info(a: &InfoArgs) -> Result<()> {
 }
 
 fn check_kernels(a: &CheckArgs) -> Result<()> {
-    use empo_engine::kernel_checks::{format_table, run_all, CheckRow, Tolerances};
+    use empo_engine::kernel_checks::{format_table, run_all, Tolerances};
     let seed = a.seed.unwrap_or_else(|| {
         std::time::SystemTime::now()
             .duration_since(std::time::UNIX_EPOCH)
@@ -856,30 +856,7 @@ fn check_kernels(a: &CheckArgs) -> Result<()> {
             "check-kernels: {} against the CPU reference, seed {seed}",
             empo_engine::backend::Backend::name(&be)
         );
-        use empo_engine::kernel_checks::{
-            check_pdl_cuda, check_policy_loss_cuda, check_wgmma_probe_cuda, errored_row,
-        };
-        // A part that stops with an error is a failed row; the parts after it still run.
-        let part = |what: &str, got: Result<Vec<CheckRow>>| match got {
-            Ok(rows) => rows,
-            Err(e) => {
-                let _ = empo_engine::backend::Backend::sync(&be);
-                vec![errored_row(what, &e)]
-            }
-        };
-        // The wgmma probe first: if a wgmma attention kernel hangs below, its rows are out.
-        let mut rows = part("wgmma probe", check_wgmma_probe_cuda(&be, seed));
-        if !rows.is_empty() {
-            print!("{}", format_table(&rows));
-        }
-        let bf16 = Tolerances::bf16();
-        rows.extend(part("ops", run_all(&be, seed, &bf16, !a.quick)));
-        rows.extend(part(
-            "policy loss",
-            check_policy_loss_cuda(&be, seed, &bf16),
-        ));
-        rows.extend(part("pdl", check_pdl_cuda(&be, seed, &bf16)));
-        rows
+        empo_engine::kernel_checks::run_cuda(&be, seed, !a.quick)
     };
     print!("{}", format_table(&rows));
     let failed = rows.iter().filter(|r| !r.pass()).count();
@@ -918,12 +895,18 @@ fn bench(a: &BenchArgs) -> Result<()> {
         };
         println!("bench: {}", empo_engine::backend::Backend::name(&be));
         let mut rows = run_all(&be, &shapes, iters)?;
-        use empo_engine::kernel_bench::{keep, pdl_rows_cuda, policy_loss_rows_cuda};
+        use empo_engine::kernel_bench::{
+            alternate_attention_rows, keep, pdl_rows_cuda, policy_loss_rows_cuda,
+        };
         let loss = policy_loss_rows_cuda(&be, iters);
         keep(&be, &mut rows, "policy loss", loss);
         let pdl = pdl_rows_cuda(&be, &shapes, iters);
         keep(&be, &mut rows, "(pdl)", pdl);
         empo_engine::kernel_bench::add_copy_peers(&be, &mut rows, iters)?;
+        // Last, as in check-kernels: the kernels never yet run on a GPU (TFLOP/s rows, which
+        // have no copy peer).
+        let alt = alternate_attention_rows(&be, &shapes, iters);
+        keep(&be, &mut rows, "wgmma attention", alt);
         rows
     };
     print!("{}", format_table(&rows));

@@ -51,12 +51,7 @@ fn cuda_backend_matches_the_cpu_reference() {
             return;
         }
     };
-    let mut rows = run_all(&be, 11, &Tolerances::bf16(), true).unwrap();
-    rows.extend(
-        empo_engine::kernel_checks::check_policy_loss_cuda(&be, 11, &Tolerances::bf16()).unwrap(),
-    );
-    rows.extend(empo_engine::kernel_checks::check_wgmma_probe_cuda(&be, 11).unwrap());
-    rows.extend(empo_engine::kernel_checks::check_pdl_cuda(&be, 11, &Tolerances::bf16()).unwrap());
+    let rows = empo_engine::kernel_checks::run_cuda(&be, 11, true);
     println!("{}", format_table(&rows));
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
     assert!(failed.is_empty(), "{failed:?}");
