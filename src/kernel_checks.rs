@@ -102,6 +102,8 @@ struct Ctx<'a, B: Backend> {
     lost: Option<String>,
     /// Whether the device is lost, asked after a check errors (`device_lost`; tests swap it).
     probe: fn(&B) -> bool,
+    /// Checks not to run (`check-kernels --skip`).
+    skip: &'a [String],
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
@@ -114,6 +116,7 @@ impl<'a, B: Backend> Ctx<'a, B> {
             rows: Vec::new(),
             lost: None,
             probe: device_lost::<B>,
+            skip: &[],
         }
     }
     /// Fresh bf16-exact random values.
@@ -192,6 +195,10 @@ fn attempt<'a, B: Backend>(
         c.push(row);
         return;
     }
+    if c.skip.iter().any(|s| s == what) {
+        c.push(skipped_row(what));
+        return;
+    }
     if let Err(e) = check(c) {
         c.push(errored_row(what, &e));
         if (c.probe)(c.be) {
@@ -200,11 +207,23 @@ fn attempt<'a, B: Backend>(
     }
 }
 
+/// The failed row of a check left out by `--skip`: it was not checked.
+pub fn skipped_row(what: &str) -> CheckRow {
+    CheckRow {
+        op: format!("{what}: skipped"),
+        shape: format!("--skip {what}"),
+        err: f64::INFINITY,
+        tol: 0.0,
+    }
+}
+
+const LOST: &str = "the device was lost after ";
+
 /// The failed row of a check skipped because an earlier one lost the device.
 pub fn not_run_row(what: &str, after: &str) -> CheckRow {
     CheckRow {
         op: format!("{what}: not run"),
-        shape: format!("the device was lost after {after}"),
+        shape: format!("{LOST}{after}"),
         err: f64::INFINITY,
         tol: 0.0,
     }
@@ -237,6 +256,8 @@ pub struct Parts<'a, B: Backend> {
     pub rows: Vec<CheckRow>,
     lost: Option<String>,
     probe: fn(&B) -> bool,
+    /// Parts, and checks within them, not to run (`check-kernels --skip`).
+    pub skip: &'a [String],
 }
 
 impl<'a, B: Backend> Parts<'a, B> {
@@ -246,38 +267,56 @@ impl<'a, B: Backend> Parts<'a, B> {
             rows: Vec::new(),
             lost: None,
             probe: device_lost::<B>,
+            skip: &[],
         }
     }
 
     pub fn run(&mut self, what: &str, part: impl FnOnce() -> Result<Vec<CheckRow>>) {
-        if let Some(after) = &self.lost {
-            let row = not_run_row(what, after);
-            announce(&row);
-            self.rows.push(row);
-            return;
-        }
-        match part() {
-            Ok(rows) => self.rows.extend(rows),
-            Err(e) => {
-                let row = errored_row(what, &e);
-                announce(&row);
-                self.rows.push(row);
+        let row = if let Some(after) = &self.lost {
+            not_run_row(what, after)
+        } else if self.skip.iter().any(|s| s == what) {
+            skipped_row(what)
+        } else {
+            let before = self.rows.len();
+            match part() {
+                Ok(rows) => self.rows.extend(rows),
+                Err(e) => {
+                    let row = errored_row(what, &e);
+                    announce(&row);
+                    self.rows.push(row);
+                }
             }
-        }
-        if (self.probe)(self.be) {
-            self.lost = Some(what.to_string());
-        }
+            if (self.probe)(self.be) {
+                // A fault surfaces as an error at the next download or sync, and after it
+                // there are no more errors, only rows not run: the part's last error names
+                // the check that lost the device.
+                let culprit = self.rows[before..]
+                    .iter()
+                    .rev()
+                    .find_map(|r| r.op.strip_suffix(": error"))
+                    .unwrap_or(what)
+                    .to_string();
+                eprintln!("check-kernels: the device was lost in {culprit}");
+                self.lost = Some(culprit);
+            }
+            return;
+        };
+        announce(&row);
+        self.rows.push(row);
     }
 }
 
 /// Runs every op check at small and at Qwen2.5-like shapes, then the model checks.
+/// Checks named in `skip` are failed rows, not run.
 pub fn run_all<B: Backend>(
     be: &B,
     seed: u64,
     tol: &Tolerances,
     big: bool,
+    skip: &[String],
 ) -> Result<Vec<CheckRow>> {
     let mut c = Ctx::new(be, seed, tol);
+    c.skip = skip;
     let dims: &[(usize, usize)] = if big {
         &[(7, 96), (64, 3584)]
     } else {
@@ -432,8 +471,10 @@ pub fn run_alternates<B: Backend>(
     seed: u64,
     tol: &Tolerances,
     big: bool,
+    skip: &[String],
 ) -> Result<Vec<CheckRow>> {
     let mut c = Ctx::new(be, seed ^ 0xa17, tol);
+    c.skip = skip;
     for s in attention_shapes(big) {
         attempt(&mut c, "attention variants", |c| {
             check_attention(c, s, Kernels::Alternates)
@@ -1743,14 +1784,24 @@ pub fn check_policy_loss_cuda(
 /// Every GPU check, against the CPU reference with bf16 tolerances. The kernels never yet run
 /// on a GPU (the wgmma probe and attention) go last: a fault there loses the device, and every
 /// part after it could only fail.
-pub fn run_cuda(be: &crate::backend::cuda::CudaBackend, seed: u64, big: bool) -> Vec<CheckRow> {
+/// Parts and checks named in `skip` are failed rows, not run: `tools/gpu-run.sh` runs the checks
+/// again without the one that lost the device.
+pub fn run_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    seed: u64,
+    big: bool,
+    skip: &[String],
+) -> Vec<CheckRow> {
     let tol = Tolerances::bf16();
     let mut parts = Parts::new(be);
-    parts.run("ops", || run_all(be, seed, &tol, big));
+    parts.skip = skip;
+    parts.run("ops", || run_all(be, seed, &tol, big, skip));
     parts.run("policy loss", || check_policy_loss_cuda(be, seed, &tol));
     parts.run("pdl", || check_pdl_cuda(be, seed, &tol));
     parts.run("wgmma probe", || check_wgmma_probe_cuda(be, seed));
-    parts.run("attention variants", || run_alternates(be, seed, &tol, big));
+    parts.run("attention variants", || {
+        run_alternates(be, seed, &tol, big, skip)
+    });
     parts.rows
 }
 
@@ -1988,20 +2039,49 @@ mod tests {
         );
         assert!(c.rows[healthy..].iter().all(|r| !r.pass()));
 
+        // Parts: the check that lost the device is the part's last error, or the part itself.
         let mut parts = Parts::new(&CpuBackend);
-        parts.run("ops", || Ok(vec![]));
         parts.run("policy loss", || anyhow::bail!("launch failed"));
+        parts.run("ops", || Ok(vec![]));
         assert_eq!(parts.rows.len(), 1, "a healthy device runs every part");
         parts.probe = |_| true;
-        parts.run("pdl", || Ok(vec![]));
-        let mut ran = false;
+        parts.run("ops", || Ok(c.rows.clone()));
         parts.run("wgmma probe", || {
             ran = true;
             Ok(vec![])
         });
         assert!(!ran);
-        let ops: Vec<&str> = parts.rows.iter().map(|r| r.op.as_str()).collect();
-        assert_eq!(ops, ["policy loss: error", "wgmma probe: not run"]);
-        assert_eq!(parts.rows[1].shape, "the device was lost after pdl");
+        let last = parts.rows.last().unwrap();
+        assert_eq!(last.op, "wgmma probe: not run");
+        assert_eq!(last.shape, "the device was lost after faulty");
+        let mut parts = Parts::new(&CpuBackend);
+        parts.probe = |_| true;
+        parts.run("pdl", || Ok(vec![]));
+        parts.run("attention variants", || Ok(vec![]));
+        assert_eq!(parts.rows[0].shape, "the device was lost after pdl");
+    }
+
+    /// `--skip` leaves a check, or a whole part, out as a failed row, and runs the rest.
+    #[test]
+    fn skipped_checks_are_failed_rows_and_the_rest_still_run() {
+        let tol = Tolerances::exact();
+        let skip = ["rmsnorm".to_string(), "pdl".to_string()];
+        let rows = run_all(&CpuBackend, 5, &tol, false, &skip).unwrap();
+        let skipped: Vec<&CheckRow> = rows.iter().filter(|r| !r.pass()).collect();
+        assert_eq!(skipped.len(), 2, "rmsnorm is attempted at two sizes");
+        assert!(skipped
+            .iter()
+            .all(|r| r.op == "rmsnorm: skipped" && r.shape == "--skip rmsnorm"));
+        assert!(!rows.iter().any(|r| r.op.starts_with("rmsnorm ")));
+        assert!(rows.iter().any(|r| r.op.starts_with("swiglu")));
+        let mut parts = Parts::new(&CpuBackend);
+        parts.skip = &skip;
+        let mut ran = false;
+        parts.run("pdl", || {
+            ran = true;
+            Ok(vec![])
+        });
+        assert!(!ran);
+        assert_eq!(parts.rows[0].op, "pdl: skipped");
     }
 }

@@ -7,7 +7,7 @@ use empo_engine::kernel_checks::{format_table, run_all, Tolerances};
 
 #[test]
 fn harness_runs_every_check_over_the_cpu_backend() {
-    let rows = run_all(&CpuBackend, 7, &Tolerances::exact(), false).unwrap();
+    let rows = run_all(&CpuBackend, 7, &Tolerances::exact(), false, &[]).unwrap();
     println!("{}", format_table(&rows));
     // Every op of the Backend trait and the three model checks appear.
     for op in [
@@ -51,7 +51,7 @@ fn cuda_backend_matches_the_cpu_reference() {
             return;
         }
     };
-    let rows = empo_engine::kernel_checks::run_cuda(&be, 11, true);
+    let rows = empo_engine::kernel_checks::run_cuda(&be, 11, true, &[]);
     println!("{}", format_table(&rows));
     let failed: Vec<_> = rows.iter().filter(|r| !r.pass()).collect();
     assert!(failed.is_empty(), "{failed:?}");
