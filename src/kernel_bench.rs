@@ -187,18 +187,132 @@ pub fn announce(r: &BenchRow) {
     );
 }
 
-pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+/// bf16 storage on the GPU: 2 bytes a value (the CPU's f32 moves twice that; its table rows are
+/// still comparable to each other).
+const BF16_BYTES: f64 = 2.0;
+
+/// The bench's sections in turn (see `Sections`): every backend has these.
+fn common_sections<B: Backend>(sec: &mut Sections<B>, s: &BenchShapes, iters: usize) -> Result<()> {
+    let be = sec.be;
+    // Every rate is read against the ceilings: without them the bench has nothing to say.
+    let ceil = ceiling_rows(be, s, iters)?;
+    ceil.iter().for_each(announce);
+    sec.rows.extend(ceil);
+    sec.run("matmul", || linear_rows(be, s, iters));
+    sec.run("memory-bound", || memory_bound_rows(be, s, iters));
+    sec.run("attention", || attention_rows(be, s, iters));
+    sec.run("attention decode", || decode_attention_rows(be, s, iters));
+    sec.run("softmax-entropy", || softmax_rows(be, s, iters));
+    sec.run("adamw", || adamw_rows(be, s, iters));
+    sec.run("optimizer", || optimizer_rows(be, s, iters));
+    sec.run("sampling", || sampling_rows(be, s, iters));
+    sec.run("lm_head", || lm_head_rows(be, s, iters));
+    // One model for both sections: drawing its 0.5 billion weights takes seconds.
+    let mut model = None;
+    for name in ["model", "decode step"] {
+        sec.run(name, || {
+            if model.is_none() {
+                model = Some(bench_model(be, s)?);
+            }
+            let m = model.as_mut().expect("built above");
+            match name {
+                "model" => model_rows(be, m, s, iters),
+                _ => decode_rows(be, m, s, iters),
+            }
+        });
+    }
+    Ok(())
+}
+
+/// Every section over any backend; those named in `skip` are left out.
+pub fn run_all<B: Backend>(
+    be: &B,
+    s: &BenchShapes,
+    iters: usize,
+    skip: &[String],
+) -> Result<Vec<BenchRow>> {
+    let mut sec = Sections::new(be, skip);
+    common_sections(&mut sec, s, iters)?;
+    Ok(sec.rows)
+}
+
+/// Every section on the GPU, then each row's copy peer; the kernels never yet run on a GPU (the
+/// wgmma attention) come last, as in check-kernels, since a fault there loses the device.
+pub fn run_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    s: &BenchShapes,
+    iters: usize,
+    skip: &[String],
+) -> Result<Vec<BenchRow>> {
+    let mut sec = Sections::new(be, skip);
+    common_sections(&mut sec, s, iters)?;
+    sec.run("policy loss", || policy_loss_rows_cuda(be, iters));
+    sec.run("(pdl)", || pdl_rows_cuda(be, s, iters));
+    if sec.lost.is_none() {
+        if let Err(e) = add_copy_peers(be, &mut sec.rows, iters) {
+            eprintln!("bench: the copy peers are left out: {e:#}");
+        }
+    }
+    sec.run("wgmma attention", || alternate_attention_rows(be, s, iters));
+    Ok(sec.rows)
+}
+
+/// Runs the bench's sections in turn. A section that errors (out of memory, a kernel's error)
+/// is left out with a line saying why, and the rest still run: it must not cost the table of
+/// every other one. Once one has lost the device (a fault kills the CUDA context), the rest are
+/// left out, saying so; `bench --skip` that section gives the others in a fresh process.
+pub struct Sections<'a, B: Backend> {
+    be: &'a B,
+    pub rows: Vec<BenchRow>,
+    skip: &'a [String],
+    lost: Option<String>,
+    /// Whether the device is lost, asked after a section errors (`device_lost`; tests swap it).
+    probe: fn(&B) -> bool,
+}
+
+impl<'a, B: Backend> Sections<'a, B> {
+    pub fn new(be: &'a B, skip: &'a [String]) -> Self {
+        Sections {
+            be,
+            rows: Vec::new(),
+            skip,
+            lost: None,
+            probe: crate::kernel_checks::device_lost::<B>,
+        }
+    }
+
+    pub fn run(&mut self, name: &str, section: impl FnOnce() -> Result<Vec<BenchRow>>) {
+        if let Some(after) = &self.lost {
+            eprintln!("bench: the {name} rows are left out: the device was lost in {after}");
+            return;
+        }
+        if self.skip.iter().any(|x| x == name) {
+            eprintln!("bench: the {name} rows are left out (--skip)");
+            return;
+        }
+        match section() {
+            Ok(r) => {
+                r.iter().for_each(announce);
+                self.rows.extend(r)
+            }
+            Err(e) => {
+                eprintln!("bench: the {name} rows are left out: {e:#}");
+                if (self.probe)(self.be) {
+                    eprintln!("bench: the device was lost in {name}");
+                    self.lost = Some(name.to_string());
+                }
+            }
+        }
+    }
+}
+
+/// The ceilings every other row is a fraction of: a large copy and a large bf16 GEMM.
+fn ceiling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        let r = BenchRow::new(op, shape, unit, work, seconds);
-        announce(&r);
-        rows.push(r)
+        rows.push(BenchRow::new(op, shape, unit, work, seconds))
     };
-    // bf16 storage on the GPU: 2 bytes a value (the CPU's f32 moves twice that; its table
-    // rows are still comparable to each other).
-    let e = 2.0;
-
-    // Ceilings.
+    let e = BF16_BYTES;
     let n = s.copy_bytes / 2;
     let src = be.upload(&rnd(n, 1.0))?;
     let mut dst = be.alloc(n)?;
@@ -223,9 +337,16 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     drop((a, w, out));
+    Ok(rows)
+}
 
-    // Linear layers at `tokens` rows.
-    let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
+/// The decoder's linear layers at `tokens` rows.
+fn linear_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow::new(op, shape, unit, work, seconds))
+    };
+    let (m, h, i) = (s.tokens, s.hidden, s.inter);
     let x = be.upload(&rnd(m * i.max(h), 0.01))?;
     for (name, k, nn) in [
         ("matmul qkv", h, (s.heads + 2 * s.kv_heads) * s.head_dim),
@@ -244,11 +365,15 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         );
     }
     drop(x);
+    Ok(rows)
+}
 
-    for r in memory_bound_rows(be, s, iters)? {
-        push(&r.op, r.shape, r.unit, r.work, r.seconds);
-    }
-
+/// Training attention, forward and backward, at each sequence length.
+fn attention_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow::new(op, shape, unit, work, seconds))
+    };
     // Attention, causal: 2·2·t²·d per head for the forward (half the square is masked), and
     // 2.5 times that for the backward (dS, dP, dQ, dK, dV), as FlashAttention counts.
     for &t_len in s.seqs {
@@ -296,7 +421,20 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
             t,
         );
     }
+    Ok(rows)
+}
 
+/// Decode attention over a long cache.
+fn decode_attention_rows<B: Backend>(
+    be: &B,
+    s: &BenchShapes,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow::new(op, shape, unit, work, seconds))
+    };
+    let e = BF16_BYTES;
     // Decode: 64 sequences, one new query each over 2k cached positions; bytes of K and V.
     let (batch, ctx) = (64, s.seqs[0].max(2) * 2);
     let sh = AttnShape {
@@ -329,7 +467,17 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     drop((q, k, vv, o, lse));
+    Ok(rows)
+}
 
+/// The fused softmax-entropy forward and backward.
+fn softmax_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow::new(op, shape, unit, work, seconds))
+    };
+    let e = BF16_BYTES;
+    let v = s.vocab;
     // Softmax statistics over the vocabulary, left on the device as the chunked lm_head uses
     // them: one read of the logits forward; one read and one write backward, from the saved
     // statistics.
@@ -372,7 +520,16 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     drop((logits, dl, stats));
+    Ok(rows)
+}
 
+/// AdamW over one large tensor.
+fn adamw_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    let mut rows = Vec::new();
+    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
+        rows.push(BenchRow::new(op, shape, unit, work, seconds))
+    };
+    let e = BF16_BYTES;
     // AdamW over one large tensor: bf16 param read+write, f32 grad read, f32 m and v read+write.
     let np = s.copy_bytes / 8;
     let mut p = be.upload(&rnd(np, 0.05))?;
@@ -400,21 +557,6 @@ pub fn run_all<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         t,
     );
     drop((p, gr, mm, vm));
-    keep(be, &mut rows, "optimizer", optimizer_rows(be, s, iters));
-    keep(be, &mut rows, "sampling", sampling_rows(be, s, iters));
-    keep(be, &mut rows, "lm_head", lm_head_rows(be, s, iters));
-    match bench_model(be, s) {
-        Ok(mut model) => {
-            keep(be, &mut rows, "model", model_rows(be, &mut model, s, iters));
-            keep(
-                be,
-                &mut rows,
-                "decode step",
-                decode_rows(be, &model, s, iters),
-            );
-        }
-        Err(e) => eprintln!("bench: the model and decode step rows are left out: {e:#}"),
-    }
     Ok(rows)
 }
 
@@ -482,27 +624,6 @@ pub fn alternate_attention_rows<B: Backend>(
         }
     }
     Ok(rows)
-}
-
-/// Adds a section's rows, or says why it has none: a section that cannot run on some GPU (out
-/// of memory, a kernel's error) must not cost the table of every other one. The device's
-/// pending error, if any, is cleared for the next section.
-pub fn keep<B: Backend>(
-    be: &B,
-    rows: &mut Vec<BenchRow>,
-    section: &str,
-    got: Result<Vec<BenchRow>>,
-) {
-    match got {
-        Ok(r) => {
-            r.iter().for_each(announce);
-            rows.extend(r)
-        }
-        Err(e) => {
-            let _ = be.sync();
-            eprintln!("bench: the {section} rows are left out: {e:#}");
-        }
-    }
 }
 
 /// The model of `model_rows` and `decode_rows`: MODEL_LAYERS layers of the bench's shapes and
@@ -1458,4 +1579,41 @@ pub fn format_table(rows: &[BenchRow]) -> String {
         );
     }
     s
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::backend::cpu::CpuBackend;
+
+    fn row(op: &str) -> BenchRow {
+        BenchRow::new(op, String::new(), Unit::Bytes, 1.0, 1.0)
+    }
+
+    /// A section that errors is left out and the rest still run; one named in `skip` is not
+    /// run; once one has lost the device, none after it runs.
+    #[test]
+    fn sections_skip_errors_and_stop_after_a_lost_device() {
+        let skip = ["sampling".to_string()];
+        let mut sec = Sections::new(&CpuBackend, &skip);
+        sec.run("matmul", || Ok(vec![row("a")]));
+        sec.run("softmax-entropy", || anyhow::bail!("out of memory"));
+        let mut ran = false;
+        sec.run("sampling", || {
+            ran = true;
+            Ok(vec![row("s")])
+        });
+        assert!(!ran, "a skipped section runs");
+        sec.run("optimizer", || Ok(vec![row("b")]));
+        sec.probe = |_| true;
+        sec.run("lm_head", || anyhow::bail!("CUDA_ERROR_ILLEGAL_ADDRESS"));
+        assert_eq!(sec.lost.as_deref(), Some("lm_head"));
+        sec.run("model", || {
+            ran = true;
+            Ok(vec![row("m")])
+        });
+        assert!(!ran, "a section ran on a lost device");
+        let ops: Vec<&str> = sec.rows.iter().map(|r| r.op.as_str()).collect();
+        assert_eq!(ops, ["a", "b"]);
+    }
 }

@@ -78,6 +78,11 @@ struct BenchArgs {
     /// Also write the rows as JSON (tools/bench_torch_gpu.py reads it for the side-by-side).
     #[arg(long)]
     json: Option<PathBuf>,
+    /// Leave out a section (matmul, memory-bound, attention, attention decode, softmax-entropy,
+    /// adamw, optimizer, sampling, lm_head, model, decode step, policy loss, (pdl), wgmma
+    /// attention); repeatable. For a rerun after a fault lost the device in one.
+    #[arg(long, value_name = "SECTION")]
+    skip: Vec<String>,
 }
 
 #[derive(Args)]
@@ -893,7 +898,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
             "bench: {}",
             empo_engine::backend::Backend::name(&CpuBackend)
         );
-        run_all(&CpuBackend, &shapes, iters)?
+        run_all(&CpuBackend, &shapes, iters, &a.skip)?
     } else {
         let be = match device::open_cuda() {
             Ok(be) => be,
@@ -905,20 +910,7 @@ fn bench(a: &BenchArgs) -> Result<()> {
             }
         };
         println!("bench: {}", empo_engine::backend::Backend::name(&be));
-        let mut rows = run_all(&be, &shapes, iters)?;
-        use empo_engine::kernel_bench::{
-            alternate_attention_rows, keep, pdl_rows_cuda, policy_loss_rows_cuda,
-        };
-        let loss = policy_loss_rows_cuda(&be, iters);
-        keep(&be, &mut rows, "policy loss", loss);
-        let pdl = pdl_rows_cuda(&be, &shapes, iters);
-        keep(&be, &mut rows, "(pdl)", pdl);
-        empo_engine::kernel_bench::add_copy_peers(&be, &mut rows, iters)?;
-        // Last, as in check-kernels: the kernels never yet run on a GPU (TFLOP/s rows, which
-        // have no copy peer).
-        let alt = alternate_attention_rows(&be, &shapes, iters);
-        keep(&be, &mut rows, "wgmma attention", alt);
-        rows
+        empo_engine::kernel_bench::run_cuda(&be, &shapes, iters, &a.skip)?
     };
     print!("{}", format_table(&rows));
     print!("{}", format_decode(&rows, &shapes));
