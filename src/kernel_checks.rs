@@ -160,6 +160,12 @@ impl<'a, B: Backend> Ctx<'a, B> {
     }
 }
 
+/// Names a check on stderr as it starts: should it hang, the last such line names it
+/// (`tools/gpu-run.sh` then runs the checks again with `--skip` it).
+fn announce_start(what: &str) {
+    eprintln!("check-kernels: running {what}");
+}
+
 /// Prints a row to stderr as soon as it is known.
 fn announce(r: &CheckRow) {
     eprintln!(
@@ -199,6 +205,7 @@ fn attempt<'a, B: Backend>(
         c.push(skipped_row(what));
         return;
     }
+    announce_start(what);
     if let Err(e) = check(c) {
         c.push(errored_row(what, &e));
         if (c.probe)(c.be) {
@@ -277,6 +284,7 @@ impl<'a, B: Backend> Parts<'a, B> {
         } else if self.skip.iter().any(|s| s == what) {
             skipped_row(what)
         } else {
+            announce_start(what);
             let before = self.rows.len();
             match part() {
                 Ok(rows) => self.rows.extend(rows),

@@ -56,28 +56,36 @@ if has check && budget check-kernels 280; then
     timeout -k 10 $LIM "$BIN" check-kernels --device cuda >"$OUT/check.txt" 2>&1
     rc=$?
     echo "check-kernels exit $rc" | tee -a "$OUT/check.txt"
-    # A hang (timeout's 124, or 137 once killed): the rows printed before it are in check.txt.
-    # The wgmma kernels are the untried ones, so the later steps run without them.
-    if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
-        echo "check-kernels hung: EMPO_WGMMA=0 for the remaining steps" | tee -a "$OUT/check.txt"
-        export EMPO_WGMMA=0
-    fi
-    # A fault loses the CUDA context, and every check after it is a row "not run": run them
-    # again in a fresh process, without the check that lost it, up to twice.
+    # A fault loses the CUDA context, and every check after it is a row "not run"; a hang
+    # (timeout's 124, or 137 once killed) leaves the rows before it. Either way, run the checks
+    # again in a fresh process without the check named (the lost one, or the last one started),
+    # up to twice. The wgmma parts run last: when one of them is named, nothing else went
+    # unchecked, and the later steps run without wgmma.
     skips=()
     log=$OUT/check.txt
     for again in 1 2; do
-        lost=$(sed -n 's/^check-kernels: the device was lost in //p' "$log" | head -1)
-        [ -n "$lost" ] || break
-        case "$lost" in wgmma*|attention\ variants) export EMPO_WGMMA=0 ;; esac
-        # The wgmma parts run last: lost there, nothing else went unchecked.
-        grep ': not run' "$log" | grep -qv -e 'wgmma probe: not run' -e 'attention variants: not run' || break
-        skips+=(--skip "$lost")
+        if [ $rc -eq 124 ] || [ $rc -eq 137 ]; then
+            bad=$(sed -n 's/^check-kernels: running //p' "$log" | tail -1)
+            echo "check-kernels hung in: $bad" | tee -a "$log"
+        else
+            bad=$(sed -n 's/^check-kernels: the device was lost in //p' "$log" | head -1)
+        fi
+        [ -n "$bad" ] || break
+        case "$bad" in
+        wgmma* | attention\ variants)
+            echo "EMPO_WGMMA=0 for the remaining steps" | tee -a "$log"
+            export EMPO_WGMMA=0
+            [ $rc -eq 124 ] || [ $rc -eq 137 ] && break
+            grep ': not run' "$log" | grep -qv -e 'wgmma probe: not run' -e 'attention variants: not run' || break
+            ;;
+        esac
+        skips+=(--skip "$bad")
         budget check-kernels-again 200 || break
         echo "== check-kernels again, ${skips[*]}"
         log=$OUT/check-again$again.txt
         timeout -k 10 $LIM "$BIN" check-kernels --device cuda "${skips[@]}" >"$log" 2>&1
-        echo "check-kernels ${skips[*]} exit $?" | tee -a "$log"
+        rc=$?
+        echo "check-kernels ${skips[*]} exit $rc" | tee -a "$log"
     done
 fi
 if has sanitize && budget sanitize 300; then
