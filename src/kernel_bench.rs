@@ -309,33 +309,30 @@ impl<'a, B: Backend> Sections<'a, B> {
 /// The ceilings every other row is a fraction of: a large copy and a large bf16 GEMM.
 fn ceiling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
     let e = BF16_BYTES;
     let n = s.copy_bytes / 2;
     let src = be.upload(&rnd(n, 1.0))?;
     let mut dst = be.alloc(n)?;
     let t = time(be, iters, || be.copy(&mut dst, &src))?;
-    push(
+    rows.push(BenchRow::new(
         "ceiling: copy",
         format!("{} MiB", s.copy_bytes >> 20),
         Unit::Bytes,
         2.0 * n as f64 * e,
         t,
-    );
+    ));
     drop((src, dst));
     let g = s.gemm;
     let (a, w) = (be.upload(&rnd(g * g, 0.01))?, be.upload(&rnd(g * g, 0.01))?);
     let mut out = be.alloc(g * g)?;
     let t = time(be, iters, || be.matmul(&mut out, &a, &w, None, g, g, g))?;
-    push(
+    rows.push(BenchRow::new(
         "ceiling: GEMM",
         format!("{g}³"),
         Unit::Flops,
         2.0 * (g as f64).powi(3),
         t,
-    );
+    ));
     drop((a, w, out));
     Ok(rows)
 }
@@ -343,9 +340,6 @@ fn ceiling_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec
 /// The decoder's linear layers at `tokens` rows.
 fn linear_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
     let (m, h, i) = (s.tokens, s.hidden, s.inter);
     let x = be.upload(&rnd(m * i.max(h), 0.01))?;
     for (name, k, nn) in [
@@ -356,13 +350,13 @@ fn linear_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
         let wt = be.upload(&rnd(nn * k, 0.01))?;
         let mut o = be.alloc(m * nn)?;
         let t = time(be, iters, || be.matmul(&mut o, &x, &wt, None, m, k, nn))?;
-        push(
+        rows.push(BenchRow::new(
             name,
             format!("[{m}, {k}] x [{nn}, {k}]ᵀ"),
             Unit::Flops,
             2.0 * (m * k * nn) as f64,
             t,
-        );
+        ));
     }
     drop(x);
     Ok(rows)
@@ -370,12 +364,21 @@ fn linear_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<
 
 /// Training attention, forward and backward, at each sequence length.
 fn attention_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
+    train_attention_rows(be, s, iters, None)
+}
+
+/// Causal training attention at each sequence length, with the backend's default kernels, or
+/// with its other kernel set `alt` (restored after): rows "attention fwd (causal[, alt])" and
+/// "attention bwd (...)". FLOPs: 2·2·t²·d per head for the forward (half the square is masked),
+/// and 2.5 times that for the backward (dS, dP, dQ, dK, dV), as FlashAttention counts.
+fn train_attention_rows<B: Backend>(
+    be: &B,
+    s: &BenchShapes,
+    iters: usize,
+    alt: Option<&str>,
+) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
-    // Attention, causal: 2·2·t²·d per head for the forward (half the square is masked), and
-    // 2.5 times that for the backward (dS, dP, dQ, dK, dV), as FlashAttention counts.
+    let suffix = alt.map_or(String::new(), |a| format!(", {a}"));
     for &t_len in s.seqs {
         let sh = AttnShape {
             batch: 1,
@@ -394,32 +397,28 @@ fn attention_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<V
             be.upload(&rnd(nkv, 1.0))?,
         );
         let (mut o, mut lse) = (be.alloc(nq)?, be.alloc_f32(t_len * s.heads)?);
+        let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
         let flops = 2.0 * (t_len as f64).powi(2) * s.head_dim as f64 * s.heads as f64;
         let shape = format!(
             "t {t_len}, heads {}/{}, d {}",
             s.heads, s.kv_heads, s.head_dim
         );
-        let t = time(be, iters, || {
+        if let Some(a) = alt {
+            be.set_attention_variant(a)?;
+        }
+        let tf = time(be, iters, || {
             be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
-        })?;
-        push(
-            "attention fwd (causal)",
-            shape.clone(),
-            Unit::Flops,
-            flops,
-            t,
-        );
-        let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
-        let t = time(be, iters, || {
+        });
+        let tb = time(be, iters, || {
             be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
-        })?;
-        push(
-            "attention bwd (causal)",
-            shape.clone(),
-            Unit::Flops,
-            2.5 * flops,
-            t,
-        );
+        });
+        if alt.is_some() {
+            be.set_attention_variant(be.attention_variants()[0])?;
+        }
+        for (dir, work, t) in [("fwd", flops, tf), ("bwd", 2.5 * flops, tb)] {
+            let op = format!("attention {dir} (causal{suffix})");
+            rows.push(BenchRow::new(&op, shape.clone(), Unit::Flops, work, t?));
+        }
     }
     Ok(rows)
 }
@@ -431,9 +430,6 @@ fn decode_attention_rows<B: Backend>(
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
     let e = BF16_BYTES;
     // Decode: 64 sequences, one new query each over 2k cached positions; bytes of K and V.
     let (batch, ctx) = (64, s.seqs[0].max(2) * 2);
@@ -459,13 +455,13 @@ fn decode_attention_rows<B: Backend>(
     let t = time(be, iters, || {
         be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
     })?;
-    push(
+    rows.push(BenchRow::new(
         "attention decode",
         format!("{batch} seqs × {ctx} cached"),
         Unit::Bytes,
         2.0 * nkv as f64 * e,
         t,
-    );
+    ));
     drop((q, k, vv, o, lse));
     Ok(rows)
 }
@@ -473,9 +469,6 @@ fn decode_attention_rows<B: Backend>(
 /// The fused softmax-entropy forward and backward.
 fn softmax_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
     let e = BF16_BYTES;
     let v = s.vocab;
     // Softmax statistics over the vocabulary, left on the device as the chunked lm_head uses
@@ -488,13 +481,13 @@ fn softmax_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec
     let t = time(be, iters, || {
         let _ = be.softmax_stats_into(&mut stats, &logits, rows_v, v, &targets, 0.7);
     })?;
-    push(
+    rows.push(BenchRow::new(
         "softmax-entropy fwd",
         format!("[{rows_v}, {v}]"),
         Unit::Bytes,
         (rows_v * v) as f64 * e,
         t,
-    );
+    ));
     let mut dl = be.alloc(rows_v * v)?;
     let (ca, cb) = (vec![1.0; rows_v], vec![1.0; rows_v]);
     let t = time(be, iters, || {
@@ -512,13 +505,13 @@ fn softmax_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec
             },
         )
     })?;
-    push(
+    rows.push(BenchRow::new(
         "softmax-entropy bwd",
         format!("[{rows_v}, {v}]"),
         Unit::Bytes,
         2.0 * (rows_v * v) as f64 * e,
         t,
-    );
+    ));
     drop((logits, dl, stats));
     Ok(rows)
 }
@@ -526,9 +519,6 @@ fn softmax_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec
 /// AdamW over one large tensor.
 fn adamw_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
     let e = BF16_BYTES;
     // AdamW over one large tensor: bf16 param read+write, f32 grad read, f32 m and v read+write.
     let np = s.copy_bytes / 8;
@@ -549,13 +539,13 @@ fn adamw_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<B
         };
         be.adamw(&mut p, &gr, &mut mm, &mut vm, &hp)
     })?;
-    push(
+    rows.push(BenchRow::new(
         "adamw (per tensor)",
         format!("{np} params"),
         Unit::Bytes,
         np as f64 * (2.0 * e + 4.0 + 16.0),
         t,
-    );
+    ));
     drop((p, gr, mm, vm));
     Ok(rows)
 }
@@ -569,59 +559,8 @@ pub fn alternate_attention_rows<B: Backend>(
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let variants = be.attention_variants();
-    if variants.len() < 2 {
-        return Ok(rows);
-    }
-    for &t_len in s.seqs {
-        let sh = AttnShape {
-            batch: 1,
-            tq: t_len,
-            tk: t_len,
-            cap: t_len,
-            heads: s.heads,
-            kv_heads: s.kv_heads,
-            head_dim: s.head_dim,
-        };
-        let nq = t_len * s.heads * s.head_dim;
-        let nkv = t_len * s.kv_heads * s.head_dim;
-        let (q, k, vv) = (
-            be.upload(&rnd(nq, 1.0))?,
-            be.upload(&rnd(nkv, 1.0))?,
-            be.upload(&rnd(nkv, 1.0))?,
-        );
-        let (mut o, mut lse) = (be.alloc(nq)?, be.alloc_f32(t_len * s.heads)?);
-        let (mut dq, mut dk, mut dv) = (be.alloc(nq)?, be.alloc(nkv)?, be.alloc(nkv)?);
-        let flops = 2.0 * (t_len as f64).powi(2) * s.head_dim as f64 * s.heads as f64;
-        let shape = format!(
-            "t {t_len}, heads {}/{}, d {}",
-            s.heads, s.kv_heads, s.head_dim
-        );
-        for alt in variants.iter().skip(1) {
-            be.set_attention_variant(alt)?;
-            let tf = time(be, iters, || {
-                be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
-            });
-            let tb = time(be, iters, || {
-                be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
-            });
-            be.set_attention_variant(variants[0])?;
-            let name = |dir: &str| format!("attention {dir} (causal, {alt})");
-            rows.push(BenchRow::new(
-                &name("fwd"),
-                shape.clone(),
-                Unit::Flops,
-                flops,
-                tf?,
-            ));
-            rows.push(BenchRow::new(
-                &name("bwd"),
-                shape.clone(),
-                Unit::Flops,
-                2.5 * flops,
-                tb?,
-            ));
-        }
+    for alt in be.attention_variants().iter().skip(1) {
+        rows.extend(train_attention_rows(be, s, iters, Some(alt))?);
     }
     Ok(rows)
 }
@@ -894,9 +833,6 @@ pub fn gather_ids(sets: usize, m: usize, v: usize) -> Vec<Vec<u32>> {
 /// and its backward, the embedding gather, RoPE on q, SwiGLU and its backward.
 fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    let mut push = |op: &str, shape: String, unit, work: f64, seconds: f64| {
-        rows.push(BenchRow::new(op, shape, unit, work, seconds))
-    };
     let e = 2.0;
     let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
     // Memory-bound ops over [tokens, hidden]. One [4096, 3584] bf16 tensor is 29 MB and the
@@ -923,49 +859,49 @@ fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
         let j = next();
         be.add(&mut xb[j], &xa[j])
     })?;
-    push(
+    rows.push(BenchRow::new(
         "residual add",
         format!("[{m}, {h}]"),
         Unit::Bytes,
         3.0 * (m * h) as f64 * e,
         t,
-    );
+    ));
     let t = time(be, iters, || {
         let j = next();
         be.rmsnorm(&mut out[j], &mut rstd[j], &xa[j], &wn, m, h, 1e-6)
     })?;
-    push(
+    rows.push(BenchRow::new(
         "rmsnorm",
         format!("[{m}, {h}]"),
         Unit::Bytes,
         2.0 * (m * h) as f64 * e,
         t,
-    );
+    ));
     let mut dw = be.alloc_f32(h)?;
     let t = time(be, iters, || {
         let j = next();
         be.rmsnorm_bwd(&mut dx[j], &mut dw, &xb[j], &xa[j], &wn, &rstd[j], m, h)
     })?;
-    push(
+    rows.push(BenchRow::new(
         "rmsnorm_bwd",
         format!("[{m}, {h}]"),
         Unit::Bytes,
         4.0 * (m * h) as f64 * e,
         t,
-    );
+    ));
     let ids = gather_ids(sets, m, v);
     let table = be.upload(&rnd(v * h, 0.05))?;
     let t = time(be, iters, || {
         let j = next();
         be.embedding(&mut out[j], &table, &ids[j], h)
     })?;
-    push(
+    rows.push(BenchRow::new(
         "embedding",
         format!("{m} ids of [{v}, {h}]"),
         Unit::Bytes,
         2.0 * (m * h) as f64 * e,
         t,
-    );
+    ));
     drop((xb, out, dx, dw, table, rstd));
 
     // RoPE in place on q: the same cycling, over the [tokens, heads, head_dim] copies.
@@ -988,36 +924,36 @@ fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
             false,
         )
     })?;
-    push(
+    rows.push(BenchRow::new(
         "rope (q)",
         format!("[{m}, {}, {}]", s.heads, s.head_dim),
         Unit::Bytes,
         2.0 * nq as f64 * e,
         t,
-    );
+    ));
     drop((qs, xa));
 
     let (gate, up) = (be.upload(&rnd(m * i, 0.5))?, be.upload(&rnd(m * i, 0.5))?);
     let mut hh = be.alloc(m * i)?;
     let t = time(be, iters, || be.swiglu(&mut hh, &gate, &up))?;
-    push(
+    rows.push(BenchRow::new(
         "swiglu",
         format!("[{m}, {i}]"),
         Unit::Bytes,
         3.0 * (m * i) as f64 * e,
         t,
-    );
+    ));
     let (mut dg, mut du) = (be.alloc(m * i)?, be.alloc(m * i)?);
     let t = time(be, iters, || {
         be.swiglu_bwd(&mut dg, &mut du, &hh, &gate, &up)
     })?;
-    push(
+    rows.push(BenchRow::new(
         "swiglu_bwd",
         format!("[{m}, {i}]"),
         Unit::Bytes,
         5.0 * (m * i) as f64 * e,
         t,
-    );
+    ));
     drop((gate, up, hh, dg, du));
     Ok(rows)
 }
