@@ -189,8 +189,8 @@ pub fn device_lost<B: Backend>(be: &B) -> bool {
 
 /// A check that stops with an error (an op refused or failed, memory ran out) becomes a failed
 /// row, and the checks after it still run: one broken kernel must not hide the state of every
-/// other one. The device's pending error is cleared first.
-/// Once the device is lost, the checks after it are failed rows that say so, without running.
+/// other one. Once the device is lost, the checks after it are failed rows that say so,
+/// without running.
 fn attempt<'a, B: Backend>(
     c: &mut Ctx<'a, B>,
     what: &str,
@@ -279,36 +279,34 @@ impl<'a, B: Backend> Parts<'a, B> {
     }
 
     pub fn run(&mut self, what: &str, part: impl FnOnce() -> Result<Vec<CheckRow>>) {
-        let row = if let Some(after) = &self.lost {
-            not_run_row(what, after)
-        } else if self.skip.iter().any(|s| s == what) {
-            skipped_row(what)
-        } else {
-            announce_start(what);
-            let before = self.rows.len();
-            match part() {
-                Ok(rows) => self.rows.extend(rows),
-                Err(e) => {
-                    let row = errored_row(what, &e);
-                    announce(&row);
-                    self.rows.push(row);
-                }
-            }
-            if (self.probe)(self.be) {
-                // A fault surfaces as an error at the next download or sync, and after it
-                // there are no more errors, only rows not run: the part's last error names
-                // the check that lost the device.
-                let culprit = self.rows[before..]
-                    .iter()
-                    .rev()
-                    .find_map(|r| r.op.strip_suffix(": error"))
-                    .unwrap_or(what)
-                    .to_string();
-                eprintln!("check-kernels: the device was lost in {culprit}");
-                self.lost = Some(culprit);
-            }
-            return;
-        };
+        if let Some(after) = &self.lost {
+            return self.keep(not_run_row(what, after));
+        }
+        if self.skip.iter().any(|s| s == what) {
+            return self.keep(skipped_row(what));
+        }
+        announce_start(what);
+        let before = self.rows.len();
+        match part() {
+            Ok(rows) => self.rows.extend(rows),
+            Err(e) => self.keep(errored_row(what, &e)),
+        }
+        if (self.probe)(self.be) {
+            // A fault surfaces as an error at the next download or sync, and after it there
+            // are no more errors, only rows not run: the part's last error names the check
+            // that lost the device.
+            let culprit = self.rows[before..]
+                .iter()
+                .rev()
+                .find_map(|r| r.op.strip_suffix(": error"))
+                .unwrap_or(what)
+                .to_string();
+            eprintln!("check-kernels: the device was lost in {culprit}");
+            self.lost = Some(culprit);
+        }
+    }
+
+    fn keep(&mut self, row: CheckRow) {
         announce(&row);
         self.rows.push(row);
     }
