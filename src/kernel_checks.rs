@@ -98,25 +98,49 @@ struct Ctx<'a, B: Backend> {
     stream: u64,
     tol: &'a Tolerances,
     rows: Vec<CheckRow>,
-    /// The check after which the device was lost, if it was.
+    gate: Gate<'a, B>,
+}
+
+/// Whether a check (or a part of the GPU checks) may run: not when `check-kernels --skip`
+/// names it, nor once an earlier one has lost the device.
+struct Gate<'a, B: Backend> {
+    skip: &'a [String],
+    /// The check in which the device was lost, if it was.
     lost: Option<String>,
     /// Whether the device is lost, asked after a check errors (`device_lost`; tests swap it).
     probe: fn(&B) -> bool,
-    /// Checks not to run (`check-kernels --skip`).
-    skip: &'a [String],
+}
+
+impl<'a, B: Backend> Gate<'a, B> {
+    fn new(skip: &'a [String]) -> Self {
+        Gate {
+            skip,
+            lost: None,
+            probe: device_lost::<B>,
+        }
+    }
+
+    /// The failed row that stands for `what` where it may not run.
+    fn refuse(&self, what: &str) -> Option<CheckRow> {
+        if let Some(after) = &self.lost {
+            Some(not_run_row(what, after))
+        } else if self.skip.iter().any(|s| s == what) {
+            Some(skipped_row(what))
+        } else {
+            None
+        }
+    }
 }
 
 impl<'a, B: Backend> Ctx<'a, B> {
-    fn new(be: &'a B, seed: u64, tol: &'a Tolerances) -> Self {
+    fn new(be: &'a B, seed: u64, tol: &'a Tolerances, skip: &'a [String]) -> Self {
         Ctx {
             be,
             seed,
             stream: 0,
             tol,
             rows: Vec::new(),
-            lost: None,
-            probe: device_lost::<B>,
-            skip: &[],
+            gate: Gate::new(skip),
         }
     }
     /// Fresh bf16-exact random values.
@@ -196,20 +220,14 @@ fn attempt<'a, B: Backend>(
     what: &str,
     check: impl FnOnce(&mut Ctx<'a, B>) -> Result<()>,
 ) {
-    if let Some(after) = &c.lost {
-        let row = not_run_row(what, after);
-        c.push(row);
-        return;
-    }
-    if c.skip.iter().any(|s| s == what) {
-        c.push(skipped_row(what));
-        return;
+    if let Some(row) = c.gate.refuse(what) {
+        return c.push(row);
     }
     announce_start(what);
     if let Err(e) = check(c) {
         c.push(errored_row(what, &e));
-        if (c.probe)(c.be) {
-            c.lost = Some(what.to_string());
+        if (c.gate.probe)(c.be) {
+            c.gate.lost = Some(what.to_string());
         }
     }
 }
@@ -261,29 +279,22 @@ pub fn errored_row(what: &str, e: &anyhow::Error) -> CheckRow {
 pub struct Parts<'a, B: Backend> {
     be: &'a B,
     pub rows: Vec<CheckRow>,
-    lost: Option<String>,
-    probe: fn(&B) -> bool,
-    /// Parts, and checks within them, not to run (`check-kernels --skip`).
-    pub skip: &'a [String],
+    gate: Gate<'a, B>,
 }
 
 impl<'a, B: Backend> Parts<'a, B> {
-    pub fn new(be: &'a B) -> Self {
+    /// Parts named in `skip` are not run (`check-kernels --skip`).
+    pub fn new(be: &'a B, skip: &'a [String]) -> Self {
         Parts {
             be,
             rows: Vec::new(),
-            lost: None,
-            probe: device_lost::<B>,
-            skip: &[],
+            gate: Gate::new(skip),
         }
     }
 
     pub fn run(&mut self, what: &str, part: impl FnOnce() -> Result<Vec<CheckRow>>) {
-        if let Some(after) = &self.lost {
-            return self.keep(not_run_row(what, after));
-        }
-        if self.skip.iter().any(|s| s == what) {
-            return self.keep(skipped_row(what));
+        if let Some(row) = self.gate.refuse(what) {
+            return self.keep(row);
         }
         announce_start(what);
         let before = self.rows.len();
@@ -291,7 +302,7 @@ impl<'a, B: Backend> Parts<'a, B> {
             Ok(rows) => self.rows.extend(rows),
             Err(e) => self.keep(errored_row(what, &e)),
         }
-        if (self.probe)(self.be) {
+        if (self.gate.probe)(self.be) {
             // A fault surfaces as an error at the next download or sync, and after it there
             // are no more errors, only rows not run: the part's last error names the check
             // that lost the device.
@@ -302,7 +313,7 @@ impl<'a, B: Backend> Parts<'a, B> {
                 .unwrap_or(what)
                 .to_string();
             eprintln!("check-kernels: the device was lost in {culprit}");
-            self.lost = Some(culprit);
+            self.gate.lost = Some(culprit);
         }
     }
 
@@ -321,8 +332,7 @@ pub fn run_all<B: Backend>(
     big: bool,
     skip: &[String],
 ) -> Result<Vec<CheckRow>> {
-    let mut c = Ctx::new(be, seed, tol);
-    c.skip = skip;
+    let mut c = Ctx::new(be, seed, tol, skip);
     let dims: &[(usize, usize)] = if big {
         &[(7, 96), (64, 3584)]
     } else {
@@ -479,8 +489,7 @@ pub fn run_alternates<B: Backend>(
     big: bool,
     skip: &[String],
 ) -> Result<Vec<CheckRow>> {
-    let mut c = Ctx::new(be, seed ^ 0xa17, tol);
-    c.skip = skip;
+    let mut c = Ctx::new(be, seed ^ 0xa17, tol, skip);
     for s in attention_shapes(big) {
         attempt(&mut c, "attention variants", |c| {
             check_attention(c, s, Kernels::Alternates)
@@ -1799,8 +1808,7 @@ pub fn run_cuda(
     skip: &[String],
 ) -> Vec<CheckRow> {
     let tol = Tolerances::bf16();
-    let mut parts = Parts::new(be);
-    parts.skip = skip;
+    let mut parts = Parts::new(be, skip);
     parts.run("ops", || run_all(be, seed, &tol, big, skip));
     parts.run("policy loss", || check_policy_loss_cuda(be, seed, &tol));
     parts.run("pdl", || check_pdl_cuda(be, seed, &tol));
@@ -1966,7 +1974,7 @@ pub fn check_pdl_cuda(
     seed: u64,
     tol: &Tolerances,
 ) -> Result<Vec<CheckRow>> {
-    let mut c = Ctx::new(be, seed ^ 0x9d1, tol);
+    let mut c = Ctx::new(be, seed ^ 0x9d1, tol, &[]);
     let run = |c: &mut Ctx<crate::backend::cuda::CudaBackend>| -> Result<()> {
         for (rows, dim) in [(64, 3584), (4096, 3584)] {
             check_elementwise(c, rows, dim)?;
@@ -2000,7 +2008,7 @@ mod tests {
     #[test]
     fn a_check_that_errors_fails_its_row_and_the_rest_still_run() {
         let tol = Tolerances::exact();
-        let mut c = Ctx::new(&CpuBackend, 3, &tol);
+        let mut c = Ctx::new(&CpuBackend, 3, &tol, &[]);
         attempt(&mut c, "broken", |_| {
             anyhow::bail!("kernel x: launch failed")
         });
@@ -2018,8 +2026,8 @@ mod tests {
     #[test]
     fn after_the_device_is_lost_the_rest_are_failed_rows_that_say_so() {
         let tol = Tolerances::exact();
-        let mut c = Ctx::new(&CpuBackend, 3, &tol);
-        c.probe = |_| true;
+        let mut c = Ctx::new(&CpuBackend, 3, &tol, &[]);
+        c.gate.probe = |_| true;
         attempt(&mut c, "rmsnorm", |c| check_rmsnorm(c, 3, 16));
         let healthy = c.rows.len();
         assert!(healthy > 0 && c.rows.iter().all(CheckRow::pass));
@@ -2046,11 +2054,11 @@ mod tests {
         assert!(c.rows[healthy..].iter().all(|r| !r.pass()));
 
         // Parts: the check that lost the device is the part's last error, or the part itself.
-        let mut parts = Parts::new(&CpuBackend);
+        let mut parts = Parts::new(&CpuBackend, &[]);
         parts.run("policy loss", || anyhow::bail!("launch failed"));
         parts.run("ops", || Ok(vec![]));
         assert_eq!(parts.rows.len(), 1, "a healthy device runs every part");
-        parts.probe = |_| true;
+        parts.gate.probe = |_| true;
         parts.run("ops", || Ok(c.rows.clone()));
         parts.run("wgmma probe", || {
             ran = true;
@@ -2060,8 +2068,8 @@ mod tests {
         let last = parts.rows.last().unwrap();
         assert_eq!(last.op, "wgmma probe: not run");
         assert_eq!(last.shape, "the device was lost after faulty");
-        let mut parts = Parts::new(&CpuBackend);
-        parts.probe = |_| true;
+        let mut parts = Parts::new(&CpuBackend, &[]);
+        parts.gate.probe = |_| true;
         parts.run("pdl", || Ok(vec![]));
         parts.run("attention variants", || Ok(vec![]));
         assert_eq!(parts.rows[0].shape, "the device was lost after pdl");
@@ -2080,8 +2088,7 @@ mod tests {
             .all(|r| r.op == "rmsnorm: skipped" && r.shape == "--skip rmsnorm"));
         assert!(!rows.iter().any(|r| r.op.starts_with("rmsnorm ")));
         assert!(rows.iter().any(|r| r.op.starts_with("swiglu")));
-        let mut parts = Parts::new(&CpuBackend);
-        parts.skip = &skip;
+        let mut parts = Parts::new(&CpuBackend, &skip);
         let mut ran = false;
         parts.run("pdl", || {
             ran = true;
