@@ -413,7 +413,7 @@ fn train_attention_rows<B: Backend>(
             be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
         });
         if alt.is_some() {
-            be.set_attention_variant(be.attention_variants()[0])?;
+            be.set_attention_variant(be.attention_variants(s.head_dim)[0])?;
         }
         for (dir, work, t) in [("fwd", flops, tf), ("bwd", 2.5 * flops, tb)] {
             let op = format!("attention {dir} (causal{suffix})");
@@ -559,7 +559,7 @@ pub fn alternate_attention_rows<B: Backend>(
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
-    for alt in be.attention_variants().iter().skip(1) {
+    for alt in be.attention_variants(s.head_dim).iter().skip(1) {
         rows.extend(train_attention_rows(be, s, iters, Some(alt))?);
     }
     Ok(rows)

@@ -471,8 +471,8 @@ fn attention_shapes(big: bool) -> Vec<AttnShape> {
     v
 }
 
-/// Which attention kernels a pass checks: the backend's default set, or its others (wgmma on
-/// an H100, never yet run on one).
+/// Which attention kernels a pass checks: the backend's default set, or its others (on the GPU
+/// the unfused cuBLAS path, and wgmma on an H100, neither yet run on one).
 #[derive(Debug, Clone, Copy, PartialEq, Eq)]
 enum Kernels {
     Default,
@@ -738,18 +738,18 @@ fn check_attention<B: Backend>(c: &mut Ctx<B>, s: AttnShape, which: Kernels) -> 
     c.row("attention_bwd dv", shape, &dv, &wdv, false)
 }
 
-/// Whether the backend has other attention kernels for this shape: the wgmma ones take head_dim
-/// 128 and more than one query.
+/// Whether the backend has other attention kernels for this shape (one query is decode, which
+/// has one set).
 fn has_alternates<B: Backend>(be: &B, s: AttnShape) -> bool {
-    s.tq > 1 && s.head_dim == 128 && be.attention_variants().len() > 1
+    s.tq > 1 && be.attention_variants(s.head_dim).len() > 1
 }
 
 /// The backward's inputs for `alt_attention`: [out, lse, dout] on the device, and the oracle's
 /// [dq, dk, dv].
 type AltBwd<'a, B> = ([&'a <B as Backend>::Buf; 3], [&'a [f32]; 3]);
 
-/// The other attention kernels this backend has (wgmma on an H100: head_dim 128, several
-/// queries), against the same oracle values as the default ones: the forward's [out, lse], and
+/// The other attention kernels this backend has for several queries (unfused; wgmma on an
+/// H100 at head_dim 128), against the same oracle values as the default ones: the forward's [out, lse], and
 /// with `bwd` the backward's.
 fn alt_attention<B: Backend>(
     c: &mut Ctx<B>,
@@ -759,7 +759,7 @@ fn alt_attention<B: Backend>(
     [wo, wl]: [&[f32]; 2],
     bwd: Option<AltBwd<'_, B>>,
 ) -> Result<()> {
-    let variants = c.be.attention_variants();
+    let variants = c.be.attention_variants(s.head_dim);
     let (nq, nkv) = (
         s.batch * s.tq * s.heads * s.head_dim,
         s.batch * s.cap * s.kv_heads * s.head_dim,
@@ -776,8 +776,8 @@ fn alt_attention<B: Backend>(
         }
         c.be.set_attention_variant(variants[0])?;
         let name = |what: &str| format!("attention {what} ({alt})");
-        c.row(&name("flash out"), shape.to_string(), &out, wo, false)?;
-        c.row(&name("flash lse"), shape.to_string(), &lse, wl, true)?;
+        c.row(&name("out"), shape.to_string(), &out, wo, false)?;
+        c.row(&name("lse"), shape.to_string(), &lse, wl, true)?;
         if let Some((got, want)) = grads {
             for ((what, g), w) in ["bwd dq", "bwd dk", "bwd dv"].iter().zip(&got).zip(want) {
                 c.row(&name(what), shape.to_string(), g, w, false)?;

@@ -833,9 +833,9 @@ fn info(a: &InfoArgs) -> Result<()> {
                 be.sm_count()
             );
             println!(
-                "    attention kernels: {} (can run: {})",
+                "    attention kernels: {} (can run at head_dim 128: {})",
                 be.attention_kernels().name(),
-                be.attention_variants().join(", ")
+                be.attention_variants(128).join(", ")
             );
         }
         Err(e) => println!("  cuda: none ({e:#})"),

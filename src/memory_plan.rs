@@ -56,6 +56,8 @@ pub struct RunShape {
     pub recompute: bool,
     /// AdamW's moments live in host memory (`optim::MomentStore::Host`).
     pub offload: bool,
+    /// Training attention keeps a sequence's [heads, n, n] scores (`EMPO_ATTENTION=unfused`).
+    pub unfused_attention: bool,
 }
 
 impl RunShape {
@@ -127,6 +129,25 @@ pub fn activations_bytes(
         + logit_rows * c.vocab_size as u64 * w
 }
 
+/// Bytes of the scratch the unfused attention backward takes over one sequence of n tokens
+/// (`cuda_attention_unfused::backward_scratch`), quadratic in n.
+pub fn attention_scores_bytes(c: &ModelConfig, n: usize) -> u64 {
+    let s = crate::backend::AttnShape {
+        batch: 1,
+        tq: n,
+        tk: n,
+        cap: n,
+        heads: c.num_heads,
+        kv_heads: c.num_kv_heads,
+        head_dim: c.head_dim,
+    };
+    let floats: usize = crate::backend::cuda_attention_unfused::backward_scratch(&s)
+        .iter()
+        .map(|&(_, f)| f)
+        .sum();
+    floats as u64 * 4
+}
+
 /// Bytes of the gradient scratch a backward over n tokens allocates (`alloc_scratch`).
 pub fn scratch_bytes(c: &ModelConfig, n: usize, w: u64) -> u64 {
     let (h, qd, kvd, i) = (
@@ -174,8 +195,12 @@ impl MemoryPlan {
         let offload = s.offload && all_moments > 0;
         let sizes = tensor_sizes(c);
         let n = s.train_seq;
-        // The attention backward's f32 accumulators for dq and, under GQA, dk and dv (CUDA).
-        let attention_bwd = (n * (c.q_dim() + 2 * c.kv_dim())) as u64 * 4;
+        let attention_bwd = if s.unfused_attention {
+            attention_scores_bytes(c, n)
+        } else {
+            // The flash backward's f32 accumulators for dq and, under GQA, dk and dv (CUDA).
+            (n * (c.q_dim() + 2 * c.kv_dim())) as u64 * 4
+        };
         let activations = activations_bytes(c, 1, n, true, s.recompute, w)
             + scratch_bytes(c, n, w)
             + chunk_bytes(c, n, w)
@@ -391,6 +416,15 @@ pub fn resolve(
             RunShape {
                 optim: o,
                 offload: false,
+                ..full
+            },
+        );
+    }
+    if last.unfused_attention {
+        try_hint(
+            "EMPO_ATTENTION=mma --recompute on",
+            RunShape {
+                unfused_attention: false,
                 ..full
             },
         );

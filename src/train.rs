@@ -250,6 +250,7 @@ pub fn plan_memory<B: Backend>(
         reference: cfg.kl_coef > 0.0,
         recompute: false,
         offload: false,
+        unfused_attention: be.attention_variant() == Some("unfused"),
     };
     let budget = Budget::measure(be.device_memory().map(|(free, _)| free as u64));
     let mut plan =

@@ -1,8 +1,8 @@
 //! The real cuda/ kernels run on the host by tools/kernel_emulator (one fiber per CUDA thread),
-//! against double-precision copies of the CPU oracles: attention (forward, backward, decode),
-//! softmax-entropy, the elementwise, RMSNorm and RoPE kernels, token sampling (against a
-//! sort-based oracle of its exact draw), and the multi-tensor optimizer (bit for bit). Each test is skipped, with the reason printed, without
-//! python3 or g++.
+//! against double-precision copies of the CPU oracles: attention (forward, backward, decode,
+//! the unfused path's row kernels), softmax-entropy, the elementwise, RMSNorm and RoPE kernels,
+//! token sampling (against a sort-based oracle of its exact draw), and the multi-tensor optimizer
+//! (bit for bit). Each test is skipped, with the reason printed, without python3 or g++.
 
 use std::path::{Path, PathBuf};
 use std::process::Command;
@@ -116,6 +116,15 @@ fn memory_bound_kernels_match_the_oracles_under_emulation() {
     if generate("gen_ops.py", &root().join("cuda"), &dir, &[]) {
         build_and_run(&dir, "ops_main.cpp", &[("7", false), ("3", false)]);
     }
+}
+
+#[test]
+fn unfused_attention_row_kernels_match_the_oracles_under_emulation() {
+    run_one_file(
+        "unfused",
+        "attention_unfused.cu",
+        &[("0", false), ("3", false)],
+    );
 }
 
 #[test]

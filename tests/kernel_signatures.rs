@@ -246,11 +246,24 @@ fn strip_comments(text: &str) -> String {
         .join("\n")
 }
 
+/// The CUDA backend's source files (src/backend/cuda*.rs), where every launch is.
+fn launcher_files() -> Vec<String> {
+    let mut files: Vec<String> = std::fs::read_dir(root().join("src/backend"))
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|f| f.starts_with("cuda") && f.ends_with(".rs"))
+        .collect();
+    files.sort();
+    assert!(files.len() >= 4, "launcher files: {files:?}");
+    files
+}
+
 #[test]
 fn every_launch_passes_what_its_kernel_declares() {
     let decls = kernel_decls();
     let kernels = kernels();
-    let sources: Vec<String> = ["cuda.rs", "cuda_attention.rs", "cuda_rl.rs"]
+    let files = launcher_files();
+    let sources: Vec<String> = files
         .iter()
         .map(|f| {
             strip_comments(&std::fs::read_to_string(root().join("src/backend").join(f)).unwrap())
@@ -274,14 +287,11 @@ fn every_launch_passes_what_its_kernel_declares() {
     let call = Regex::new(r"\.(launch|launch_ew|launch_ew_vec)\(").unwrap();
     let mut checked = BTreeMap::<String, usize>::new();
     let mut problems = Vec::new();
-    for file in ["cuda.rs", "cuda_attention.rs", "cuda_rl.rs"] {
-        let text = strip_comments(
-            &std::fs::read_to_string(root().join("src/backend").join(file)).unwrap(),
-        );
-        for m in call.find_iter(&text) {
+    for (file, text) in files.iter().zip(&sources) {
+        for m in call.find_iter(text) {
             let open = m.end() - 1;
             let line = text[..open].lines().count();
-            let args = top_level_args(balanced(&text, open));
+            let args = top_level_args(balanced(text, open));
             let fn_start = text[..open].rfind("fn ").unwrap_or(0);
             let body = &text[fn_start..];
             let at = m.start() - fn_start;

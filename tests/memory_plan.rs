@@ -142,6 +142,7 @@ fn empo_7b(moments: MomentDtype) -> RunShape {
         reference: false,
         recompute: false,
         offload: false,
+        unfused_attention: false,
     }
 }
 
@@ -351,4 +352,52 @@ fn a_7b_run_that_cannot_fit_says_what_would() {
     .unwrap_err()
     .to_string();
     assert!(err.contains("choose one"), "{err}");
+}
+
+/// `EMPO_ATTENTION=unfused` holds one sequence's scores through the attention backward: 12
+/// bytes per score (f32 scores and their gradient, bf16 probabilities and score gradients), on
+/// top of delta and the f32 dk/dv accumulator. For 7B's 28 heads that is 5.6 GB at 4096 tokens
+/// and 90 GB at 16384, which no H100 holds beside the weights; the refusal names the flash
+/// kernels as the way out, and with them the same run fits.
+#[test]
+fn the_unfused_attention_scores_are_planned() {
+    let c = qwen_7b();
+    let (n, heads) = (4096u64, 28u64);
+    let delta = heads * n * 4;
+    let accum = 2 * n * 4 * 128 * 4;
+    assert_eq!(
+        memory_plan::attention_scores_bytes(&c, n as usize),
+        12 * heads * n * n + delta + accum
+    );
+    let long = RunShape {
+        train_seq: 16384,
+        unfused_attention: true,
+        ..empo_7b(MomentDtype::F32)
+    };
+    let err = memory_plan::resolve(
+        &c,
+        long,
+        Switch::Auto,
+        Switch::Auto,
+        budget(H100_FREE, HOST_AVAILABLE),
+    )
+    .unwrap_err()
+    .to_string();
+    println!("{err}");
+    assert!(
+        err.contains("EMPO_ATTENTION=mma --recompute on: peak") && err.contains("(fits)"),
+        "{err}"
+    );
+    let flash = memory_plan::resolve(
+        &c,
+        RunShape {
+            unfused_attention: false,
+            ..long
+        },
+        Switch::Auto,
+        Switch::Auto,
+        budget(H100_FREE, HOST_AVAILABLE),
+    )
+    .unwrap();
+    assert!(flash.shape.offload);
 }

@@ -189,6 +189,21 @@ def main():
         do = torch.randn_like(o)
         push("attention bwd (causal)", shape, "Flops", 2.5 * flops,
              timed(lambda: torch.autograd.grad(o, (qq, kk, vv), do, retain_graph=True), it))
+        del o
+        # transformers' eager attention (K, V repeated per head, the scores materialized,
+        # softmax in f32): the peer of our "(causal, unfused)" rows.
+        above = torch.ones(t, t, dtype=torch.bool, device=dev).triu(1)
+
+        def eager():
+            kr = kk.repeat_interleave(HEADS // KV, dim=1)
+            vr = vv.repeat_interleave(HEADS // KV, dim=1)
+            sc = (qq @ kr.transpose(-1, -2)) * D ** -0.5
+            return sc.masked_fill(above, float("-inf")).softmax(-1, dtype=torch.float32).to(bf) @ vr
+        push("attention fwd (causal, unfused)", shape, "Flops", flops, timed(eager, it))
+        o = eager()
+        push("attention bwd (causal, unfused)", shape, "Flops", 2.5 * flops,
+             timed(lambda: torch.autograd.grad(o, (qq, kk, vv), do, retain_graph=True), it))
+        del o, above
 
     b, ctx = 64, SEQS[0] * 2
     qd = torch.randn(b, HEADS, 1, D, dtype=bf, device=dev)

@@ -186,16 +186,19 @@ pub struct CudaBackend {
     traffic: Cell<Traffic>,
 }
 
-/// Which kernels run training attention (forward and backward) at head_dim 128.
+/// Which kernels run training attention (forward and backward).
 ///
-/// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernels have been checked
-/// and timed on an H100; `EMPO_ATTENTION=wgmma` opts in on sm_90 with sm_90a in the fatbin,
-/// and `check-kernels` and `bench` cover both wherever both can run (`EMPO_WGMMA=0` turns the
-/// wgmma kernels off altogether).
+/// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernels (head_dim 128)
+/// have been checked and timed on an H100; `EMPO_ATTENTION=wgmma` opts in on sm_90 with sm_90a
+/// in the fatbin (`EMPO_WGMMA=0` turns them off altogether). `Unfused` (cuBLAS strided-batched
+/// GEMMs over materialized scores, any head_dim) is the baseline the flash kernels are timed
+/// against; `EMPO_ATTENTION=unfused` trains with it, in memory quadratic in the length.
+/// `check-kernels` and `bench` cover every set that can run.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum AttnKernels {
     Mma,
     Wgmma,
+    Unfused,
 }
 
 impl AttnKernels {
@@ -203,6 +206,7 @@ impl AttnKernels {
         match self {
             AttnKernels::Mma => "mma",
             AttnKernels::Wgmma => "wgmma",
+            AttnKernels::Unfused => "unfused",
         }
     }
 }
@@ -238,12 +242,37 @@ const ROPE_HG: usize = 4;
 /// row).
 const SME_THREADS: usize = 256;
 const SME_PACKS_PER_THREAD: usize = 12;
-/// Scratch slots of the softmax forward: per-CTA partials and per-row arrival counters (the
-/// attention kernels use slots 0-5, cuda_attention.rs).
-const SME_PARTIAL: usize = 6;
+fn blas_op(transpose: bool) -> blas_sys::cublasOperation_t {
+    if transpose {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
 /// The largest grid y (and z) a launch may have.
 const MAX_GRID_Y: usize = 65535;
-const SME_ARRIVED: usize = 7;
+
+/// The float scratch buffers of `scratch_f32`, one slot per use, listed together so that no two
+/// users share one by accident.
+pub(super) mod slot {
+    /// Training and decode attention (cuda_attention.rs).
+    pub const DELTA: usize = 0;
+    pub const DQ_ACCUM: usize = 1;
+    pub const PART_O: usize = 2;
+    pub const PART_ML: usize = 3;
+    pub const LSE2: usize = 4;
+    pub const DKV_ACCUM: usize = 5;
+    /// The softmax forward: per-CTA partials and per-row arrival counters.
+    pub const SME_PARTIAL: usize = 6;
+    pub const SME_ARRIVED: usize = 7;
+    /// Unfused attention (cuda_attention_unfused.rs): one sequence's [heads, tq, tk] scores and
+    /// their gradient in f32, probabilities and score gradients in bf16 (two to a slot float).
+    pub const SCORES: usize = 8;
+    pub const DPROBS: usize = 9;
+    pub const PROBS: usize = 10;
+    pub const DSCORES: usize = 11;
+}
 
 /// Threads for a block that holds a row of `dim` bf16 values in registers, `vpt` 16-byte packs
 /// per thread, rounded up to a warp; 256 for rows the kernels take on the scalar path.
@@ -860,21 +889,14 @@ impl CudaBackend {
         if m == 0 || n == 0 {
             return;
         }
-        let op = |t: bool| {
-            if t {
-                blas_sys::cublasOperation_t::CUBLAS_OP_T
-            } else {
-                blas_sys::cublasOperation_t::CUBLAS_OP_N
-            }
-        };
         let alpha = 1.0f32;
         // SAFETY: the callers check every operand's dtype and length against m, n, k; alpha
         // and beta are host f32, matching the default pointer mode and COMPUTE_32F.
         let r = unsafe {
             blas::gemm_ex(
                 *self.blas.handle(),
-                op(ta),
-                op(tb),
+                blas_op(ta),
+                blas_op(tb),
                 m as i32,
                 n as i32,
                 k as i32,
@@ -895,6 +917,60 @@ impl CudaBackend {
         };
         if let Err(e) = r {
             self.fail(format!("cuBLAS GemmEx (m {m}, n {n}, k {k}): {e:?}"));
+        }
+    }
+
+    /// `count` GEMMs C_i = op(A_i)·op(B_i) + beta·C_i in one cuBLAS strided-batched call, where
+    /// X_i starts `stride` elements after X_(i-1) (0 repeats an operand); column-major terms and
+    /// fp32 compute, as `gemm`.
+    #[allow(clippy::too_many_arguments)]
+    pub(super) fn gemm_batched(
+        &self,
+        (ta, tb): (bool, bool),
+        (m, n, k): (usize, usize, usize),
+        (a, a_t, lda, sa): (u64, Dtype, usize, usize),
+        (b, b_t, ldb, sb): (u64, Dtype, usize, usize),
+        beta: f32,
+        (c, c_t, ldc, sc): (u64, Dtype, usize, usize),
+        count: usize,
+    ) {
+        if m == 0 || n == 0 || count == 0 {
+            return;
+        }
+        let alpha = 1.0f32;
+        // SAFETY: the caller (cuda_attention_unfused) checks every operand against the shape
+        // the whole batch spans; alpha and beta are host f32, as in `gemm`.
+        let r = unsafe {
+            blas::gemm_strided_batched_ex(
+                *self.blas.handle(),
+                blas_op(ta),
+                blas_op(tb),
+                m as i32,
+                n as i32,
+                k as i32,
+                &alpha as *const f32 as *const _,
+                a as *const _,
+                a_t.blas(),
+                lda as i32,
+                sa as i64,
+                b as *const _,
+                b_t.blas(),
+                ldb as i32,
+                sb as i64,
+                &beta as *const f32 as *const _,
+                c as *mut _,
+                c_t.blas(),
+                ldc as i32,
+                sc as i64,
+                count as i32,
+                blas_sys::cublasComputeType_t::CUBLAS_COMPUTE_32F,
+                blas_sys::cublasGemmAlgo_t::CUBLAS_GEMM_DEFAULT,
+            )
+        };
+        if let Err(e) = r {
+            self.fail(format!(
+                "cuBLAS GemmStridedBatchedEx (m {m}, n {n}, k {k}, batch {count}): {e:?}"
+            ));
         }
     }
 
@@ -947,17 +1023,23 @@ impl Backend for CudaBackend {
         )
     }
 
-    fn attention_variants(&self) -> Vec<&'static str> {
-        let mut v = vec![AttnKernels::Mma.name()];
-        if self.has_wgmma() {
+    fn attention_variants(&self, head_dim: usize) -> Vec<&'static str> {
+        // The untried wgmma kernels last: a fault there loses the device for what follows.
+        let mut v = vec![AttnKernels::Mma.name(), AttnKernels::Unfused.name()];
+        if self.has_wgmma() && head_dim == 128 {
             v.push(AttnKernels::Wgmma.name());
         }
         v
     }
 
+    fn attention_variant(&self) -> Option<&'static str> {
+        Some(self.attn.get().name())
+    }
+
     fn set_attention_variant(&self, variant: &str) -> Result<()> {
         let k = match variant {
             "mma" => AttnKernels::Mma,
+            "unfused" => AttnKernels::Unfused,
             "wgmma" if self.has_wgmma() => AttnKernels::Wgmma,
             "wgmma" => {
                 let (maj, min) = self.compute_capability();
@@ -966,7 +1048,7 @@ impl Backend for CudaBackend {
                     kernel_targets()
                 )
             }
-            other => bail!("unknown attention kernels {other:?} (expected mma or wgmma)"),
+            other => bail!("unknown attention kernels {other:?} (expected mma, unfused or wgmma)"),
         };
         self.attn.set(k);
         Ok(())
@@ -1712,9 +1794,9 @@ impl Backend for CudaBackend {
         let splits = self.softmax_splits(name, rows, vocab);
         let (Some(t), Some(partial), Some(arrived)) = (
             self.stage_u32(Slot::Ids, targets),
-            self.scratch_f32(SME_PARTIAL, 3 * splits * rows),
+            self.scratch_f32(slot::SME_PARTIAL, 3 * splits * rows),
             // Zeroed when allocated; each launch leaves its counters at zero again.
-            self.scratch_f32(SME_ARRIVED, rows),
+            self.scratch_f32(slot::SME_ARRIVED, rows),
         ) else {
             return self.sync();
         };

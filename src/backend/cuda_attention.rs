@@ -3,20 +3,13 @@
 //! attention over the KV cache, and the cache write. The dispatch rule and every kernel's
 //! geometry are documented at the top of the .cu file.
 
+use super::cuda::slot::{DELTA, DKV_ACCUM, DQ_ACCUM, LSE2, PART_ML, PART_O};
 use super::cuda::{Arg, AttnKernels, CudaBackend, CudaBuf, Dtype};
 use super::{AttnShape, Starts};
 
 /// Decode split granularity in keys: one 16-key step for each of a decode block's 4 warps. A
 /// split is a multiple of this and at least twice it.
 const DECODE_CHUNK: usize = 64;
-
-/// Float scratch slots of the CUDA backend used here.
-const DELTA: usize = 0;
-const DQ_ACCUM: usize = 1;
-const PART_O: usize = 2;
-const PART_ML: usize = 3;
-const LSE2: usize = 4;
-const DKV_ACCUM: usize = 5;
 
 fn check(
     be: &CudaBackend,
@@ -82,6 +75,9 @@ pub fn forward(
     );
     if s.tq == 1 {
         return decode(be, out, lse, q, k, v, s, &vec![s.tk as u32; s.batch]);
+    }
+    if be.attention_kernels() == AttnKernels::Unfused {
+        return super::cuda_attention_unfused::forward(be, out, lse, q, k, v, s);
     }
     let common = [
         Arg::P(out.ptr()),
@@ -286,6 +282,15 @@ pub fn backward(
         ],
     ) {
         return;
+    }
+    if be.attention_kernels() == AttnKernels::Unfused {
+        return super::cuda_attention_unfused::backward(
+            be,
+            [dq, dk, dv],
+            [dout, out, lse],
+            [q, k, v],
+            s,
+        );
     }
     // delta (and lse2 on the fast path) are [batch, heads, tq rounded up to 64].
     let padded = s.batch * s.heads * s.tq.div_ceil(64) * 64;

@@ -12,6 +12,7 @@
 pub mod cpu;
 pub mod cuda;
 pub mod cuda_attention;
+pub mod cuda_attention_unfused;
 pub mod cuda_rl;
 
 use anyhow::{bail, Result};
@@ -376,10 +377,15 @@ pub trait Backend {
         inverse: bool,
     );
 
-    /// The kernel sets training attention (forward and backward) can run with here, the default
-    /// first, for check-kernels and bench to cover each; empty where there is only one (the CPU).
-    fn attention_variants(&self) -> Vec<&'static str> {
+    /// The kernel sets training attention (forward and backward) can run with here at this
+    /// head_dim, the default first, for check-kernels and bench to cover each; empty where there
+    /// is only one (the CPU).
+    fn attention_variants(&self, _head_dim: usize) -> Vec<&'static str> {
         Vec::new()
+    }
+    /// The kernel set training attention runs with now; None where there is only one.
+    fn attention_variant(&self) -> Option<&'static str> {
+        None
     }
     /// Runs training attention with `variant` (one of `attention_variants`) from now on.
     fn set_attention_variant(&self, variant: &str) -> Result<()> {

@@ -10,6 +10,7 @@ the output twice, in two namespaces).
   python3 gen_ops.py ../../cuda OUT_DIR softmax_emu.cpp softmax_entropy.cu  # for softmax_main.cpp
   python3 gen_ops.py ../../cuda OUT_DIR sampling_emu.cpp sampling.cu        # for sampling_main.cpp
   python3 gen_ops.py ../../cuda OUT_DIR optimizer_emu.cpp optimizer.cu      # for optimizer_main.cpp
+  python3 gen_ops.py ../../cuda OUT_DIR unfused_emu.cpp attention_unfused.cu  # for unfused_main.cpp
 
 A kernel's dynamic shared memory (extern __shared__ unsigned char NAME[]) becomes emu.h's buffer.
 """
