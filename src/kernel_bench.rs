@@ -237,7 +237,8 @@ pub fn run_all<B: Backend>(
 }
 
 /// Every section on the GPU, then each row's copy peer; the kernels never yet run on a GPU (the
-/// wgmma attention) come last, as in check-kernels, since a fault there loses the device.
+/// other attention kernel sets, unfused and wgmma) come last, as in check-kernels, since a
+/// fault there loses the device.
 pub fn run_cuda(
     be: &crate::backend::cuda::CudaBackend,
     s: &BenchShapes,
@@ -253,7 +254,9 @@ pub fn run_cuda(
             eprintln!("bench: the copy peers are left out: {e:#}");
         }
     }
-    sec.run("wgmma attention", || alternate_attention_rows(be, s, iters));
+    sec.run("attention variants", || {
+        alternate_attention_rows(be, s, iters)
+    });
     Ok(sec.rows)
 }
 
@@ -406,6 +409,12 @@ fn train_attention_rows<B: Backend>(
         if let Some(a) = alt {
             be.set_attention_variant(a)?;
         }
+        // Each direction's scratch, grown afresh: the memory it takes beyond its inputs and
+        // outputs (the unfused kernels' is quadratic in t).
+        let mf = scratch_grown(be, || be.attention(&mut o, &mut lse, &q, &k, &vv, sh));
+        let mb = scratch_grown(be, || {
+            be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
+        });
         let tf = time(be, iters, || {
             be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
         });
@@ -415,12 +424,27 @@ fn train_attention_rows<B: Backend>(
         if alt.is_some() {
             be.set_attention_variant(be.attention_variants(s.head_dim)[0])?;
         }
-        for (dir, work, t) in [("fwd", flops, tf), ("bwd", 2.5 * flops, tb)] {
+        for (dir, work, t, m) in [("fwd", flops, tf, mf), ("bwd", 2.5 * flops, tb, mb)] {
             let op = format!("attention {dir} (causal{suffix})");
-            rows.push(BenchRow::new(&op, shape.clone(), Unit::Flops, work, t?));
+            rows.push(BenchRow {
+                extra_bytes: m?,
+                ..BenchRow::new(&op, shape.clone(), Unit::Flops, work, t?)
+            });
         }
     }
     Ok(rows)
+}
+
+/// The most memory `f` held beyond what was live before it, its kept scratch freed first so
+/// that it is counted (None where the backend does not track memory).
+fn scratch_grown<B: Backend>(be: &B, f: impl FnOnce()) -> Result<Option<usize>> {
+    be.release_scratch();
+    be.sync()?;
+    be.reset_peak_memory();
+    let base = be.memory().map(|m| m.0);
+    f();
+    be.sync()?;
+    Ok(base.and_then(|b| be.memory().map(|m| m.1 - b)))
 }
 
 /// Decode attention over a long cache.

@@ -68,7 +68,7 @@ impl CudaHost {
     }
 }
 
-/// Bytes held by live buffers, and the most held since the last reset.
+/// Bytes held by live buffers and scratch, and the most held since the last reset.
 #[derive(Default)]
 struct MemCounter {
     live: AtomicUsize,
@@ -829,10 +829,19 @@ impl CudaBackend {
             sc.resize_with(i + 1, || None);
         }
         if sc[i].as_ref().is_none_or(|s| s.len() < n.max(1)) {
-            sc[i] = None; // free first: scratch can be large
+            // Free first: scratch can be large.
+            if let Some(old) = sc[i].take() {
+                self.mem.live.fetch_sub(old.len() * 4, Ordering::Relaxed);
+            }
             self.count(|t| t.allocs += 1);
             match self.stream.alloc_zeros::<f32>(n.max(1)) {
-                Ok(s) => sc[i] = Some(s),
+                Ok(s) => {
+                    let live = self.mem.live.fetch_add(s.len() * 4, Ordering::Relaxed);
+                    self.mem
+                        .peak
+                        .fetch_max(live + s.len() * 4, Ordering::Relaxed);
+                    sc[i] = Some(s);
+                }
                 Err(e) => {
                     self.fail(format!("allocating {n} floats of scratch: {e:?}"));
                     return None;
@@ -1212,6 +1221,11 @@ impl Backend for CudaBackend {
         self.mem
             .peak
             .store(self.mem.live.load(Ordering::Relaxed), Ordering::Relaxed);
+    }
+    fn release_scratch(&self) {
+        for s in self.scratch.borrow_mut().drain(..).flatten() {
+            self.mem.live.fetch_sub(s.len() * 4, Ordering::Relaxed);
+        }
     }
 
     fn zero(&self, buf: &mut CudaBuf) {

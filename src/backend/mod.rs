@@ -185,11 +185,14 @@ pub trait Backend {
     }
     /// Allocations and host-device copies so far (see [`Traffic`]).
     fn traffic(&self) -> Traffic;
-    /// Bytes held by this backend's buffers (live, peak since the last reset), where tracked.
+    /// Bytes held by this backend's buffers and scratch (live, peak since the last reset), where
+    /// tracked.
     fn memory(&self) -> Option<(usize, usize)> {
         None
     }
     fn reset_peak_memory(&self) {}
+    /// Frees the scratch the ops keep between calls, so that the next op's is measured afresh.
+    fn release_scratch(&self) {}
     /// The device's (free, total) bytes, where the backend has a device of its own; the CPU
     /// reference has none (a run there is not planned against memory).
     fn device_memory(&self) -> Option<(usize, usize)> {
