@@ -47,6 +47,14 @@ impl Dtype {
     }
 }
 
+fn blas_op(transpose: bool) -> blas_sys::cublasOperation_t {
+    if transpose {
+        blas_sys::cublasOperation_t::CUBLAS_OP_T
+    } else {
+        blas_sys::cublasOperation_t::CUBLAS_OP_N
+    }
+}
+
 enum Mem {
     Bf16(CudaSlice<bf16>),
     F32(CudaSlice<f32>),
@@ -242,14 +250,6 @@ const ROPE_HG: usize = 4;
 /// row).
 const SME_THREADS: usize = 256;
 const SME_PACKS_PER_THREAD: usize = 12;
-fn blas_op(transpose: bool) -> blas_sys::cublasOperation_t {
-    if transpose {
-        blas_sys::cublasOperation_t::CUBLAS_OP_T
-    } else {
-        blas_sys::cublasOperation_t::CUBLAS_OP_N
-    }
-}
-
 /// The largest grid y (and z) a launch may have.
 const MAX_GRID_Y: usize = 65535;
 

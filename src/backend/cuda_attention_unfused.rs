@@ -280,9 +280,8 @@ pub fn forward(
     }
 }
 
-/// `Backend::attention_bwd` (the caller has checked every buffer against `s`). `delta` holds
-/// float[batch, heads, tq rounded up to 64] of scratch for attention_bwd_preprocess.
-#[allow(clippy::too_many_arguments)]
+/// `Backend::attention_bwd` (the caller has checked every buffer against `s`), in the scratch
+/// of `backward_scratch`.
 pub fn backward(
     be: &CudaBackend,
     [dq, dk, dv]: [&mut CudaBuf; 3],
