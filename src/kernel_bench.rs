@@ -411,10 +411,14 @@ fn train_attention_rows<B: Backend>(
         }
         // Each direction's scratch, grown afresh: the memory it takes beyond its inputs and
         // outputs (the unfused kernels' is quadratic in t).
-        let mf = scratch_grown(be, || be.attention(&mut o, &mut lse, &q, &k, &vv, sh));
-        let mb = scratch_grown(be, || {
-            be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
-        });
+        let ((), mf) = peak_over(be, || {
+            be.attention(&mut o, &mut lse, &q, &k, &vv, sh);
+            Ok(())
+        })?;
+        let ((), mb) = peak_over(be, || {
+            be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh);
+            Ok(())
+        })?;
         let tf = time(be, iters, || {
             be.attention(&mut o, &mut lse, &q, &k, &vv, sh)
         });
@@ -427,7 +431,7 @@ fn train_attention_rows<B: Backend>(
         for (dir, work, t, m) in [("fwd", flops, tf, mf), ("bwd", 2.5 * flops, tb, mb)] {
             let op = format!("attention {dir} (causal{suffix})");
             rows.push(BenchRow {
-                extra_bytes: m?,
+                extra_bytes: m,
                 ..BenchRow::new(&op, shape.clone(), Unit::Flops, work, t?)
             });
         }
@@ -435,16 +439,17 @@ fn train_attention_rows<B: Backend>(
     Ok(rows)
 }
 
-/// The most memory `f` held beyond what was live before it, its kept scratch freed first so
-/// that it is counted (None where the backend does not track memory).
-fn scratch_grown<B: Backend>(be: &B, f: impl FnOnce()) -> Result<Option<usize>> {
+/// Runs `f` and returns its value with the most memory it held beyond what was live before it
+/// (None where the backend does not track memory). The scratch the backend keeps between ops
+/// is freed first, so that what `f` needs of it is counted too.
+fn peak_over<B: Backend, T>(be: &B, f: impl FnOnce() -> Result<T>) -> Result<(T, Option<usize>)> {
     be.release_scratch();
     be.sync()?;
     be.reset_peak_memory();
     let base = be.memory().map(|m| m.0);
-    f();
+    let v = f()?;
     be.sync()?;
-    Ok(base.and_then(|b| be.memory().map(|m| m.1 - b)))
+    Ok((v, base.and_then(|b| be.memory().map(|m| m.1 - b))))
 }
 
 /// Decode attention over a long cache.
@@ -660,37 +665,35 @@ pub fn model_rows<B: Backend>(
     let mut rows = Vec::new();
     for recompute in [false, true] {
         model.recompute = recompute;
-        be.sync()?;
-        be.reset_peak_memory();
-        let base = be.memory().map(|m| m.0);
-        let mut acts = model.alloc_activations(be, 1, t, true)?;
-        let mut grads = model.zeros_like_params(be)?;
-        let mut failed = None;
-        let seconds = time(be, iters.min(20), || {
-            let step = model.forward_hidden(be, &ids, &mut acts).and_then(|_| {
-                model.lm_head_stats_grad(
-                    be,
-                    &mut acts,
-                    &targets,
-                    1.0,
-                    crate::lm_head::Coef::PerRow(&coef),
-                    &mut grads,
-                )
-            });
-            if let Err(e) = step {
-                failed.get_or_insert(e);
-            }
+        let model = &*model;
+        let (seconds, held) = peak_over(be, || {
+            let mut acts = model.alloc_activations(be, 1, t, true)?;
+            let mut grads = model.zeros_like_params(be)?;
+            let mut failed = None;
+            let seconds = time(be, iters.min(20), || {
+                let step = model.forward_hidden(be, &ids, &mut acts).and_then(|_| {
+                    model.lm_head_stats_grad(
+                        be,
+                        &mut acts,
+                        &targets,
+                        1.0,
+                        crate::lm_head::Coef::PerRow(&coef),
+                        &mut grads,
+                    )
+                });
+                if let Err(e) = step {
+                    failed.get_or_insert(e);
+                }
+            })?;
+            failed.map_or(Ok(seconds), Err)
         })?;
-        if let Some(e) = failed {
-            return Err(e);
-        }
         let op = if recompute {
             "model fwd+bwd, recompute"
         } else {
             "model fwd+bwd"
         };
         rows.push(BenchRow {
-            extra_bytes: base.and_then(|b| be.memory().map(|m| m.1 - b)),
+            extra_bytes: held,
             ..BenchRow::new(op, shape.clone(), Unit::Flops, flops, seconds)
         });
     }
@@ -1316,15 +1319,7 @@ pub fn lm_head_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result
             seconds,
         )
     };
-    // Runs f once the peak-memory counter is reset; the extra memory is its peak over the
-    // memory in use before it.
-    let measured = |f: &mut dyn FnMut() -> Result<f64>| -> Result<(f64, Option<usize>)> {
-        be.sync()?;
-        be.reset_peak_memory();
-        let base = be.memory().map(|m| m.0);
-        let t = f()?;
-        Ok((t, base.and_then(|b| be.memory().map(|m| m.1 - b))))
-    };
+    let measured = |f: &mut dyn FnMut() -> Result<f64>| peak_over(be, f);
     let full = |n: usize, dx: &mut B::Buf, dw: &mut B::Buf| -> Result<f64> {
         let mut logits = be.alloc(n * v)?;
         let mut dlogits = be.alloc(n * v)?;
