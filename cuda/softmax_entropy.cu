@@ -20,6 +20,8 @@
 #define SME_U 2
 
 namespace sme {
+constexpr float LOWEST = -3.40282347e38f;  // the most negative finite float
+
 // Running (max, Σe^(z−max), Σe^(z−max)·z) over z = logit / T.
 struct Online {
     float m, s, t;
@@ -74,6 +76,9 @@ struct Raw {
 
 // A new running max mx > a.m: rescale the sums to it. A thread's first value lands here with
 // a.m = −inf and a.s = a.t = 0.
+// Masked logits (−inf) must add nothing. They never raise the max, and until a finite value
+// has, mc stays 0 (not −inf, whose fmaf with an −inf logit is NaN), so their p is 2^−inf = 0;
+// the clamp in fold keeps p·x at 0 where 0·(−inf) would be NaN. A NaN logit still poisons s.
 __device__ __forceinline__ void raise(Raw &a, float mx, float c) {
     const float r = a.m == -INFINITY ? 0.0f : exp2_fast(a.mc - mx * c);
     a.m = mx;
@@ -85,7 +90,7 @@ __device__ __forceinline__ void raise(Raw &a, float mx, float c) {
 __device__ __forceinline__ void fold(Raw &a, float x, float c) {
     const float p = exp2_fast(fmaf(x, c, -a.mc));
     a.s += p;
-    a.t = fmaf(p, x, a.t);
+    a.t = fmaf(p, fmaxf(x, LOWEST), a.t);
 }
 
 // Eight values with one max test for the pack, not one per value.
@@ -141,12 +146,13 @@ template <class F> __device__ __forceinline__ void for_packs(const uint4 *src, i
 }
 
 // dlogit of a·entropy + b·logprob, already divided by T: −p·(a·(z − E[z]) + b)/T, with
-// p = 2^(x·c − lse·log2 e); the target's +b/T is added by the caller.
+// p = 2^(x·c − lse·log2 e); the target's +b/T is added by the caller. A masked logit (−inf)
+// has p = 0: the clamp of z − E[z] (as in cpu::stats_grad_in_place) keeps its gradient 0.
 struct Grad {
     float c, lse2, inv_t, mean_z, ca, cb;
     __device__ __forceinline__ float operator()(float x) const {
         const float p = exp2_fast(fmaf(x, c, -lse2));
-        return -p * inv_t * fmaf(ca, fmaf(x, inv_t, -mean_z), cb);
+        return -p * inv_t * fmaf(ca, fmaxf(fmaf(x, inv_t, -mean_z), -1e30f), cb);
     }
 };
 }  // namespace sme
@@ -162,7 +168,7 @@ extern "C" __global__ void __launch_bounds__(SME_THREADS) softmax_stats_fwd(floa
     const int split = blockIdx.x, splits = gridDim.x;
     const bf16 *r = logits + row * vocab;
     const float inv_t = 1.0f / temperature, c = 1.4426950408889634f * inv_t;
-    sme::Raw acc = {-INFINITY, -INFINITY, 0.0f, 0.0f};
+    sme::Raw acc = {-INFINITY, 0.0f, 0.0f, 0.0f};
     int begin, end;
     if (sme::packed(vocab, logits, logits)) {
         sme::span(vocab / 8, split, splits, begin, end);

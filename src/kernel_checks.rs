@@ -423,6 +423,12 @@ pub fn run_all<B: Backend>(
     attempt(&mut c, "softmax_stats", |c| {
         check_softmax_stats(c, 4, vocab)
     });
+    attempt(&mut c, "softmax_stats", |c| {
+        check_softmax_stats_masked(c, 4, 1000)
+    }); // −inf logits (masked tokens), packed
+    attempt(&mut c, "softmax_stats", |c| {
+        check_softmax_stats_masked(c, 4, 1001)
+    }); // and on the scalar path
     attempt(&mut c, "adamw", |c| check_adamw(c, 1000));
     attempt(&mut c, "optimizer_step", check_optimizer_step);
     attempt(&mut c, "optimizer_offloaded", check_optimizer_offloaded);
@@ -834,8 +840,31 @@ fn check_attention_ragged<B: Backend>(c: &mut Ctx<B>, s: AttnShape, kv_len: &[u3
 }
 
 fn check_softmax_stats<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) -> Result<()> {
-    let shape = format!("[{rows}, {vocab}] T 0.7");
     let logits = c.rnd(rows * vocab, 8.0);
+    softmax_stats_rows(c, logits, rows, vocab, "")
+}
+
+/// Masked tokens (−inf logits) add nothing to the statistics and get a zero gradient: the
+/// first 8 logits of row 3 (one thread's whole first pack) and every fifth of row 2 but its
+/// target.
+fn check_softmax_stats_masked<B: Backend>(c: &mut Ctx<B>, rows: usize, vocab: usize) -> Result<()> {
+    let mut logits = c.rnd(rows * vocab, 8.0);
+    logits[3 * vocab..3 * vocab + 8].fill(f32::NEG_INFINITY);
+    let target = (2 * 977) % vocab;
+    for j in (1..vocab).step_by(5).filter(|&j| j != target) {
+        logits[2 * vocab + j] = f32::NEG_INFINITY;
+    }
+    softmax_stats_rows(c, logits, rows, vocab, ", masked")
+}
+
+fn softmax_stats_rows<B: Backend>(
+    c: &mut Ctx<B>,
+    logits: Vec<f32>,
+    rows: usize,
+    vocab: usize,
+    note: &str,
+) -> Result<()> {
+    let shape = format!("[{rows}, {vocab}] T 0.7{note}");
     let targets: Vec<u32> = (0..rows)
         .map(|r| {
             if r == 1 {

@@ -350,6 +350,58 @@ fn softmax_entropy_logprob_backward() {
     assert!((s.entropy - 8f32.ln()).abs() < 1e-6 && (s.logprob + 8f32.ln()).abs() < 1e-6);
 }
 
+/// A masked logit (−inf) leaves the softmax: the statistics are those of the row without it,
+/// and its gradient is 0, not the NaN of 0·(−inf).
+#[test]
+fn masked_logits_drop_out_of_the_softmax_statistics() {
+    let (vocab, temp) = (12, 0.8);
+    let mut g = Lcg(9);
+    let row = g.vec(vocab, 3.0);
+    let masked: Vec<usize> = vec![0, 1, 5, 11];
+    let mut with_mask = row.clone();
+    for &j in &masked {
+        with_mask[j] = f32::NEG_INFINITY;
+    }
+    let kept: Vec<usize> = (0..vocab).filter(|j| !masked.contains(j)).collect();
+    let compact: Vec<f32> = kept.iter().map(|&j| row[j]).collect();
+    let (target, compact_target) = (7u32, kept.iter().position(|&j| j == 7).unwrap() as u32);
+    let s = cpu::softmax_stats(&with_mask, 1, vocab, &[target], temp)[0];
+    let c = cpu::softmax_stats(&compact, 1, kept.len(), &[compact_target], temp)[0];
+    for (what, got, want) in [
+        ("logsumexp", s.logsumexp, c.logsumexp),
+        ("entropy", s.entropy, c.entropy),
+        ("logprob", s.logprob, c.logprob),
+    ] {
+        assert!(
+            (got - want).abs() <= 1e-6 * want.abs().max(1.0),
+            "{what}: {got} with the mask, {want} without the masked entries"
+        );
+    }
+    let (a, b) = ([0.6f32], [-1.3f32]);
+    let (t, ct) = ([target], [compact_target]);
+    let loss = |targets| StatsLoss {
+        targets,
+        temperature: temp,
+        a: &a,
+        b: &b,
+    };
+    let mut d = vec![f32::NAN; vocab];
+    cpu::softmax_stats_bwd(&mut d, &with_mask, 1, vocab, &loss(&t));
+    let mut dc = vec![f32::NAN; kept.len()];
+    cpu::softmax_stats_bwd(&mut dc, &compact, 1, kept.len(), &loss(&ct));
+    for &j in &masked {
+        assert_eq!(d[j], 0.0, "gradient at masked logit {j}");
+    }
+    for (k, &j) in kept.iter().enumerate() {
+        assert!(
+            (d[j] - dc[k]).abs() <= 1e-6 * dc[k].abs().max(1e-3),
+            "gradient at logit {j}: {} with the mask, {} without",
+            d[j],
+            dc[k]
+        );
+    }
+}
+
 #[test]
 fn embedding_backward() {
     let (vocab, dim) = (6, 4);

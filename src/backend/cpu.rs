@@ -435,7 +435,8 @@ pub fn row_stats(row: &[f32], target: u32, temperature: f32) -> (RowStats, f32) 
         let z = x * inv_t;
         let e = ((z - m) as f64).exp();
         sum += e;
-        zsum += e * z as f64;
+        // A masked logit (−inf) has e = 0 and must add nothing: 0·(−inf) would be NaN.
+        zsum += e * z.max(f32::MIN) as f64;
     }
     let lse = m + sum.ln() as f32;
     let mean_z = (zsum / sum) as f32;
@@ -582,7 +583,9 @@ fn stats_grad_in_place(
     for x in row.iter_mut() {
         let z = *x * inv_t;
         let p = (z - lse).exp();
-        *x = (a * (-p * (z - mean_z)) - cb * p) * inv_t;
+        // The clamp keeps a masked logit's (p = 0, z = −inf) gradient 0 rather than NaN; the
+        // kernel clamps the same way.
+        *x = (a * (-p * (z - mean_z).max(-1e30)) - cb * p) * inv_t;
     }
     if target != NO_TARGET {
         row[target as usize] += cb * inv_t;

@@ -22,7 +22,7 @@ static Ref ref_row(const bf16 *row, int vocab, uint32_t y, double t) {
     for (int j = 0; j < vocab; j++) {
         const double z = ld(row + j) / t, e = std::exp(z - m);
         s += e;
-        zs += e * z;
+        if (e > 0) zs += e * z;  // a masked logit (−inf) adds nothing
     }
     Ref r;
     r.lse = m + std::log(s);
@@ -38,15 +38,24 @@ static void report(const char *what, bool ok, double err) {
 }
 
 // One case: `offset` values of padding before the logits make them 2-byte aligned only.
-static void test_case(int rows, int vocab, int splits, float temp, float amp, int offset, bool in_place) {
-    printf("rows %d vocab %d splits %d T %.2f amp %.0f offset %d%s\n", rows, vocab, splits, temp, amp, offset,
-           in_place ? " in place" : "");
+// `masked`: some logits are −inf (masked tokens): row 0's first 8 (all of one thread's first
+// pack, or its first values on the scalar path) and every fifth of row 3, never a target.
+static void test_case(int rows, int vocab, int splits, float temp, float amp, int offset, bool in_place,
+                      bool masked = false) {
+    printf("rows %d vocab %d splits %d T %.2f amp %.0f offset %d%s%s\n", rows, vocab, splits, temp, amp, offset,
+           in_place ? " in place" : "", masked ? " masked" : "");
     std::vector<bf16> buf((size_t)rows * vocab + offset + 8);
     for (auto &x : buf) x = to_bf16(std::uniform_real_distribution<float>(-amp, amp)(rng));
     bf16 *logits = buf.data() + offset;
     if (rows > 1) logits[(size_t)1 * vocab + vocab / 3] = to_bf16(amp * 6);  // a peaked row
     std::vector<uint32_t> targets(rows);
     for (int r = 0; r < rows; r++) targets[r] = r == 0 ? vocab - 1 : r == 2 ? NO_TARGET : (r * 977 + 8) % vocab;
+    if (masked) {
+        for (int j = 0; j < 8; j++) logits[j] = to_bf16(-INFINITY);
+        if (rows > 3)
+            for (int j = 1; j < vocab; j += 5)
+                if ((uint32_t)j != targets[3]) logits[(size_t)3 * vocab + j] = to_bf16(-INFINITY);
+    }
     std::vector<Ref> ref(rows);
     for (int r = 0; r < rows; r++) ref[r] = ref_row(logits + (size_t)r * vocab, vocab, targets[r], temp);
 
@@ -89,7 +98,7 @@ static void test_case(int rows, int vocab, int splits, float temp, float amp, in
         const double cb = targets[r] == NO_TARGET ? 0.0 : b[r];
         for (int j = 0; j < vocab; j++) {
             const double z = keep[(size_t)r * vocab + j] / temp, p = std::exp(z - ref[r].lse);
-            double want = (a[r] * (-p * (z - ref[r].mean_z)) - cb * p) / temp;
+            double want = p > 0 ? (a[r] * (-p * (z - ref[r].mean_z)) - cb * p) / temp : 0.0;
             if ((uint32_t)j == targets[r]) want += cb / temp;
             const double got = ld(dlogits + (size_t)r * vocab + j), e = std::fabs(got - want);
             worst = std::max(worst, e);
@@ -108,6 +117,8 @@ int main() {
     test_case(3, 1000, 4, 0.7f, 8, 1, false);    // misaligned logits: the scalar path
     test_case(3, 4104, 5, 1.0f, 16, 0, true);    // in place (dlogits = logits)
     test_case(2, 152064, 7, 0.7f, 8, 0, false);  // Qwen2.5's vocabulary, as the launcher splits it
+    test_case(4, 4096, 3, 0.7f, 8, 0, false, true);  // masked logits, packed
+    test_case(4, 1001, 3, 0.7f, 8, 0, true, true);   // masked logits, scalar path, in place
     printf(fails ? "%d FAILED\n" : "all ok\n", fails);
     return fails != 0;
 }
