@@ -23,6 +23,7 @@ use cudarc::driver::{
 use half::bf16;
 use std::cell::{Cell, RefCell};
 use std::collections::HashMap;
+use std::mem::ManuallyDrop;
 use std::sync::atomic::{AtomicUsize, Ordering};
 use std::sync::Arc;
 
@@ -63,14 +64,30 @@ enum Mem {
 /// Host memory the GPU copies f32 values to and from (`Backend::Host`): page-locked, or pageable
 /// where the driver would not lock that much.
 pub enum CudaHost {
-    Pinned(PinnedHostSlice<f32>),
+    Pinned(PinnedHost),
     Pageable(Vec<f32>),
+}
+
+/// Page-locked memory, with the stream its copies are queued on. A copy to or from it may still
+/// be running when the host drops it (the last download of an offloaded update is not waited
+/// for), so dropping it waits for the stream first: freeing memory the copy engine is using is
+/// not something the driver promises to make safe. cudarc's own guard, an event per slice, is
+/// only recorded when it tracks several streams, which this backend turns off.
+pub struct PinnedHost {
+    mem: PinnedHostSlice<f32>,
+    stream: Arc<CudaStream>,
+}
+
+impl Drop for PinnedHost {
+    fn drop(&mut self) {
+        let _ = self.stream.synchronize();
+    }
 }
 
 impl CudaHost {
     fn len(&self) -> usize {
         match self {
-            CudaHost::Pinned(p) => p.len(),
+            CudaHost::Pinned(p) => p.mem.len(),
             CudaHost::Pageable(v) => v.len(),
         }
     }
@@ -166,9 +183,12 @@ const SLOTS: usize = 3;
 pub struct CudaBackend {
     ctx: Arc<CudaContext>,
     stream: Arc<CudaStream>,
-    blas: CudaBlas,
+    /// Dropped by hand (`Drop for CudaBackend`).
+    blas: ManuallyDrop<CudaBlas>,
     module: Arc<CudaModule>,
     funcs: RefCell<HashMap<String, CudaFunction>>,
+    /// The dynamic shared memory each kernel has opted into (`launch`).
+    smem_opted: RefCell<HashMap<String, u32>>,
     /// Blocks per SM of (kernel, threads per block), for the grids sized to what is resident.
     occupancy: RefCell<HashMap<(String, u32), u32>>,
     staging: RefCell<[Option<CudaSlice<u32>>; SLOTS]>,
@@ -192,6 +212,18 @@ pub struct CudaBackend {
     mem: Arc<MemCounter>,
     /// Every allocation and host-device copy this backend makes (`Backend::traffic`).
     traffic: Cell<Traffic>,
+}
+
+impl Drop for CudaBackend {
+    fn drop(&mut self) {
+        // cudarc's CudaBlas unwraps cublasDestroy, which fails once a fault has killed the
+        // context: the process would abort on its way out of a run that had already reported
+        // the fault. On a dead context the handle is left for the process's end.
+        if self.stream.synchronize().is_ok() {
+            // SAFETY: the handle is not used after this.
+            unsafe { ManuallyDrop::drop(&mut self.blas) }
+        }
+    }
 }
 
 /// Which kernels run training attention (forward and backward).
@@ -315,6 +347,7 @@ impl CudaBackend {
             .load_module(cudarc::nvrtc::Ptx::from_binary(KERNELS_FATBIN.to_vec()))
             .map_err(|e| anyhow!("cannot load the embedded CUDA kernels on device {ordinal}: {e:?} (built for {}; is the driver older than CUDA 13.0?)", kernel_targets()))?;
         let blas = CudaBlas::new(stream.clone())
+            .map(ManuallyDrop::new)
             .map_err(|e| anyhow!("cannot create a cuBLAS handle: {e:?}"))?;
         let sm_count = ctx
             .attribute(
@@ -327,6 +360,7 @@ impl CudaBackend {
             blas,
             module,
             funcs: RefCell::new(HashMap::new()),
+            smem_opted: RefCell::new(HashMap::new()),
             occupancy: RefCell::new(HashMap::new()),
             staging: RefCell::new([None, None, None]),
             pinned: RefCell::new(PinnedRing::default()),
@@ -427,6 +461,12 @@ impl CudaBackend {
         if let Err(e) = self.stream.synchronize() {
             self.fail(format!("CUDA stream failed: {e:?}"));
         }
+        // Errors cudarc met where it cannot return them (freeing a buffer, destroying an event).
+        if let Err(e) = self.ctx.check_err() {
+            self.fail(format!(
+                "CUDA failed while freeing or destroying an object: {e:?}"
+            ));
+        }
         match self.error.borrow_mut().take() {
             Some(e) => Err(anyhow!("{e}")),
             None => Ok(()),
@@ -464,8 +504,10 @@ impl CudaBackend {
             return;
         }
         let Some(f) = self.func(name) else { return };
-        // Past 48 KB of dynamic shared memory a kernel must opt in, or the launch is refused.
-        if smem > 48 * 1024 {
+        // A kernel's dynamic shared memory is capped at 48 KB less its static shared memory
+        // unless it opts in: the sampler's 512-thread block (48 KB dynamic, 7 KB static) is
+        // refused without it. So every size past what the kernel last opted into opts in.
+        if smem > self.smem_opted.borrow().get(name).copied().unwrap_or(0) {
             use cudarc::driver::sys::CUfunction_attribute_enum as A;
             let attr = A::CU_FUNC_ATTRIBUTE_MAX_DYNAMIC_SHARED_SIZE_BYTES;
             if let Err(e) = f.set_attribute(attr, smem as i32) {
@@ -474,6 +516,7 @@ impl CudaBackend {
                 ));
                 return;
             }
+            self.smem_opted.borrow_mut().insert(name.to_string(), smem);
         }
         let pdl = self.pdl.get() && programmatic(name);
         if let Err(e) = self.launch_func(&f, grid, block, smem, args, pdl) {
@@ -799,6 +842,9 @@ impl CudaBackend {
                 return Some(s.device_ptr(&self.stream).0);
             }
         }
+        // Forget the old values first: should this copy fail after the slot's buffer was
+        // replaced, a later call with them must not find them "already there".
+        self.staged.borrow_mut()[i] = None;
         let p = self.stage_u32(slot, host)?;
         self.staged.borrow_mut()[i] = Some(host.to_vec());
         Some(p)
@@ -1095,7 +1141,10 @@ impl Backend for CudaBackend {
                 Ok(p)
             });
         match pinned {
-            Ok(p) if n > 0 => Ok(CudaHost::Pinned(p)),
+            Ok(mem) if n > 0 => Ok(CudaHost::Pinned(PinnedHost {
+                mem,
+                stream: self.stream.clone(),
+            })),
             Ok(_) => Ok(CudaHost::Pageable(Vec::new())),
             Err(e) => {
                 static WARNED: std::sync::Once = std::sync::Once::new();
@@ -1124,7 +1173,7 @@ impl Backend for CudaBackend {
             return;
         }
         let r = match src {
-            CudaHost::Pinned(p) => self.stream.memcpy_htod(p, &mut s.slice_mut(..n)),
+            CudaHost::Pinned(p) => self.stream.memcpy_htod(&p.mem, &mut s.slice_mut(..n)),
             CudaHost::Pageable(v) => self.stream.memcpy_htod(v, &mut s.slice_mut(..n)),
         };
         if let Err(e) = r {
@@ -1146,7 +1195,7 @@ impl Backend for CudaBackend {
             return;
         }
         let r = match dst {
-            CudaHost::Pinned(p) => self.stream.memcpy_dtoh(&s.slice(..n), p),
+            CudaHost::Pinned(p) => self.stream.memcpy_dtoh(&s.slice(..n), &mut p.mem),
             CudaHost::Pageable(v) => self.stream.memcpy_dtoh(&s.slice(..n), v),
         };
         if let Err(e) = r {
@@ -1157,6 +1206,7 @@ impl Backend for CudaBackend {
         self.sync()?;
         Ok(match h {
             CudaHost::Pinned(p) => p
+                .mem
                 .as_slice()
                 .map_err(|e| anyhow!("reading page-locked memory: {e:?}"))?
                 .to_vec(),
@@ -1170,6 +1220,7 @@ impl Backend for CudaBackend {
         self.sync()?;
         match h {
             CudaHost::Pinned(p) => p
+                .mem
                 .as_mut_slice()
                 .map_err(|e| anyhow!("writing page-locked memory: {e:?}"))?
                 .copy_from_slice(values),

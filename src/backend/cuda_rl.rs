@@ -78,17 +78,28 @@ pub fn sample(
         be.sync()?;
         bail!("sample: {} draw keys for {rows} rows", keys.len());
     }
-    let (next, next_p) = zeros::<u32>(be, rows)?;
-    let (_done, done_p) = zeros::<i32>(be, rows)?;
-    let (_t, t_p) = dev(be, &vec![p.temperature; rows])?;
-    let (_k, k_p) = dev(be, &vec![p.top_k.min(i32::MAX as usize) as i32; rows])?;
-    let (_tp, tp_p) = dev(be, &vec![p.top_p; rows])?;
-    let words: Vec<u32> = keys
-        .iter()
-        .flat_map(|k| [k.seed, k.sequence, k.step])
-        .flat_map(|x| [x as u32, (x >> 32) as u32])
-        .collect();
-    let (_keys, keys_p) = dev(be, &words)?;
+    if rows == 0 {
+        return Ok(Vec::new());
+    }
+    // One upload for the whole launch, every field 4 bytes: next (zeros), done (zeros), then
+    // per row the temperature, top-k, top-p and the six words of its key. Six allocations and
+    // four pageable copies (each of which waits for the stream) were a decode step's overhead.
+    let n = rows as u64;
+    let mut words = vec![0u32; 2 * rows];
+    words.extend(std::iter::repeat_n(p.temperature.to_bits(), rows));
+    words.extend(std::iter::repeat_n(
+        p.top_k.min(i32::MAX as usize) as u32,
+        rows,
+    ));
+    words.extend(std::iter::repeat_n(p.top_p.to_bits(), rows));
+    words.extend(
+        keys.iter()
+            .flat_map(|k| [k.seed, k.sequence, k.step])
+            .flat_map(|x| [x as u32, (x >> 32) as u32]),
+    );
+    let (buf, next_p) = dev(be, &words)?;
+    let at = |field: u64| next_p + 4 * n * field;
+    let (done_p, t_p, k_p, tp_p, keys_p) = (at(1), at(2), at(3), at(4), at(5));
     let block = sample_block(be);
     be.launch(
         "sample_tokens",
@@ -109,7 +120,13 @@ pub fn sample(
             Arg::I(0),
         ],
     );
-    read(be, &next)
+    be.count(|t| t.to_host += 1);
+    let mut next = vec![0u32; rows];
+    be.stream()
+        .memcpy_dtoh(&buf.slice(..rows), &mut next)
+        .map_err(|e| anyhow!("copying the sampled tokens from the GPU: {e:?}"))?;
+    be.sync()?;
+    Ok(next)
 }
 
 /// Mirrors optim::Tensor in cuda/optimizer.cu (48 bytes, no padding).
@@ -315,9 +332,24 @@ pub fn policy_loss(
     total_tokens: usize,
     total_seqs: usize,
 ) -> Result<(PolicyLossStats, Vec<f32>)> {
+    if logp_old.len() != logp.len() {
+        bail!(
+            "policy_loss: {} old log-probs for {} tokens",
+            logp_old.len(),
+            logp.len()
+        );
+    }
     let mut starts = vec![spans.first().map_or(0, |s| s.start) as i32];
     let mut adv = vec![0.0f32; logp.len()];
     for s in spans {
+        if s.start + s.len > logp.len() {
+            bail!(
+                "policy_loss: a sequence of tokens {}..{} past the {} log-probs",
+                s.start,
+                s.start + s.len,
+                logp.len()
+            );
+        }
         if s.start as i32 != *starts.last().expect("non-empty") {
             bail!("policy_loss on the GPU takes sequences laid end to end");
         }
