@@ -236,9 +236,9 @@ pub fn run_all<B: Backend>(
     Ok(sec.rows)
 }
 
-/// Every section on the GPU, then each row's copy peer; the kernels never yet run on a GPU (the
-/// other attention kernel sets, unfused and wgmma) come last, as in check-kernels, since a
-/// fault there loses the device.
+/// Every section on the GPU, then each row's copy peer, then the attention kernel sets that
+/// are not the default (a fault in a kernel loses the device for what follows, so the ones
+/// training does not run go last).
 pub fn run_cuda(
     be: &crate::backend::cuda::CudaBackend,
     s: &BenchShapes,
@@ -249,6 +249,9 @@ pub fn run_cuda(
     common_sections(&mut sec, s, iters)?;
     sec.run("policy loss", || policy_loss_rows_cuda(be, iters));
     sec.run("(pdl)", || pdl_rows_cuda(be, s, iters));
+    sec.run("embedding, ids on the device", || {
+        embedding_device_ids_rows_cuda(be, s, iters)
+    });
     if sec.lost.is_none() {
         if let Err(e) = add_copy_peers(be, &mut sec.rows, iters) {
             eprintln!("bench: the copy peers are left out: {e:#}");
@@ -406,6 +409,7 @@ fn train_attention_rows<B: Backend>(
             "t {t_len}, heads {}/{}, d {}",
             s.heads, s.kv_heads, s.head_dim
         );
+        let setting = be.attention_variant();
         if let Some(a) = alt {
             be.set_attention_variant(a)?;
         }
@@ -425,8 +429,8 @@ fn train_attention_rows<B: Backend>(
         let tb = time(be, iters, || {
             be.attention_bwd(&mut dq, &mut dk, &mut dv, &o, &o, &lse, &q, &k, &vv, sh)
         });
-        if alt.is_some() {
-            be.set_attention_variant(be.attention_variants(s.head_dim)[0])?;
+        if let (Some(_), Some(was)) = (alt, setting) {
+            be.set_attention_variant(was)?;
         }
         for (dir, work, t, m) in [("fwd", flops, tf, mf), ("bwd", 2.5 * flops, tb, mb)] {
             let op = format!("attention {dir} (causal{suffix})");
@@ -579,9 +583,8 @@ fn adamw_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<B
     Ok(rows)
 }
 
-/// The backend's other attention kernel sets (wgmma on an H100), timed at the training
-/// shapes of `run_all`. On the GPU this section runs last: these kernels have not yet run on
-/// one, and a fault there loses the device for every section after it.
+/// The backend's other attention kernel sets (mma.sync and unfused on an H100, where wgmma is
+/// the default), timed at the training shapes of `run_all`.
 pub fn alternate_attention_rows<B: Backend>(
     be: &B,
     s: &BenchShapes,
@@ -986,24 +989,56 @@ fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Resul
 }
 
 /// The rows of `memory_bound_rows` whose kernels allow programmatic dependent launch, again with
-/// it on (`CudaBackend::set_pdl`), as "<op> (pdl)": one run shows whether it pays. Empty before
-/// sm_90.
+/// it the other way (`CudaBackend::with_other_pdl`), as "<op> (no pdl)" (or "(pdl)" under
+/// `EMPO_PDL=0`): one run shows what it pays. Empty before sm_90.
 pub fn pdl_rows_cuda(
     be: &crate::backend::cuda::CudaBackend,
     s: &BenchShapes,
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
-    let Some(rows) = be.with_pdl(|| memory_bound_rows(be, s, iters)) else {
+    let Some((rows, label)) = be.with_other_pdl(|| memory_bound_rows(be, s, iters)) else {
         return Ok(Vec::new());
     };
     Ok(rows?
         .into_iter()
         .filter(|r| r.op != "embedding")
         .map(|mut r| {
-            r.op += " (pdl)";
+            r.op += label;
             r
         })
         .collect())
+}
+
+/// The embedding gather with its ids already on the device, as PyTorch's bench has them: the
+/// kernel alone, where the "embedding" row also pays the ids' upload, a copy-engine transfer
+/// the stream waits for between kernels.
+pub fn embedding_device_ids_rows_cuda(
+    be: &crate::backend::cuda::CudaBackend,
+    s: &BenchShapes,
+    iters: usize,
+) -> Result<Vec<BenchRow>> {
+    let (m, h, v) = (s.tokens, s.hidden, s.vocab);
+    let sets = ((512usize << 20) / (m * h * 2 * 4)).clamp(1, 16);
+    let ids = gather_ids(sets, m, v)
+        .iter()
+        .map(|x| be.upload_ids(x))
+        .collect::<Result<Vec<_>>>()?;
+    let table = be.upload(&rnd(v * h, 0.05))?;
+    let mut out = (0..sets)
+        .map(|_| be.alloc(m * h))
+        .collect::<Result<Vec<_>>>()?;
+    let mut k = 0;
+    let t = time(be, iters, || {
+        k = (k + 1) % sets;
+        be.embedding_at(&mut out[k], &table, be.ids_ptr(&ids[k]), m, h)
+    })?;
+    Ok(vec![BenchRow::new(
+        "embedding (ids on the device)",
+        format!("{m} ids of [{v}, {h}]"),
+        Unit::Bytes,
+        2.0 * (m * h) as f64 * 2.0,
+        t,
+    )])
 }
 
 /// The parameter tensors of one decoder layer (shapes as in a Qwen2 checkpoint).
@@ -1435,20 +1470,24 @@ pub fn add_copy_peers<B: Backend>(be: &B, rows: &mut [BenchRow], iters: usize) -
     Ok(())
 }
 
-/// Issue 3's attention targets on an H100, TFLOP/s at t 4096, for the default and the wgmma
-/// kernels.
-const ATTENTION_TARGETS: [(&str, f64); 4] = [
+/// Issue 3's attention targets on an H100, TFLOP/s at t 4096, for each kernel set.
+/// The plain rows are the default kernels (wgmma on an H100); the others name theirs.
+const ATTENTION_TARGETS: [(&str, f64); 6] = [
     ("attention fwd (causal)", 350.0),
     ("attention fwd (causal, wgmma)", 350.0),
+    ("attention fwd (causal, mma)", 350.0),
     ("attention bwd (causal)", 250.0),
     ("attention bwd (causal, wgmma)", 250.0),
+    ("attention bwd (causal, mma)", 250.0),
 ];
-/// The rows issues 3 and 4 hold to 80% of the copy ceiling, each also as its "(pdl)" row.
-const COPY_TARGET_OPS: [&str; 9] = [
+/// The rows issues 3 and 4 hold to 80% of the copy ceiling, each also as its "(pdl)" or
+/// "(no pdl)" row.
+const COPY_TARGET_OPS: [&str; 10] = [
     "residual add",
     "rmsnorm",
     "rmsnorm_bwd",
     "embedding",
+    "embedding (ids on the device)",
     "rope (q)",
     "swiglu",
     "swiglu_bwd",
@@ -1480,7 +1519,11 @@ pub fn format_targets(rows: &[BenchRow]) -> String {
         }
     }
     for op in COPY_TARGET_OPS {
-        for name in [op.to_string(), format!("{op} (pdl)")] {
+        for name in [
+            op.to_string(),
+            format!("{op} (pdl)"),
+            format!("{op} (no pdl)"),
+        ] {
             if let Some(r) = rows.iter().find(|r| r.op == name) {
                 line(&name, "", r.rate() / copy, 0.8, &|x| {
                     format!("{:.0}% of copy", 100.0 * x)

@@ -79,8 +79,8 @@ struct BenchArgs {
     #[arg(long)]
     json: Option<PathBuf>,
     /// Leave out a section (matmul, memory-bound, attention, attention decode, softmax-entropy,
-    /// adamw, optimizer, sampling, lm_head, model, decode step, policy loss, (pdl), attention
-    /// variants); repeatable. For a rerun after a fault lost the device in one.
+    /// adamw, optimizer, sampling, lm_head, model, decode step, policy loss, (pdl), embedding,
+    /// ids on the device, attention variants); repeatable. For a rerun after a fault lost the device in one.
     #[arg(long, value_name = "SECTION")]
     skip: Vec<String>,
 }

@@ -206,7 +206,7 @@ pub struct CudaBackend {
     /// on a GPU without them (a way round them should the hardware disagree with them).
     wgmma_allowed: bool,
     /// Launch the kernels that `programmatic` names with programmatic stream serialization, on
-    /// sm_90 and later: off unless `EMPO_PDL=1` until an H100 run has checked and timed it.
+    /// sm_90 and later: on unless `EMPO_PDL=0`.
     pdl: Cell<bool>,
     error: RefCell<Option<String>>,
     mem: Arc<MemCounter>,
@@ -228,9 +228,10 @@ impl Drop for CudaBackend {
 
 /// Which kernels run training attention (forward and backward).
 ///
-/// `Mma` (mma.sync, any sm_80+ GPU) stays the default until the wgmma kernels (head_dim 128)
-/// have been checked and timed on an H100; `EMPO_ATTENTION=wgmma` opts in on sm_90 with sm_90a
-/// in the fatbin (`EMPO_WGMMA=0` turns them off altogether). `Unfused` (cuBLAS strided-batched
+/// `Wgmma` (warpgroup MMA, head_dim 128 on sm_90 with sm_90a in the fatbin; mma.sync at other
+/// head dims) is the default where it can run, `Mma` (mma.sync, any sm_80+ GPU) elsewhere;
+/// `EMPO_ATTENTION=mma` picks it on an H100 too (`EMPO_WGMMA=0` leaves the wgmma kernels out
+/// altogether). `Unfused` (cuBLAS strided-batched
 /// GEMMs over materialized scores, any head_dim) is the baseline the flash kernels are timed
 /// against; `EMPO_ATTENTION=unfused` trains with it, in memory quadratic in the length.
 /// `check-kernels` and `bench` cover every set that can run.
@@ -367,14 +368,20 @@ impl CudaBackend {
             staged: RefCell::new([None, None, None]),
             scratch: RefCell::new(Vec::new()),
             sm_count,
-            attn: Cell::new(AttnKernels::Mma),
+            attn: Cell::new(AttnKernels::Mma), // wgmma below, where it can run
             wgmma_allowed: std::env::var("EMPO_WGMMA").map_or(true, |v| v != "0"),
             pdl: Cell::new(false),
             error: RefCell::new(None),
             mem: Arc::new(MemCounter::default()),
             traffic: Cell::new(Traffic::default()),
         };
-        be.set_pdl(std::env::var("EMPO_PDL").is_ok_and(|v| v == "1"));
+        // Both checked and timed on an H100 (docs/gpu/h100-09049fd-*): wgmma attention at
+        // t 4096 ran the forward 13% and the backward 27% faster than mma.sync, and programmatic
+        // launch sped up every memory-bound kernel it applies to (RMSNorm 84% -> 93% of copy).
+        if be.has_wgmma() {
+            be.attn.set(AttnKernels::Wgmma);
+        }
+        be.set_pdl(std::env::var("EMPO_PDL").map_or(true, |v| v != "0"));
         if let Ok(v) = std::env::var("EMPO_ATTENTION") {
             be.set_attention_variant(&v)
                 .map_err(|e| anyhow!("EMPO_ATTENTION: {e}"))?;
@@ -390,6 +397,48 @@ impl CudaBackend {
             && kernel_targets().contains("sm_90a")
     }
 
+    /// The embedding gather from `rows` ids already on the device at `ids_ptr` (checked by the
+    /// caller): `Backend::embedding` after its upload, and the bench's measure of the kernel
+    /// alone.
+    pub fn embedding_at(
+        &self,
+        out: &mut CudaBuf,
+        table: &CudaBuf,
+        ids_ptr: u64,
+        rows: usize,
+        dim: usize,
+    ) {
+        // EW_U packs of 8 per thread cover the row (224 threads for dim 3584, packed up to dim
+        // 16384); the blocks that fit at once walk the rows (cuda/elementwise.cu).
+        let block = ((dim / 8).div_ceil(EW_U as usize).next_multiple_of(32)).clamp(32, 1024) as u32;
+        let resident = self.sm_count as usize * self.blocks_per_sm("embedding_fwd", block) as usize;
+        self.launch(
+            "embedding_fwd",
+            (rows.min(resident) as u32, 1, 1),
+            (block, 1, 1),
+            0,
+            &[
+                Arg::P(out.ptr),
+                Arg::P(table.ptr),
+                Arg::P(ids_ptr),
+                Arg::I(rows as i32),
+                Arg::I(dim as i32),
+            ],
+        );
+    }
+
+    /// `ids` in a device buffer of their own (for `embedding_at`).
+    pub fn upload_ids(&self, ids: &[u32]) -> Result<CudaSlice<u32>> {
+        self.stream
+            .clone_htod(ids)
+            .map_err(|e| anyhow!("uploading {} ids: {e:?}", ids.len()))
+    }
+
+    /// The device address of a buffer from `upload_ids`.
+    pub fn ids_ptr(&self, ids: &CudaSlice<u32>) -> u64 {
+        ids.device_ptr(&self.stream).0
+    }
+
     /// Whether programmatic dependent launch is on (`set_pdl`).
     pub fn pdl(&self) -> bool {
         self.pdl.get()
@@ -403,15 +452,17 @@ impl CudaBackend {
         self.pdl.get()
     }
 
-    /// `f` with programmatic dependent launch on, then the setting as it was; None before sm_90.
-    pub fn with_pdl<T>(&self, f: impl FnOnce() -> T) -> Option<T> {
+    /// `f` with programmatic dependent launch the other way from the setting, then the setting
+    /// as it was, with the row label of that other way (" (pdl)" or " (no pdl)"): check-kernels
+    /// and bench cover both. None before sm_90, where there is no other way.
+    pub fn with_other_pdl<T>(&self, f: impl FnOnce() -> T) -> Option<(T, &'static str)> {
         let was = self.pdl();
-        if !self.set_pdl(true) {
+        if self.set_pdl(!was) == was {
             return None;
         }
         let r = f();
         self.set_pdl(was);
-        Some(r)
+        Some((r, if was { " (no pdl)" } else { " (pdl)" }))
     }
 
     pub fn attention_kernels(&self) -> AttnKernels {
@@ -1079,10 +1130,17 @@ impl Backend for CudaBackend {
     }
 
     fn attention_variants(&self, head_dim: usize) -> Vec<&'static str> {
-        // The untried wgmma kernels last: a fault there loses the device for what follows.
-        let mut v = vec![AttnKernels::Mma.name(), AttnKernels::Unfused.name()];
-        if self.has_wgmma() && head_dim == 128 {
-            v.push(AttnKernels::Wgmma.name());
+        // What runs now at this head_dim first (wgmma exists at 128 only; elsewhere its setting
+        // runs the mma.sync kernels), then the others.
+        let now = match self.attn.get() {
+            AttnKernels::Wgmma if head_dim != 128 => AttnKernels::Mma,
+            k => k,
+        };
+        let mut v = vec![now.name()];
+        for k in [AttnKernels::Wgmma, AttnKernels::Mma, AttnKernels::Unfused] {
+            if k != now && (k != AttnKernels::Wgmma || (self.has_wgmma() && head_dim == 128)) {
+                v.push(k.name());
+            }
         }
         v
     }
@@ -1441,23 +1499,7 @@ impl Backend for CudaBackend {
         let Some(ids_ptr) = self.stage_u32(Slot::Ids, ids) else {
             return;
         };
-        // EW_U packs of 8 per thread cover the row (224 threads for dim 3584, packed up to dim
-        // 16384); the blocks that fit at once walk the rows (cuda/elementwise.cu).
-        let block = ((dim / 8).div_ceil(EW_U as usize).next_multiple_of(32)).clamp(32, 1024) as u32;
-        let resident = self.sm_count as usize * self.blocks_per_sm("embedding_fwd", block) as usize;
-        self.launch(
-            "embedding_fwd",
-            (ids.len().min(resident) as u32, 1, 1),
-            (block, 1, 1),
-            0,
-            &[
-                Arg::P(out.ptr),
-                Arg::P(table.ptr),
-                Arg::P(ids_ptr),
-                Arg::I(ids.len() as i32),
-                Arg::I(dim as i32),
-            ],
-        );
+        self.embedding_at(out, table, ids_ptr, ids.len(), dim);
     }
 
     fn embedding_bwd(&self, dtable: &mut CudaBuf, dout: &CudaBuf, ids: &[u32], dim: usize) {

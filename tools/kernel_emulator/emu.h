@@ -63,7 +63,7 @@ static std::vector<OperandReads> g_operand_reads;
 static long g_conflicts = 0, g_ldsm = 0;
 
 inline void yield_() { swapcontext(&g_cur->ctx, &g_sched); }
-static Bar g_bbar, g_wbar[32], g_wgbar[8];  // block, warps, warpgroups
+static Bar g_bbar, g_wbar[32], g_wgbar[8], g_nbar[16];  // block, warps, warpgroups, bar.sync/arrive ids
 inline void bar_wait(Bar &b, int n) {
     int gen = b.gen;
     if (++b.count == n) { b.count = 0; b.gen++; return; }
@@ -71,6 +71,10 @@ inline void bar_wait(Bar &b, int n) {
     g_cur->wait_gen = gen;
     while (b.gen == gen) yield_();
     g_cur->wait = nullptr;
+}
+// bar.arrive: counts toward the barrier's next opening without waiting for it.
+inline void bar_arrive(Bar &b, int n) {
+    if (++b.count == n) { b.count = 0; b.gen++; }
 }
 inline int emu_nthreads() { return g_bdim.x * g_bdim.y * g_bdim.z; }
 // Warps are cut from the linear thread index, x fastest, as on the GPU.
@@ -189,7 +193,7 @@ inline void emu_launch(dim3e grid, dim3e block, std::function<void()> fn) {
                 memset(emu_async_smem, 0xff, sizeof emu_async_smem);
                 g_proxy_gen = 0;
                 g_operand_reads.clear();
-                g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{}; for (auto &w : g_wgbar) w = Bar{};
+                g_bbar = Bar{}; for (auto &w : g_wbar) w = Bar{}; for (auto &w : g_wgbar) w = Bar{}; for (auto &w : g_nbar) w = Bar{};
                 std::vector<Fiber> fs(nt);
                 g_fibers = &fs;
                 for (int i = 0; i < nt; i++) {

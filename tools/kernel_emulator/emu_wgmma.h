@@ -34,6 +34,9 @@ inline void fence_async_smem() {
     g_proxy_gen++;
 }
 inline float ex2(float x) { return attn::ex2(x); }
+// Named barrier 1 of the forward's issue order (warp-uniform predicates, as on the device).
+inline void order_wait(int wg) { if (wg != 0) bar_wait(g_nbar[1], 256); }
+inline void order_signal(int wg) { if (wg == 0) bar_arrive(g_nbar[1], 256); }
 inline uint32_t pack(float lo, float hi) { return attn::pack(lo, hi); }
 
 // A compiler-only barrier on the device; nothing to do here.
