@@ -58,6 +58,7 @@ fn targets_are_read_off_the_right_rows() {
         row("rmsnorm_bwd (pdl)", Unit::Bytes, 2.4e9), // 80%
         row("attention fwd (causal)", Unit::Flops, 3.07e11),
         row("attention fwd (causal)", Unit::Flops, 4.0e11),
+        row("embedding", Unit::Bytes, 1.65e9), // 55%
     ];
     rows[4].shape = "t 1024, heads 28/4, d 128".into();
     rows[5].shape = "t 4096, heads 28/4, d 128".into();
@@ -77,6 +78,10 @@ fn targets_are_read_off_the_right_rows() {
     // The t 4096 row, not the first attention row.
     assert!(
         t.contains("attention fwd (causal) t 4096: 400 TFLOP/s, target 350 TFLOP/s: met"),
+        "{t}"
+    );
+    assert!(
+        t.contains("embedding: 55% of copy (a gather, not held to the elementwise target)"),
         "{t}"
     );
     // No row, no line.
