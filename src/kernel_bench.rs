@@ -859,16 +859,20 @@ pub fn gather_ids(sets: usize, m: usize, v: usize) -> Vec<Vec<u32>> {
         .collect()
 }
 
+/// How many copies of a [tokens, hidden] operand the memory-bound rows cycle through. One
+/// [4096, 3584] bf16 tensor is 29 MB and the H100's L2 holds 50 MB, so repeating one call would
+/// time the cache: each op cycles through that many copies, 512 MB or more in all.
+fn hidden_sets(m: usize, h: usize) -> usize {
+    ((512usize << 20) / (m * h * 2 * 4)).clamp(1, 16)
+}
+
 /// The memory-bound ops over [tokens, hidden] and [tokens, intermediate]: residual add, RMSNorm
 /// and its backward, the embedding gather, RoPE on q, SwiGLU and its backward.
 fn memory_bound_rows<B: Backend>(be: &B, s: &BenchShapes, iters: usize) -> Result<Vec<BenchRow>> {
     let mut rows = Vec::new();
     let e = 2.0;
     let (m, h, i, v) = (s.tokens, s.hidden, s.inter, s.vocab);
-    // Memory-bound ops over [tokens, hidden]. One [4096, 3584] bf16 tensor is 29 MB and the
-    // H100's L2 holds 50 MB, so repeating one call would time the cache: each op cycles
-    // through `sets` copies of its operands, 512 MB or more in all.
-    let sets = ((512usize << 20) / (m * h * 2 * 4)).clamp(1, 16);
+    let sets = hidden_sets(m, h);
     let mk = |scale: f32| -> Result<Vec<B::Buf>> {
         (0..sets).map(|_| be.upload(&rnd(m * h, scale))).collect()
     };
@@ -1018,7 +1022,7 @@ pub fn embedding_device_ids_rows_cuda(
     iters: usize,
 ) -> Result<Vec<BenchRow>> {
     let (m, h, v) = (s.tokens, s.hidden, s.vocab);
-    let sets = ((512usize << 20) / (m * h * 2 * 4)).clamp(1, 16);
+    let sets = hidden_sets(m, h);
     let ids = gather_ids(sets, m, v)
         .iter()
         .map(|x| be.upload_ids(x))

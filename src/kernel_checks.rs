@@ -1574,14 +1574,9 @@ fn check_optimizer_bf16_moments<B: Backend>(c: &mut Ctx<B>) -> Result<()> {
     let mut hv = hm.clone();
     // The largest magnitude each value of the reference passes through: a stochastic rounding
     // on the way errs by up to one bf16 spacing there.
-    let mut reach = [
-        host_p.concat(),
-        vec![0.0; host_p.concat().len()],
-        vec![0.0; host_p.concat().len()],
-    ];
-    for r in &mut reach[0] {
-        *r = r.abs();
-    }
+    let p0: Vec<f32> = host_p.concat().iter().map(|x| x.abs()).collect();
+    let n = p0.len();
+    let mut reach = [p0, vec![0.0; n], vec![0.0; n]];
     let steps = 3;
     for step in 1..=steps {
         let g: Vec<Vec<f32>> = sizes.iter().map(|&n| c.rnd(n, 1.0)).collect();
